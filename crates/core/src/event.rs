@@ -1,0 +1,239 @@
+//! Flux events (`fluxcd/pkg/apis/event/v1beta1`) as notification-controller forwards them,
+//! and what they say about a deployment.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::pipeline::api_group_of;
+
+/// Prefix notification-controller and Flux's own recorders use for event metadata.
+pub const EVENT_METADATA_PREFIX: &str = "event.toolkit.fluxcd.io/";
+
+/// Reasons that mean "a new version is now deployed".
+const SUCCESS_REASONS: &[&str] = &[
+    "InstallSucceeded",
+    "UpgradeSucceeded",
+    "TestSucceeded",
+    "ReconciliationSucceeded",
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FluxEvent {
+    pub involved_object: ObjectReference,
+    pub severity: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default)]
+    pub message: String,
+    pub reason: String,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    pub reporting_controller: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporting_instance: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectReference {
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub uid: String,
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub resource_version: String,
+}
+
+/// Whether an event reports a successful deployment, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Deployed,
+    NotADeployment {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl FluxEvent {
+    /// Decodes an event; the message says which field is missing or wrong.
+    pub fn from_json(body: &[u8]) -> Result<Self, String> {
+        let mut de = serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(&mut de).map_err(|err| {
+            let path = err.path().to_string();
+            if path == "." {
+                err.into_inner().to_string()
+            } else {
+                format!("{path}: {}", err.into_inner())
+            }
+        })
+    }
+
+    /// The deployed revision: `revision`, else `<involvedObject group>/revision`, else the
+    /// Flux event prefix, else any other `<group>/revision` (older controllers forwarded
+    /// prefixed keys).
+    pub fn revision(&self) -> Option<&str> {
+        let group = api_group_of(&self.involved_object.api_version);
+        fn non_empty(v: &str) -> Option<&str> {
+            let v = v.trim();
+            (!v.is_empty()).then_some(v)
+        }
+        if let Some(v) = self.metadata.get("revision").and_then(|v| non_empty(v)) {
+            return Some(v);
+        }
+        for key in [
+            format!("{group}/revision"),
+            format!("{EVENT_METADATA_PREFIX}revision"),
+        ] {
+            if let Some(v) = self.metadata.get(&key).and_then(|v| non_empty(v)) {
+                return Some(v);
+            }
+        }
+        self.metadata
+            .iter()
+            .find(|(k, _)| k.ends_with("/revision"))
+            .and_then(|(_, v)| non_empty(v))
+    }
+
+    /// Classifies the event. Failures, rollbacks and uninstalls are not deployments of a
+    /// new version, whatever revision they carry.
+    pub fn outcome(&self) -> Outcome {
+        if self.severity != "info" {
+            return Outcome::NotADeployment {
+                reason: "not_info_severity",
+                message: format!(
+                    "event severity is {:?}; only info events report deployments",
+                    self.severity
+                ),
+            };
+        }
+        if SUCCESS_REASONS.contains(&self.reason.as_str()) {
+            return Outcome::Deployed;
+        }
+        // helm-controller v2beta1 used reason "info" and "Helm upgrade succeeded".
+        if self.reason == "info"
+            && self
+                .message
+                .trim_end()
+                .to_ascii_lowercase()
+                .ends_with("succeeded")
+        {
+            return Outcome::Deployed;
+        }
+        Outcome::NotADeployment {
+            reason: "not_a_deployment",
+            message: format!(
+                "event reason {:?} does not report a successful deployment",
+                self.reason
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(reason: &str, severity: &str, message: &str) -> FluxEvent {
+        FluxEvent {
+            involved_object: ObjectReference {
+                kind: "HelmRelease".into(),
+                namespace: "dev".into(),
+                name: "podinfo".into(),
+                api_version: "helm.toolkit.fluxcd.io/v2".into(),
+                ..Default::default()
+            },
+            severity: severity.into(),
+            timestamp: Utc::now(),
+            message: message.into(),
+            reason: reason.into(),
+            metadata: BTreeMap::new(),
+            reporting_controller: "helm-controller".into(),
+            reporting_instance: None,
+        }
+    }
+
+    #[test]
+    fn classifies_reasons() {
+        assert_eq!(
+            event("UpgradeSucceeded", "info", "").outcome(),
+            Outcome::Deployed
+        );
+        assert_eq!(
+            event("ReconciliationSucceeded", "info", "").outcome(),
+            Outcome::Deployed
+        );
+        assert_eq!(
+            event("info", "info", "Helm upgrade succeeded").outcome(),
+            Outcome::Deployed
+        );
+        assert!(matches!(
+            event("info", "info", "Helm upgrade failed").outcome(),
+            Outcome::NotADeployment { .. }
+        ));
+        assert!(matches!(
+            event("UpgradeFailed", "error", "").outcome(),
+            Outcome::NotADeployment {
+                reason: "not_info_severity",
+                ..
+            }
+        ));
+        assert!(matches!(
+            event("UpgradeSucceeded", "error", "").outcome(),
+            Outcome::NotADeployment { .. }
+        ));
+        assert!(matches!(
+            event("RollbackSucceeded", "info", "").outcome(),
+            Outcome::NotADeployment {
+                reason: "not_a_deployment",
+                ..
+            }
+        ));
+        assert!(matches!(
+            event("UninstallSucceeded", "info", "").outcome(),
+            Outcome::NotADeployment { .. }
+        ));
+    }
+
+    #[test]
+    fn finds_revision_plain_or_prefixed() {
+        let mut e = event("UpgradeSucceeded", "info", "");
+        assert_eq!(e.revision(), None);
+        e.metadata
+            .insert("helm.toolkit.fluxcd.io/revision".into(), "6.5.1".into());
+        assert_eq!(e.revision(), Some("6.5.1"));
+        e.metadata.insert("revision".into(), "6.5.2".into());
+        assert_eq!(e.revision(), Some("6.5.2"));
+        let mut k = event("ReconciliationSucceeded", "info", "");
+        k.metadata.insert(
+            "kustomize.toolkit.fluxcd.io/revision".into(),
+            "main@sha1:abc".into(),
+        );
+        assert_eq!(k.revision(), Some("main@sha1:abc"));
+        k.metadata.insert("revision".into(), "  ".into());
+        assert_eq!(k.revision(), Some("main@sha1:abc"));
+    }
+
+    #[test]
+    fn decodes_design_document_example_and_names_missing_fields() {
+        let body = br#"{"involvedObject":{"kind":"HelmRelease","namespace":"shopping","name":"search","uid":"57c3579b","apiVersion":"helm.toolkit.fluxcd.io/v2beta1","resourceVersion":"155540"},"severity":"info","timestamp":"2022-09-13T16:01:01Z","message":"Helm upgrade succeeded","reason":"info","metadata":{"revision":"0.13.4","summary":"foobar"},"reportingController":"helm-controller","reportingInstance":"helm-controller-7cdc7874f8-9qpft"}"#;
+        let e = FluxEvent::from_json(body).unwrap();
+        assert_eq!(e.revision(), Some("0.13.4"));
+        assert_eq!(e.outcome(), Outcome::Deployed);
+        let err = FluxEvent::from_json(br#"{"severity":"info"}"#).unwrap_err();
+        assert!(err.contains("involvedObject"), "{err}");
+        let err = FluxEvent::from_json(
+            br#"{"involvedObject":{},"severity":"info","reason":"x","timestamp":"yesterday"}"#,
+        )
+        .unwrap_err();
+        assert!(err.starts_with("timestamp"), "{err}");
+    }
+}

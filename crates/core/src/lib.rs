@@ -1,0 +1,31 @@
+//! Domain core of pipeline-controller.
+//!
+//! It turns deployment events into durable promotion records and records into
+//! promotions, through the ports in [`ports`]. It knows no HTTP framework, Kubernetes
+//! client or database: adapters live in their own crates.
+#![forbid(unsafe_code)]
+
+pub mod event;
+pub mod executor;
+pub mod intake;
+pub mod metrics;
+pub mod pipeline;
+pub mod ports;
+pub mod promotion;
+pub mod signature;
+
+pub use executor::{
+    Executor, ExecutorSettings, PromotionContext, PromotionStrategy, StrategyError,
+    StrategyOutcome, StrategySet,
+};
+pub use intake::{
+    ApprovalBody, ApprovalRequest, Decision, EventRequest, Intake, Refusal, RefusalClass,
+    TimeWindow,
+};
+pub use metrics::Metrics;
+pub use pipeline::{Pipeline, PipelineRef, PipelineSpec};
+pub use ports::{
+    Clock, PipelineSource, PromotionFilter, PromotionStore, SecretBytes, SecretLookupError,
+    SecretSource, StoreError, SystemClock, Unavailable,
+};
+pub use promotion::{Phase, PromotionRecord, RetryPolicy, Trigger, promotion_id};

@@ -1,0 +1,553 @@
+//! The `Pipeline` model, wire-compatible with `pipelines.weave.works/v1alpha1` of the
+//! archived Go controller, and its validation.
+//!
+//! Parsing goes through [`parse_pipeline_spec`] so that embedded mode (YAML files) and
+//! Kubernetes mode (custom resources) reject the same mistakes with the same words.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// API group and version of the `Pipeline` kind.
+pub const API_GROUP: &str = "pipelines.weave.works";
+pub const API_VERSION: &str = "pipelines.weave.works/v1alpha1";
+pub const PIPELINE_KIND: &str = "Pipeline";
+
+/// Git forges the pull-request strategy knows. The first four are the Go original's.
+pub const PROVIDER_TYPES: &[&str] = &[
+    "github",
+    "gitlab",
+    "bitbucket-server",
+    "azure-devops",
+    "gitea",
+    "forgejo",
+];
+
+/// Keys allowed under `strategy`; anything else is a strategy we do not know.
+const STRATEGY_KEYS: &[&str] = &["pull-request", "notification", "secretRef"];
+
+/// Namespace and name of a pipeline; displayed as `namespace/name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PipelineRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PipelineRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    /// Parses `namespace/name`.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (namespace, name) = text.split_once('/')?;
+        if namespace.is_empty() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        Some(Self::new(namespace, name))
+    }
+}
+
+impl fmt::Display for PipelineRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A loaded, validated pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    pub reference: PipelineRef,
+    pub spec: PipelineSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PipelineSpec {
+    pub app_ref: LocalAppReference,
+    #[serde(default)]
+    pub environments: Vec<Environment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalAppReference {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+}
+
+impl LocalAppReference {
+    /// The API group of `apiVersion` (`helm.toolkit.fluxcd.io/v2` → `helm.toolkit.fluxcd.io`).
+    pub fn api_group(&self) -> &str {
+        api_group_of(&self.api_version)
+    }
+}
+
+/// The group part of an `apiVersion`; the core group (`v1`) is the empty string.
+pub fn api_group_of(api_version: &str) -> &str {
+    match api_version.rsplit_once('/') {
+        Some((group, _)) => group,
+        None => "",
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Environment {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub targets: Vec<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Target {
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_ref: Option<CrossNamespaceClusterReference>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CrossNamespaceClusterReference {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Promotion {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
+    #[serde(default)]
+    pub strategy: Strategy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Strategy {
+    #[serde(
+        rename = "pull-request",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub pull_request: Option<PullRequestPromotion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notification: Option<NotificationPromotion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<LocalObjectReference>,
+}
+
+/// What a promotion does once decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrategyKind {
+    Notification,
+    PullRequest,
+}
+
+impl StrategyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyKind::Notification => "notification",
+            StrategyKind::PullRequest => "pull-request",
+        }
+    }
+}
+
+impl Strategy {
+    /// The configured strategy; validation guarantees exactly one for loaded pipelines.
+    pub fn kind(&self) -> Option<StrategyKind> {
+        match (&self.pull_request, &self.notification) {
+            (Some(_), None) => Some(StrategyKind::PullRequest),
+            (None, Some(_)) => Some(StrategyKind::Notification),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PullRequestPromotion {
+    #[serde(rename = "type", default)]
+    pub provider: String,
+    #[serde(default)]
+    pub url: String,
+    #[serde(default)]
+    pub base_branch: String,
+    #[serde(default)]
+    pub secret_ref: LocalObjectReference,
+}
+
+/// Empty in v1alpha1; kept as a struct so `notification: {}` round-trips.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NotificationPromotion {}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LocalObjectReference {
+    #[serde(default)]
+    pub name: String,
+}
+
+/// One problem in a pipeline, located by its field path (`spec.environments[1].name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Decodes and validates a pipeline `spec` given as JSON (YAML documents are converted to
+/// JSON values first). Returns every problem found, not just the first.
+pub fn parse_pipeline_spec(spec: serde_json::Value) -> Result<PipelineSpec, Vec<FieldError>> {
+    let mut errors = unknown_strategy_errors(&spec);
+    let parsed: Result<PipelineSpec, _> = serde_path_to_error::deserialize(spec);
+    match parsed {
+        Ok(parsed) => {
+            errors.extend(parsed.validate());
+            if errors.is_empty() {
+                Ok(parsed)
+            } else {
+                Err(errors)
+            }
+        }
+        Err(err) => {
+            let path = err.path().to_string();
+            let field = if path == "." {
+                "spec".to_string()
+            } else {
+                format!("spec.{path}")
+            };
+            errors.push(FieldError::new(field, err.into_inner().to_string()));
+            Err(errors)
+        }
+    }
+}
+
+/// Unknown keys under `strategy` would be silently dropped by serde; name them instead.
+fn unknown_strategy_errors(spec: &serde_json::Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut check = |promotion: Option<&serde_json::Value>, field: String| {
+        let Some(strategy) = promotion
+            .and_then(|p| p.get("strategy"))
+            .and_then(|s| s.as_object())
+        else {
+            return;
+        };
+        for key in strategy.keys() {
+            if !STRATEGY_KEYS.contains(&key.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{field}.strategy.{key}"),
+                    format!("unknown strategy {key:?} (known: notification, pull-request)"),
+                ));
+            }
+        }
+    };
+    check(spec.get("promotion"), "spec.promotion".to_string());
+    if let Some(envs) = spec.get("environments").and_then(|e| e.as_array()) {
+        for (i, env) in envs.iter().enumerate() {
+            check(
+                env.get("promotion"),
+                format!("spec.environments[{i}].promotion"),
+            );
+        }
+    }
+    errors
+}
+
+impl PipelineSpec {
+    /// Semantic checks on a decoded spec.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.app_ref.api_version.is_empty() {
+            errors.push(FieldError::new("spec.appRef.apiVersion", "must be set"));
+        }
+        if self.app_ref.kind.is_empty() {
+            errors.push(FieldError::new("spec.appRef.kind", "must be set"));
+        }
+        if self.app_ref.name.is_empty() {
+            errors.push(FieldError::new("spec.appRef.name", "must be set"));
+        }
+        if self.environments.is_empty() {
+            errors.push(FieldError::new(
+                "spec.environments",
+                "at least one environment is required",
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, env) in self.environments.iter().enumerate() {
+            let field = format!("spec.environments[{i}]");
+            if env.name.is_empty() {
+                errors.push(FieldError::new(format!("{field}.name"), "must be set"));
+            } else if !is_path_segment(&env.name) {
+                errors.push(FieldError::new(
+                    format!("{field}.name"),
+                    format!(
+                        "{:?} cannot be used in a webhook path (no '/', '?', '#', '%' or spaces)",
+                        env.name
+                    ),
+                ));
+            } else if !seen.insert(env.name.as_str()) {
+                errors.push(FieldError::new(
+                    format!("{field}.name"),
+                    format!("duplicate environment name {:?}", env.name),
+                ));
+            }
+            if env.targets.is_empty() {
+                errors.push(FieldError::new(
+                    format!("{field}.targets"),
+                    format!("environment {:?} has no targets", env.name),
+                ));
+            }
+            for (j, target) in env.targets.iter().enumerate() {
+                if target.namespace.is_empty() {
+                    errors.push(FieldError::new(
+                        format!("{field}.targets[{j}].namespace"),
+                        "must be set",
+                    ));
+                }
+                if target
+                    .cluster_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name.is_empty())
+                {
+                    errors.push(FieldError::new(
+                        format!("{field}.targets[{j}].clusterRef.name"),
+                        "must be set",
+                    ));
+                }
+            }
+            if let Some(promotion) = &env.promotion {
+                validate_promotion(promotion, &format!("{field}.promotion"), &mut errors);
+            }
+        }
+        if let Some(promotion) = &self.promotion {
+            validate_promotion(promotion, "spec.promotion", &mut errors);
+        }
+        errors
+    }
+}
+
+fn validate_promotion(promotion: &Promotion, field: &str, errors: &mut Vec<FieldError>) {
+    let strategy = &promotion.strategy;
+    match (&strategy.pull_request, &strategy.notification) {
+        (Some(_), Some(_)) => errors.push(FieldError::new(
+            format!("{field}.strategy"),
+            "set exactly one strategy, not both notification and pull-request",
+        )),
+        (None, None) => errors.push(FieldError::new(
+            format!("{field}.strategy"),
+            "no strategy set (notification or pull-request)",
+        )),
+        _ => {}
+    }
+    if strategy
+        .secret_ref
+        .as_ref()
+        .is_some_and(|s| s.name.is_empty())
+    {
+        errors.push(FieldError::new(
+            format!("{field}.strategy.secretRef.name"),
+            "must be set",
+        ));
+    }
+    if let Some(pr) = &strategy.pull_request {
+        let pr_field = format!("{field}.strategy.pull-request");
+        if !PROVIDER_TYPES.contains(&pr.provider.as_str()) {
+            errors.push(FieldError::new(
+                format!("{pr_field}.type"),
+                format!(
+                    "unknown provider type {:?} (known: {})",
+                    pr.provider,
+                    PROVIDER_TYPES.join(", ")
+                ),
+            ));
+        }
+        if pr.url.is_empty() {
+            errors.push(FieldError::new(format!("{pr_field}.url"), "must be set"));
+        }
+        if pr.base_branch.is_empty() {
+            errors.push(FieldError::new(
+                format!("{pr_field}.baseBranch"),
+                "must be set",
+            ));
+        }
+        if pr.secret_ref.name.is_empty() {
+            errors.push(FieldError::new(
+                format!("{pr_field}.secretRef.name"),
+                "must be set",
+            ));
+        }
+    }
+}
+
+/// Environment names appear verbatim in webhook paths.
+fn is_path_segment(name: &str) -> bool {
+    !name
+        .chars()
+        .any(|c| matches!(c, '/' | '?' | '#' | '%') || c.is_whitespace() || c.is_control())
+}
+
+impl Pipeline {
+    pub fn environment_index(&self, name: &str) -> Option<usize> {
+        self.spec.environments.iter().position(|e| e.name == name)
+    }
+
+    /// The promotion that applies when promoting *into* `target_environment`: the
+    /// environment's own wins over the pipeline-level one (as in the Go original).
+    pub fn promotion_for(&self, target_environment: &str) -> Option<&Promotion> {
+        self.spec
+            .environments
+            .iter()
+            .find(|e| e.name == target_environment)
+            .and_then(|e| e.promotion.as_ref())
+            .or(self.spec.promotion.as_ref())
+    }
+
+    /// Name of the Secret holding the webhook's `hmac-key`, if any.
+    pub fn hmac_secret_name(&self) -> Option<&str> {
+        self.spec
+            .promotion
+            .as_ref()
+            .and_then(|p| p.strategy.secret_ref.as_ref())
+            .map(|s| s.name.as_str())
+            .filter(|n| !n.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn minimal() -> serde_json::Value {
+        json!({
+            "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2beta1", "kind": "HelmRelease", "name": "podinfo"},
+            "environments": [
+                {"name": "dev", "targets": [{"namespace": "podinfo-dev", "clusterRef": {"kind": "GitopsCluster", "name": "dev"}}]},
+                {"name": "prod", "targets": [{"namespace": "podinfo-prod"}],
+                 "promotion": {"manual": true, "strategy": {"notification": {}}}}
+            ],
+            "promotion": {"strategy": {"secretRef": {"name": "hmac"}, "pull-request": {
+                "type": "github", "url": "https://github.com/o/r", "baseBranch": "main", "secretRef": {"name": "pr"}}}}
+        })
+    }
+
+    #[test]
+    fn go_original_manifest_parses_and_round_trips() {
+        let spec = parse_pipeline_spec(minimal()).expect("valid");
+        assert_eq!(spec.environments.len(), 2);
+        let back = serde_json::to_value(&spec).unwrap();
+        assert_eq!(back, minimal());
+        let p = Pipeline {
+            reference: PipelineRef::new("ns", "p"),
+            spec,
+        };
+        assert_eq!(p.hmac_secret_name(), Some("hmac"));
+        assert!(p.promotion_for("prod").unwrap().manual);
+        assert_eq!(
+            p.promotion_for("dev").unwrap().strategy.kind(),
+            Some(StrategyKind::PullRequest)
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_field() {
+        let mut spec = minimal();
+        spec["environments"][1]["name"] = json!("dev");
+        spec["environments"][0]["targets"] = json!([]);
+        spec["promotion"]["strategy"]["carrier-pigeon"] = json!({});
+        spec["promotion"]["strategy"]["pull-request"]["type"] = json!("svn");
+        let errors = parse_pipeline_spec(spec).unwrap_err();
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            text.contains(
+                &"spec.promotion.strategy.carrier-pigeon: unknown strategy \"carrier-pigeon\" (known: notification, pull-request)".to_string()
+            ),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t == "spec.environments[1].name: duplicate environment name \"dev\""),
+            "{text:?}"
+        );
+        assert!(
+            text.iter()
+                .any(|t| t == "spec.environments[0].targets: environment \"dev\" has no targets"),
+            "{text:?}"
+        );
+        assert!(
+            text.iter().any(|t| t.starts_with(
+                "spec.promotion.strategy.pull-request.type: unknown provider type \"svn\""
+            )),
+            "{text:?}"
+        );
+    }
+
+    #[test]
+    fn no_environments_and_type_errors_are_located() {
+        let errors = parse_pipeline_spec(
+            json!({"appRef": {"apiVersion": "v1", "kind": "K", "name": "n"}, "environments": []}),
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].field, "spec.environments");
+        let errors = parse_pipeline_spec(json!({"appRef": {"apiVersion": "v1", "kind": "K", "name": "n"}, "environments": [{"name": "a", "targets": "oops"}]})).unwrap_err();
+        assert_eq!(errors[0].field, "spec.environments[0].targets");
+    }
+
+    #[test]
+    fn strategy_needs_exactly_one() {
+        let mut spec = minimal();
+        spec["environments"][1]["promotion"]["strategy"] = json!({});
+        let errors = parse_pipeline_spec(spec).unwrap_err();
+        assert_eq!(
+            errors[0].to_string(),
+            "spec.environments[1].promotion.strategy: no strategy set (notification or pull-request)"
+        );
+    }
+
+    #[test]
+    fn pipeline_ref_parse() {
+        assert_eq!(PipelineRef::parse("a/b"), Some(PipelineRef::new("a", "b")));
+        assert_eq!(PipelineRef::parse("a/b/c"), None);
+        assert_eq!(PipelineRef::parse("/b"), None);
+        assert_eq!(
+            api_group_of("helm.toolkit.fluxcd.io/v2"),
+            "helm.toolkit.fluxcd.io"
+        );
+        assert_eq!(api_group_of("v1"), "");
+    }
+}

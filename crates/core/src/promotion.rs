@@ -1,0 +1,432 @@
+//! The promotion record: the unit of truth for one (pipeline, target environment,
+//! revision), and the only legal ways its phase changes.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::pipeline::PipelineRef;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Pending,
+    WaitingApproval,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Pending,
+        Phase::WaitingApproval,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::WaitingApproval => "WaitingApproval",
+            Phase::Running => "Running",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One entry of a record's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseChange {
+    pub phase: Phase,
+    pub at: DateTime<Utc>,
+    pub reason: String,
+    pub message: String,
+}
+
+/// What caused the record: kept for audit, never used for decisions.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Trigger {
+    /// `webhook` for now; a deployment watcher will add its own.
+    pub source: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reporting_controller: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub object: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PromotionRecord {
+    pub id: String,
+    pub pipeline: PipelineRef,
+    pub source_environment: String,
+    pub target_environment: String,
+    pub revision: String,
+    pub phase: Phase,
+    pub attempts: u32,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When a `Pending` record may next be attempted; absent means now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub trigger: Trigger,
+    #[serde(default)]
+    pub history: Vec<PhaseChange>,
+}
+
+/// The deterministic identity of a promotion. Readable prefix, hashed suffix over the
+/// full key, valid as a Kubernetes object name (at most 63 characters, DNS label).
+pub fn promotion_id(pipeline: &PipelineRef, target_environment: &str, revision: &str) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        pipeline.namespace.as_str(),
+        pipeline.name.as_str(),
+        target_environment,
+        revision,
+    ] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hex::encode(hasher.finalize());
+    let readable = dns_label(&format!("{}-{}", pipeline.name, target_environment), 46);
+    if readable.is_empty() {
+        format!("p-{}", &digest[..16])
+    } else {
+        format!("{readable}-{}", &digest[..16])
+    }
+}
+
+fn dns_label(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max));
+    for c in text.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_alphanumeric() { c } else { '-' };
+        if c == '-' && (out.is_empty() || out.ends_with('-')) {
+            continue;
+        }
+        if out.len() >= max {
+            break;
+        }
+        out.push(c);
+    }
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out
+}
+
+/// Asked for a phase change the record's current phase does not allow.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("promotion {id} is {phase}; cannot {action}")]
+pub struct TransitionError {
+    pub id: String,
+    pub phase: Phase,
+    pub action: &'static str,
+}
+
+/// Exponential backoff between attempts, and when to give up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            base_delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(300),
+            max_attempts: 8,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay after the `attempts`-th failed attempt (1-based): base, 2×base, 4×base, … capped.
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(30);
+        self.base_delay
+            .saturating_mul(1u32 << exp)
+            .min(self.max_delay)
+    }
+}
+
+impl PromotionRecord {
+    /// A new record, `Pending` or, for manual promotions, `WaitingApproval`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        pipeline: PipelineRef,
+        source_environment: &str,
+        target_environment: &str,
+        revision: &str,
+        manual: bool,
+        trigger: Trigger,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let (phase, reason, message) = if manual {
+            (
+                Phase::WaitingApproval,
+                "AwaitingApproval",
+                format!("promotion of {revision} to {target_environment} waits for approval"),
+            )
+        } else {
+            (
+                Phase::Pending,
+                "Recorded",
+                format!("promotion of {revision} to {target_environment} recorded"),
+            )
+        };
+        Self {
+            id: promotion_id(&pipeline, target_environment, revision),
+            pipeline,
+            source_environment: source_environment.to_string(),
+            target_environment: target_environment.to_string(),
+            revision: revision.to_string(),
+            phase,
+            attempts: 0,
+            message: message.clone(),
+            result: None,
+            created_at: now,
+            updated_at: now,
+            next_attempt_at: None,
+            trigger,
+            history: vec![PhaseChange {
+                phase,
+                at: now,
+                reason: reason.to_string(),
+                message,
+            }],
+        }
+    }
+
+    fn change(&mut self, phase: Phase, reason: &str, message: String, now: DateTime<Utc>) {
+        self.phase = phase;
+        self.message = message.clone();
+        self.updated_at = now;
+        self.history.push(PhaseChange {
+            phase,
+            at: now,
+            reason: reason.to_string(),
+            message,
+        });
+    }
+
+    fn refuse(&self, action: &'static str) -> TransitionError {
+        TransitionError {
+            id: self.id.clone(),
+            phase: self.phase,
+            action,
+        }
+    }
+
+    /// Whether the executor should pick this record up at `now`. `Running` records are
+    /// due too: they belong to an attempt a crashed process never finished.
+    pub fn is_due(&self, now: DateTime<Utc>) -> bool {
+        match self.phase {
+            Phase::Pending => self.next_attempt_at.is_none_or(|at| at <= now),
+            Phase::Running => true,
+            _ => false,
+        }
+    }
+
+    pub fn approve(&mut self, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        if self.phase != Phase::WaitingApproval {
+            return Err(self.refuse("approve"));
+        }
+        self.next_attempt_at = None;
+        let message = format!(
+            "promotion of {} to {} approved",
+            self.revision, self.target_environment
+        );
+        self.change(Phase::Pending, "Approved", message, now);
+        Ok(())
+    }
+
+    /// Marks the start of an attempt; persisted before the strategy runs so a crash
+    /// mid-attempt is visible and counted.
+    pub fn start_attempt(&mut self, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        match self.phase {
+            Phase::Pending | Phase::Running => {}
+            _ => return Err(self.refuse("start an attempt")),
+        }
+        let resumed = self.phase == Phase::Running;
+        self.attempts += 1;
+        self.next_attempt_at = None;
+        let message = format!("attempt {} started", self.attempts);
+        let reason = if resumed { "Resumed" } else { "Started" };
+        self.change(Phase::Running, reason, message, now);
+        Ok(())
+    }
+
+    pub fn succeed(
+        &mut self,
+        message: String,
+        result: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
+        if self.phase != Phase::Running {
+            return Err(self.refuse("succeed"));
+        }
+        self.result = result;
+        self.change(Phase::Succeeded, "Succeeded", message, now);
+        Ok(())
+    }
+
+    /// Records a failed attempt: back to `Pending` with the next attempt scheduled, or
+    /// `Failed` when the error is permanent or attempts are exhausted.
+    pub fn fail_attempt(
+        &mut self,
+        message: String,
+        retryable: bool,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
+        if self.phase != Phase::Running {
+            return Err(self.refuse("fail"));
+        }
+        if retryable && self.attempts < policy.max_attempts {
+            let delay = policy.delay_after(self.attempts);
+            let next = now
+                + chrono::Duration::from_std(delay).unwrap_or_else(|_| chrono::Duration::zero());
+            self.next_attempt_at = Some(next);
+            let message = format!(
+                "attempt {} failed: {message}; retrying at {}",
+                self.attempts,
+                next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            self.change(Phase::Pending, "RetryScheduled", message, now);
+        } else {
+            let message = if retryable {
+                format!("gave up after {} attempts: {message}", self.attempts)
+            } else {
+                message
+            };
+            self.next_attempt_at = None;
+            self.change(Phase::Failed, "Failed", message, now);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(manual: bool) -> PromotionRecord {
+        PromotionRecord::new(
+            PipelineRef::new("flux-system", "podinfo"),
+            "dev",
+            "staging",
+            "6.5.1",
+            manual,
+            Trigger::default(),
+            Utc::now(),
+        )
+    }
+
+    #[test]
+    fn id_is_deterministic_and_a_dns_label() {
+        let p = PipelineRef::new("ns", "Pod_Info");
+        let a = promotion_id(&p, "prod", "1.0.0");
+        assert_eq!(a, promotion_id(&p, "prod", "1.0.0"));
+        assert_ne!(a, promotion_id(&p, "prod", "1.0.1"));
+        assert_ne!(
+            a,
+            promotion_id(&PipelineRef::new("ns2", "Pod_Info"), "prod", "1.0.0")
+        );
+        assert!(a.starts_with("pod-info-prod-"), "{a}");
+        let long = promotion_id(
+            &PipelineRef::new("n", "x".repeat(300)),
+            &"e".repeat(100),
+            "r",
+        );
+        assert!(long.len() <= 63, "{}", long.len());
+        assert!(
+            long.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+        // Separator-free concatenation must not collide.
+        assert_ne!(
+            promotion_id(&PipelineRef::new("a", "bc"), "d", "e"),
+            promotion_id(&PipelineRef::new("ab", "c"), "d", "e")
+        );
+    }
+
+    #[test]
+    fn lifecycle_with_retries_and_give_up() {
+        let policy = RetryPolicy {
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(3),
+            max_attempts: 3,
+        };
+        assert_eq!(policy.delay_after(1), Duration::from_secs(1));
+        assert_eq!(policy.delay_after(2), Duration::from_secs(2));
+        assert_eq!(policy.delay_after(3), Duration::from_secs(3));
+        let now = Utc::now();
+        let mut r = record(false);
+        assert!(r.is_due(now));
+        r.start_attempt(now).unwrap();
+        r.fail_attempt("boom".into(), true, &policy, now).unwrap();
+        assert_eq!(r.phase, Phase::Pending);
+        assert!(!r.is_due(now));
+        assert!(r.is_due(now + chrono::Duration::seconds(1)));
+        r.start_attempt(now).unwrap();
+        r.fail_attempt("boom".into(), true, &policy, now).unwrap();
+        r.start_attempt(now).unwrap();
+        r.fail_attempt("boom".into(), true, &policy, now).unwrap();
+        assert_eq!(r.phase, Phase::Failed);
+        assert_eq!(r.attempts, 3);
+        assert!(r.message.starts_with("gave up after 3 attempts"));
+        assert!(r.start_attempt(now).is_err());
+    }
+
+    #[test]
+    fn manual_needs_approval_and_success_is_final() {
+        let now = Utc::now();
+        let mut r = record(true);
+        assert_eq!(r.phase, Phase::WaitingApproval);
+        assert!(!r.is_due(now));
+        assert!(r.start_attempt(now).is_err());
+        r.approve(now).unwrap();
+        assert!(r.approve(now).is_err());
+        r.start_attempt(now).unwrap();
+        r.succeed("done".into(), Some("https://x/pr/1".into()), now)
+            .unwrap();
+        assert!(r.start_attempt(now).is_err());
+        assert!(!r.is_due(now));
+        let phases: Vec<Phase> = r.history.iter().map(|h| h.phase).collect();
+        assert_eq!(
+            phases,
+            [
+                Phase::WaitingApproval,
+                Phase::Pending,
+                Phase::Running,
+                Phase::Succeeded
+            ]
+        );
+    }
+}

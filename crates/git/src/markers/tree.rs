@@ -1,0 +1,181 @@
+//! Applying a promotion to every YAML file of a checked-out repository.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::{MarkerError, MarkerKey, MarkerWarning, scan_text};
+
+/// One YAML file that holds markers for the promoted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRewrite {
+    /// Path relative to the tree's root.
+    pub path: PathBuf,
+    pub matched: usize,
+    pub changed: usize,
+}
+
+/// A warning from one file; see [`MarkerWarning`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeWarning {
+    pub path: PathBuf,
+    pub warning: MarkerWarning,
+}
+
+/// What [`rewrite_tree`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeRewrite {
+    /// Files with at least one marker for the key, in path order; those with `changed > 0`
+    /// were rewritten.
+    pub files: Vec<FileRewrite>,
+    /// YAML files that are not UTF-8 and were left alone (relative paths).
+    pub skipped_non_utf8: Vec<PathBuf>,
+    pub warnings: Vec<TreeWarning>,
+    /// Number of YAML files read.
+    pub scanned: usize,
+}
+
+impl TreeRewrite {
+    /// Relative paths of the files that were rewritten.
+    pub fn changed_paths(&self) -> impl Iterator<Item = &Path> {
+        self.files
+            .iter()
+            .filter(|f| f.changed > 0)
+            .map(|f| f.path.as_path())
+    }
+
+    /// Markers for the key over all files.
+    pub fn matched(&self) -> usize {
+        self.files.iter().map(|f| f.matched).sum()
+    }
+
+    /// Values changed over all files.
+    pub fn changed(&self) -> usize {
+        self.files.iter().map(|f| f.changed).sum()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A marker for the key that cannot be applied; `path` is relative to the root.
+    #[error("{}: {source}", path.display())]
+    Marker {
+        path: PathBuf,
+        #[source]
+        source: MarkerError,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
+    move |source| TreeError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn is_yaml(name: &Path) -> bool {
+    name.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"))
+}
+
+/// Collects the YAML files under `root` (relative paths, sorted), skipping `.git` and not
+/// following symlinks, so a rewrite never leaves the tree.
+fn yaml_files(root: &Path) -> Result<Vec<PathBuf>, TreeError> {
+    let mut files = Vec::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel_dir) = dirs.pop() {
+        let dir = root.join(&rel_dir);
+        let entries = fs::read_dir(&dir).map_err(io_error(&dir))?;
+        for entry in entries {
+            let entry = entry.map_err(io_error(&dir))?;
+            let file_type = entry.file_type().map_err(io_error(&entry.path()))?;
+            let rel = rel_dir.join(entry.file_name());
+            if file_type.is_dir() {
+                if entry.file_name() != ".git" {
+                    dirs.push(rel);
+                }
+            } else if file_type.is_file() && is_yaml(&rel) {
+                files.push(rel);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Replaces `path`'s content atomically: a temporary file in the same directory, given the
+/// original's permissions, renamed over it.
+fn replace_file(path: &Path, text: &str) -> Result<(), TreeError> {
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let permissions = fs::metadata(path).map_err(io_error(path))?.permissions();
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".promotion-")
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
+    tmp.write_all(text.as_bytes()).map_err(io_error(tmp.path()))?;
+    tmp.as_file()
+        .set_permissions(permissions)
+        .map_err(io_error(path))?;
+    tmp.persist(path).map_err(|e| TreeError::Io {
+        path: path.to_owned(),
+        source: e.error,
+    })?;
+    Ok(())
+}
+
+/// Rewrites every value marked for `key` in the `*.yaml`/`*.yml` files under `root`.
+///
+/// All files are scanned before any is written, so a marker error leaves the tree untouched.
+/// Only files whose text changes are written.
+pub fn rewrite_tree(
+    root: &Path,
+    key: &MarkerKey,
+    new_value: &str,
+) -> Result<TreeRewrite, TreeError> {
+    let mut report = TreeRewrite::default();
+    let mut writes = Vec::new();
+    for rel in yaml_files(root)? {
+        let path = root.join(&rel);
+        let bytes = fs::read(&path).map_err(io_error(&path))?;
+        report.scanned += 1;
+        let Ok(text) = String::from_utf8(bytes) else {
+            report.skipped_non_utf8.push(rel);
+            continue;
+        };
+        let scan = scan_text(&text, key, new_value).map_err(|source| TreeError::Marker {
+            path: rel.clone(),
+            source,
+        })?;
+        report
+            .warnings
+            .extend(scan.warnings.iter().map(|warning| TreeWarning {
+                path: rel.clone(),
+                warning: warning.clone(),
+            }));
+        if scan.matched == 0 {
+            continue;
+        }
+        if !scan.edits.is_empty() {
+            writes.push((path, scan.apply(&text)));
+        }
+        report.files.push(FileRewrite {
+            path: rel,
+            matched: scan.matched,
+            changed: scan.edits.len(),
+        });
+    }
+    for (path, text) in &writes {
+        replace_file(path, text)?;
+    }
+    Ok(report)
+}

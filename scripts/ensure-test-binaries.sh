@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# Builds (once) and provides the real binaries the integration tests run:
+#   etcd, kube-apiserver   from tools/envtest (Go module pinning k8s.io/kubernetes + etcd)
+#   gitea                  from tools/gitea   (Go module pinning code.gitea.io/gitea)
+#
+# Everything comes from the Go module proxy; nothing is downloaded from release pages.
+# Binaries are cached OUTSIDE the checkout, keyed by version:
+#   ${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}/<name>-<version>/
+# Builds go to a temp dir inside the cache and are renamed into place, under an
+# flock on <cache>/.lock, so parallel callers are safe and a killed build leaves
+# nothing half-written behind. The shared GOCACHE/GOMODCACHE are used as they are.
+#
+# Usage:
+#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea ...]
+#
+#   (no component)   same as "all"
+#   kube             etcd + kube-apiserver
+#   --print-env      print only `export NAME=value` lines on stdout (logs go to stderr), e.g.
+#                      eval "$(scripts/ensure-test-binaries.sh --print-env)"
+#
+# Variables provided (also written to <cache>/env.sh for every binary present):
+#   PIPELINE_ETCD_BIN, PIPELINE_KUBE_APISERVER_BIN, PIPELINE_GITEA_BIN,
+#   PIPELINE_GITEA_STATIC_ROOT (dir holding Gitea's options/ templates/ public/; put it in
+#   app.ini as [server] STATIC_ROOT_PATH), PIPELINE_ETCD_VERSION, PIPELINE_KUBE_VERSION,
+#   PIPELINE_GITEA_VERSION, PIPELINE_TOOLS_CACHE.
+set -euo pipefail
+
+# Bump when the way binaries are built changes (flags, layout) to force a rebuild.
+RECIPE=1
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}"
+
+log() { printf 'ensure-test-binaries: %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+print_env=0
+want_etcd=0 want_kas=0 want_gitea=0
+for arg in "$@"; do
+  case "$arg" in
+    --print-env) print_env=1 ;;
+    all) want_etcd=1 want_kas=1 want_gitea=1 ;;
+    kube | envtest) want_etcd=1 want_kas=1 ;;
+    etcd) want_etcd=1 ;;
+    kube-apiserver) want_kas=1 ;;
+    gitea) want_gitea=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; die "unknown argument: $arg" ;;
+  esac
+done
+if ((want_etcd + want_kas + want_gitea == 0)); then
+  want_etcd=1 want_kas=1 want_gitea=1
+fi
+
+command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.26 is needed)"
+command -v flock >/dev/null 2>&1 || die "flock is not on PATH (util-linux)"
+
+# The tools modules are standalone; never let a go.work above them interfere.
+export GOWORK=off
+
+# Version of MODULE as pinned in the require block of DIR/go.mod.
+pinned_version() {
+  local dir=$1 mod=$2 v
+  v=$(awk -v m="$mod" '!/=>/ { for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$dir/go.mod")
+  [[ -n "$v" ]] || die "$mod is not pinned in $dir/go.mod"
+  printf '%s' "$v"
+}
+
+ENVTEST_DIR="$ROOT/tools/envtest"
+GITEA_DIR="$ROOT/tools/gitea"
+ETCD_VERSION=$(pinned_version "$ENVTEST_DIR" go.etcd.io/etcd/server/v3)
+KUBE_VERSION=$(pinned_version "$ENVTEST_DIR" k8s.io/kubernetes)
+GITEA_VERSION=$(pinned_version "$GITEA_DIR" code.gitea.io/gitea)
+
+ETCD_HOME="$CACHE/etcd-$ETCD_VERSION-r$RECIPE"
+KAS_HOME="$CACHE/kube-apiserver-$KUBE_VERSION-r$RECIPE"
+GITEA_HOME="$CACHE/gitea-$GITEA_VERSION-r$RECIPE"
+ETCD_BIN="$ETCD_HOME/etcd"
+KAS_BIN="$KAS_HOME/kube-apiserver"
+GITEA_BIN="$GITEA_HOME/gitea"
+
+missing() {
+  local need=0
+  ((want_etcd)) && [[ ! -x "$ETCD_BIN" ]] && need=1
+  ((want_kas)) && [[ ! -x "$KAS_BIN" ]] && need=1
+  ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]] && need=1
+  ((need))
+}
+
+TMPDIRS=()
+cleanup() { local d; for d in "${TMPDIRS[@]+"${TMPDIRS[@]}"}"; do rm -rf "$d"; done; }
+trap cleanup EXIT
+
+# new_tmp NAME -> prints a fresh temp dir inside the cache (same filesystem, so mv is atomic)
+new_tmp() {
+  local d
+  d=$(mktemp -d "$CACHE/.tmp-$1.XXXXXX")
+  TMPDIRS+=("$d")
+  printf '%s' "$d"
+}
+
+# publish TMP FINAL: atomically move a finished build into place.
+publish() {
+  local tmp=$1 final=$2
+  chmod 755 "$tmp" # mktemp -d makes it 0700
+  rm -rf "$final" # only a leftover without its binary can be here (we hold the lock)
+  mv -T "$tmp" "$final"
+}
+
+# go_build MODULE_DIR OUT PKG LDFLAGS [extra go build args...]
+go_build() {
+  local dir=$1 out=$2 pkg=$3 ldflags=$4
+  shift 4
+  (cd "$dir" && go build -mod=readonly -buildvcs=false -trimpath -ldflags "$ldflags" "$@" -o "$out" "$pkg")
+}
+
+build_etcd() {
+  local tmp start
+  tmp=$(new_tmp etcd)
+  start=$SECONDS
+  log "building etcd $ETCD_VERSION (go.etcd.io/etcd/server/v3) ..."
+  CGO_ENABLED=0 go_build "$ENVTEST_DIR" "$tmp/etcd" go.etcd.io/etcd/server/v3 "-s -w"
+  publish "$tmp" "$ETCD_HOME"
+  log "built $ETCD_BIN in $((SECONDS - start))s"
+}
+
+build_kas() {
+  local tmp start v=${KUBE_VERSION#v} pkg=k8s.io/component-base/version cpkg=k8s.io/client-go/pkg/version
+  local major=${v%%.*} rest=${v#*.}
+  local minor=${rest%%.*}
+  # The version stamping hack/lib/version.sh does; otherwise --version and /version say v0.0.0-master.
+  local ldflags="-s -w"
+  local p
+  for p in "$pkg" "$cpkg"; do
+    ldflags+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
+    ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  tmp=$(new_tmp kube-apiserver)
+  start=$SECONDS
+  log "building kube-apiserver $KUBE_VERSION (k8s.io/kubernetes/cmd/kube-apiserver); this takes a while ..."
+  CGO_ENABLED=0 go_build "$ENVTEST_DIR" "$tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
+  publish "$tmp" "$KAS_HOME"
+  log "built $KAS_BIN in $((SECONDS - start))s"
+}
+
+build_gitea() {
+  local tmp start src tags="sqlite sqlite_unlock_notify"
+  command -v "${CC:-gcc}" >/dev/null 2>&1 || die "Gitea's SQLite driver needs cgo: install gcc (apt-get install gcc)"
+  tmp=$(new_tmp gitea)
+  start=$SECONDS
+  log "building gitea $GITEA_VERSION (code.gitea.io/gitea, tags: $tags); this takes a while ..."
+  CGO_ENABLED=1 go_build "$GITEA_DIR" "$tmp/gitea" code.gitea.io/gitea \
+    "-s -w -X main.Version=${GITEA_VERSION#v} -X 'main.Tags=$tags'" -tags "$tags"
+  # Built without the `bindata` tag (its generated assets are not in the module), Gitea
+  # reads options/, templates/ and public/ from [server] STATIC_ROOT_PATH: ship them
+  # next to the binary.
+  src=$(cd "$GITEA_DIR" && go list -mod=readonly -m -f '{{.Dir}}' code.gitea.io/gitea)
+  [[ -d "$src/options" && -d "$src/templates" ]] || die "unexpected layout of $src"
+  cp -R "$src/options" "$src/templates" "$tmp/"
+  if [[ -d "$src/public" ]]; then cp -R "$src/public" "$tmp/"; else mkdir -p "$tmp/public"; fi
+  chmod -R u+w "$tmp" # module cache files are read-only; keep the cache removable
+  publish "$tmp" "$GITEA_HOME"
+  log "built $GITEA_BIN in $((SECONDS - start))s"
+}
+
+write_env_file() {
+  local tmp
+  tmp=$(mktemp "$CACHE/.env.sh.XXXXXX")
+  {
+    echo "# Written by scripts/ensure-test-binaries.sh; source it to find the test binaries."
+    printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
+    env_lines 1 1 1
+  } >"$tmp"
+  chmod 644 "$tmp"
+  mv -f "$tmp" "$CACHE/env.sh"
+}
+
+# env_lines ETCD KAS GITEA: export lines for the selected binaries that exist.
+env_lines() {
+  if (($1)) && [[ -x "$ETCD_BIN" ]]; then
+    printf 'export PIPELINE_ETCD_BIN=%q\n' "$ETCD_BIN"
+    printf 'export PIPELINE_ETCD_VERSION=%q\n' "$ETCD_VERSION"
+  fi
+  if (($2)) && [[ -x "$KAS_BIN" ]]; then
+    printf 'export PIPELINE_KUBE_APISERVER_BIN=%q\n' "$KAS_BIN"
+    printf 'export PIPELINE_KUBE_VERSION=%q\n' "$KUBE_VERSION"
+  fi
+  if (($3)) && [[ -x "$GITEA_BIN" ]]; then
+    printf 'export PIPELINE_GITEA_BIN=%q\n' "$GITEA_BIN"
+    printf 'export PIPELINE_GITEA_STATIC_ROOT=%q\n' "$GITEA_HOME"
+    printf 'export PIPELINE_GITEA_VERSION=%q\n' "$GITEA_VERSION"
+  fi
+}
+
+mkdir -p "$CACHE"
+if missing || [[ ! -f "$CACHE/env.sh" ]]; then
+  exec 9>"$CACHE/.lock"
+  if ! flock -n 9; then
+    log "waiting for another build holding $CACHE/.lock ..."
+    flock 9
+  fi
+  # Re-check under the lock: a parallel caller may have built them meanwhile.
+  if ((want_etcd)) && [[ ! -x "$ETCD_BIN" ]]; then build_etcd; fi
+  if ((want_kas)) && [[ ! -x "$KAS_BIN" ]]; then build_kas; fi
+  if ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]]; then build_gitea; fi
+  write_env_file
+  flock -u 9
+  exec 9>&-
+fi
+
+if ((print_env)); then
+  printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
+  env_lines "$want_etcd" "$want_kas" "$want_gitea"
+else
+  ((want_etcd)) && echo "etcd            $ETCD_VERSION  $ETCD_BIN"
+  ((want_kas)) && echo "kube-apiserver  $KUBE_VERSION  $KAS_BIN"
+  ((want_gitea)) && echo "gitea           $GITEA_VERSION  $GITEA_BIN  (STATIC_ROOT_PATH=$GITEA_HOME)"
+  echo "env file: $CACHE/env.sh"
+fi
