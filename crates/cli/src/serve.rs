@@ -1,0 +1,149 @@
+//! `serve`: wires the embedded adapters (manifests folder, redb store, HTTP notification)
+//! around the core and runs until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use pipeline_core::{
+    Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock,
+    TimeWindow,
+};
+use pipeline_http::{AppState, HttpSettings, router};
+use pipeline_manifests::ManifestCatalog;
+use pipeline_store::RedbPromotionStore;
+use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook, StrategyNotAvailable};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{LogFormat, ServeArgs};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    if !args.manifests.is_dir() {
+        bail!("--manifests {} is not a directory", args.manifests.display());
+    }
+    let catalog = Arc::new(ManifestCatalog::new(&args.manifests));
+    catalog.reload();
+    let store = Arc::new(
+        RedbPromotionStore::open(&args.state)
+            .with_context(|| format!("opening state file {}", args.state.display()))?,
+    );
+    let metrics = Arc::new(Metrics::new());
+    let wake = Arc::new(Notify::new());
+    let clock = Arc::new(SystemClock);
+
+    let intake = Arc::new(Intake::new(
+        catalog.clone(),
+        catalog.clone(),
+        store.clone(),
+        clock.clone(),
+        TimeWindow {
+            max_age: args.max_event_age,
+            ..TimeWindow::default()
+        },
+        metrics.clone(),
+        wake.clone(),
+    ));
+    let notification = NotificationWebhook::new(
+        args.notify_urls,
+        NotificationWebhook::client().context("building the notification HTTP client")?,
+        DEFAULT_CONTROLLER_NAME,
+    );
+    let strategies = StrategySet {
+        notification: Arc::new(notification),
+        pull_request: Arc::new(StrategyNotAvailable::pull_request(
+            "pull-request promotions are not implemented yet",
+        )),
+    };
+    let executor = Arc::new(Executor::new(
+        store.clone(),
+        catalog.clone(),
+        catalog.clone(),
+        strategies,
+        clock,
+        metrics.clone(),
+        ExecutorSettings {
+            retry: RetryPolicy {
+                base_delay: args.retry_base,
+                max_delay: args.retry_max,
+                max_attempts: args.max_attempts.max(1),
+            },
+            ..ExecutorSettings::default()
+        },
+        wake,
+    ));
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    tracing::info!(%address, manifests = %args.manifests.display(), state = %args.state.display(), "listening");
+
+    let executor_task = tokio::spawn(executor.run(shutdown.clone().cancelled_owned()));
+    let watch_task = tokio::spawn(
+        catalog
+            .clone()
+            .watch(args.reload_interval, shutdown.clone().cancelled_owned()),
+    );
+    let app = router(AppState::new(
+        intake,
+        metrics,
+        HttpSettings {
+            max_body_bytes: args.max_body_bytes,
+            rate_limit: args.rate_limit,
+        },
+    ));
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await
+    .context("serving HTTP")?;
+    shutdown.cancel();
+    let _ = executor_task.await;
+    let _ = watch_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

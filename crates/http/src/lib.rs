@@ -1,0 +1,346 @@
+//! The HTTP face of pipeline-controller. [`router`] builds the whole service; it maps the
+//! core's decisions to status codes and JSON and does nothing else.
+#![forbid(unsafe_code)]
+
+mod error;
+mod rate_limit;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use pipeline_core::{
+    ApprovalRequest, Decision, EventRequest, Intake, Metrics, PipelineRef, PromotionFilter,
+};
+use serde::Deserialize;
+
+pub use error::ApiError;
+pub use rate_limit::{PeerRateLimiter, RateLimit};
+
+/// Header carrying the HMAC signature of the body.
+pub const SIGNATURE_HEADER: &str = "x-signature";
+
+/// Default largest request body, as documented for `--max-body-bytes`.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            rate_limit: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    intake: Arc<Intake>,
+    metrics: Arc<Metrics>,
+    max_body_bytes: usize,
+    limiter: Option<Arc<PeerRateLimiter>>,
+}
+
+impl AppState {
+    pub fn new(intake: Arc<Intake>, metrics: Arc<Metrics>, settings: HttpSettings) -> Self {
+        Self {
+            intake,
+            metrics,
+            max_body_bytes: settings.max_body_bytes,
+            limiter: settings
+                .rate_limit
+                .map(|limit| Arc::new(PeerRateLimiter::new(limit))),
+        }
+    }
+}
+
+/// The whole HTTP service. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so rate limiting sees peer addresses.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route(
+            "/pipelines/promotions/{namespace}/{name}/{environment}",
+            post(promotion_event),
+        )
+        .route(
+            "/promotion/{namespace}/{name}/{environment}",
+            post(promotion_event),
+        )
+        .route(
+            "/pipelines/approvals/{namespace}/{name}/{environment}/{revision}",
+            post(approval),
+        )
+        .route(
+            "/approval/{namespace}/{name}/{environment}/{revision}",
+            post(approval),
+        )
+        .route("/api/v1/promotions", get(list_promotions))
+        .route("/api/v1/promotions/{id}", get(get_promotion))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn unknown_path(request: Request) -> ApiError {
+    ApiError::not_found(format!("no such path: {}", request.uri().path()))
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "method {} is not allowed on {}",
+            request.method(),
+            request.uri().path()
+        ),
+    )
+}
+
+fn peer_ip(request: &Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |ConnectInfo(addr)| {
+            addr.ip()
+        })
+}
+
+/// Rate limit, then read the body without buffering past the limit.
+async fn admit(state: &AppState, request: Request) -> Result<(HeaderMap, Bytes), ApiError> {
+    if let Some(limiter) = &state.limiter {
+        limiter.check(peer_ip(&request)).map_err(|wait| {
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this address",
+            )
+            .with_retry_after(wait)
+        })?;
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than {} bytes", state.max_body_bytes),
+        )
+    };
+    let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let body = Limited::new(body, state.max_body_bytes)
+        .collect()
+        .await
+        .map_err(|err| {
+            if err.downcast_ref::<LengthLimitError>().is_some() {
+                too_large()
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable_body",
+                    "request body could not be read",
+                )
+            }
+        })?
+        .to_bytes();
+    Ok((parts.headers, body))
+}
+
+fn signature(headers: &HeaderMap) -> Option<&str> {
+    headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok())
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    (status, Json(value)).into_response()
+}
+
+async fn promotion_event(
+    State(state): State<AppState>,
+    Path((namespace, name, environment)): Path<(String, String, String)>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let result = handle_event(
+        &state,
+        PipelineRef::new(namespace, name),
+        &environment,
+        request,
+    )
+    .await;
+    let (outcome, response) = match result {
+        Ok((outcome, response)) => (outcome, response),
+        Err(err) => {
+            tracing::warn!(environment = %environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "promotion event refused");
+            (err.reason, err.into_response())
+        }
+    };
+    state
+        .metrics
+        .observe_request("promotion", outcome, started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle_event(
+    state: &AppState,
+    pipeline: PipelineRef,
+    environment: &str,
+    request: Request,
+) -> Result<(&'static str, Response), ApiError> {
+    let (headers, body) = admit(state, request).await?;
+    let decision = state
+        .intake
+        .handle_event(EventRequest {
+            pipeline: &pipeline,
+            environment,
+            signature: signature(&headers),
+            body: &body,
+        })
+        .await?;
+    Ok(match decision {
+        Decision::Recorded(record) => {
+            tracing::info!(promotion = %record.id, pipeline = %record.pipeline, from = %record.source_environment, to = %record.target_environment, revision = %record.revision, phase = %record.phase, "promotion recorded");
+            let mut response = json_response(StatusCode::ACCEPTED, &record);
+            if let Ok(location) =
+                HeaderValue::from_str(&format!("/api/v1/promotions/{}", record.id))
+            {
+                response.headers_mut().insert(header::LOCATION, location);
+            }
+            ("recorded", response)
+        }
+        Decision::Duplicate(record) => {
+            tracing::debug!(promotion = %record.id, "duplicate promotion event");
+            ("duplicate", json_response(StatusCode::OK, &record))
+        }
+        Decision::Ignored { reason, message } => {
+            tracing::info!(pipeline = %pipeline, environment, reason, message = %message, "event ignored");
+            let body =
+                serde_json::json!({"status": "ignored", "reason": reason, "message": message});
+            ("ignored", json_response(StatusCode::OK, &body))
+        }
+    })
+}
+
+async fn approval(
+    State(state): State<AppState>,
+    Path((namespace, name, environment, revision)): Path<(String, String, String, String)>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let pipeline = PipelineRef::new(namespace, name);
+    let result = async {
+        let (headers, body) = admit(&state, request).await?;
+        let record = state
+            .intake
+            .handle_approval(ApprovalRequest {
+                pipeline: &pipeline,
+                environment: &environment,
+                revision: &revision,
+                signature: signature(&headers),
+                body: &body,
+            })
+            .await?;
+        tracing::info!(promotion = %record.id, pipeline = %pipeline, environment = %environment, revision = %revision, "promotion approved");
+        Ok::<_, ApiError>(json_response(StatusCode::OK, &record))
+    }
+    .await;
+    let (outcome, response) = match result {
+        Ok(response) => ("approved", response),
+        Err(err) => {
+            tracing::warn!(pipeline = %pipeline, environment = %environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "approval refused");
+            (err.reason, err.into_response())
+        }
+    };
+    state
+        .metrics
+        .observe_request("approval", outcome, started.elapsed().as_secs_f64());
+    response
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    pipeline: Option<String>,
+    environment: Option<String>,
+}
+
+async fn list_promotions(
+    State(state): State<AppState>,
+    Query(query): Query<ListQuery>,
+) -> Result<Response, ApiError> {
+    let pipeline = match query.pipeline.as_deref() {
+        None | Some("") => None,
+        Some(text) => Some(PipelineRef::parse(text).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_filter",
+                format!("pipeline filter {text:?} is not of the form namespace/name"),
+            )
+        })?),
+    };
+    let filter = PromotionFilter {
+        pipeline,
+        environment: query.environment.filter(|e| !e.is_empty()),
+    };
+    let records = state.intake.store().list(&filter).await?;
+    Ok(json_response(StatusCode::OK, &records))
+}
+
+async fn get_promotion(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    match state.intake.store().get(&id).await? {
+        Some(record) => Ok(json_response(StatusCode::OK, &record)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "promotion_not_found",
+            format!("promotion {id} not found"),
+        )),
+    }
+}
+
+async fn healthz() -> Response {
+    json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when the promotion store answers: without it no event can be recorded.
+async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
+    state.intake.store().get("readyz-probe").await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ready"}),
+    ))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        Body::from(state.metrics.render()),
+    )
+        .into_response()
+}

@@ -1,0 +1,839 @@
+//! Every row of the webhook's answer table, driven through the real router with the real
+//! core and the real embedded store; only pipeline and secret lookups are in-memory here
+//! (the folder loader has its own tests, and the binary's tests use it end to end).
+
+#![allow(clippy::unwrap_used)] // test helpers, not product code
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{Method, Request, StatusCode, header};
+use chrono::{Duration, Utc};
+use pipeline_core::pipeline::{PipelineSpec, parse_pipeline_spec};
+use pipeline_core::ports::RecordChange;
+use pipeline_core::signature::{HmacAlgorithm, sign};
+use pipeline_core::{
+    ApprovalBody, Intake, Metrics, Pipeline, PipelineRef, PipelineSource, PromotionFilter,
+    PromotionRecord, PromotionStore, SecretBytes, SecretLookupError, SecretSource, StoreError,
+    SystemClock, TimeWindow, Unavailable,
+};
+use pipeline_http::{AppState, HttpSettings, RateLimit, router};
+use pipeline_store::RedbPromotionStore;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const KEY: &[u8] = b"s3cret-key";
+
+#[derive(Default)]
+struct Catalog {
+    pipelines: HashMap<PipelineRef, Arc<Pipeline>>,
+    secrets: HashMap<(String, String), HashMap<String, Vec<u8>>>,
+}
+
+#[async_trait]
+impl PipelineSource for Catalog {
+    async fn pipeline(&self, r: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
+        Ok(self.pipelines.get(r).cloned())
+    }
+}
+
+#[async_trait]
+impl SecretSource for Catalog {
+    async fn secret_value(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<SecretBytes>, SecretLookupError> {
+        let secret = self
+            .secrets
+            .get(&(namespace.to_string(), name.to_string()))
+            .ok_or_else(|| SecretLookupError::SecretNotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            })?;
+        Ok(secret.get(key).map(|v| SecretBytes::new(v.clone())))
+    }
+}
+
+/// A store whose backing disk is gone.
+struct BrokenStore;
+
+#[async_trait]
+impl PromotionStore for BrokenStore {
+    async fn create_if_absent(
+        &self,
+        _: PromotionRecord,
+    ) -> Result<(PromotionRecord, bool), StoreError> {
+        Err(StoreError::Unavailable("disk I/O error".into()))
+    }
+    async fn get(&self, _: &str) -> Result<Option<PromotionRecord>, StoreError> {
+        Err(StoreError::Unavailable("disk I/O error".into()))
+    }
+    async fn list(&self, _: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
+        Err(StoreError::Unavailable("disk I/O error".into()))
+    }
+    async fn modify(&self, _: &str, _: RecordChange<'_>) -> Result<PromotionRecord, StoreError> {
+        Err(StoreError::Unavailable("disk I/O error".into()))
+    }
+    async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
+        Err(StoreError::Unavailable("disk I/O error".into()))
+    }
+}
+
+fn podinfo_spec(secret_ref: Option<&str>) -> Value {
+    let mut promotion = json!({"strategy": {"notification": {}}});
+    if let Some(name) = secret_ref {
+        promotion["strategy"]["secretRef"] = json!({"name": name});
+    }
+    json!({
+        "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "podinfo"},
+        "environments": [
+            {"name": "dev", "targets": [{"namespace": "podinfo-dev"}, {"namespace": "podinfo-dev2"}]},
+            {"name": "staging", "targets": [{"namespace": "podinfo-staging"}]},
+            {"name": "prod", "targets": [{"namespace": "podinfo-prod"}],
+             "promotion": {"manual": true, "strategy": {"notification": {}}}}
+        ],
+        "promotion": promotion
+    })
+}
+
+fn catalog() -> Catalog {
+    let mut c = Catalog::default();
+    let mut add = |name: &str, spec: PipelineSpec| {
+        let reference = PipelineRef::new("flux-system", name);
+        c.pipelines
+            .insert(reference.clone(), Arc::new(Pipeline { reference, spec }));
+    };
+    add(
+        "podinfo",
+        parse_pipeline_spec(podinfo_spec(Some("hmac"))).unwrap(),
+    );
+    add("nokey", parse_pipeline_spec(podinfo_spec(None)).unwrap());
+    add(
+        "missing-secret",
+        parse_pipeline_spec(podinfo_spec(Some("absent"))).unwrap(),
+    );
+    add(
+        "wrong-secret",
+        parse_pipeline_spec(podinfo_spec(Some("other"))).unwrap(),
+    );
+    // Not loadable from a folder (validation refuses it), but a Kubernetes cluster may hold it.
+    let mut hollow = podinfo_spec(Some("hmac"));
+    hollow["environments"][1]["targets"] = json!([]);
+    add("hollow", serde_json::from_value(hollow).unwrap());
+    c.secrets.insert(
+        ("flux-system".into(), "hmac".into()),
+        HashMap::from([("hmac-key".to_string(), KEY.to_vec())]),
+    );
+    c.secrets.insert(
+        ("flux-system".into(), "other".into()),
+        HashMap::from([("token".to_string(), KEY.to_vec())]),
+    );
+    c
+}
+
+struct Harness {
+    app: Router,
+    _dir: tempfile::TempDir,
+}
+
+fn harness_with(store: Option<Arc<dyn PromotionStore>>, settings: HttpSettings) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store.unwrap_or_else(|| {
+        Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap())
+    });
+    let catalog = Arc::new(catalog());
+    let metrics = Arc::new(Metrics::new());
+    let intake = Arc::new(Intake::new(
+        catalog.clone(),
+        catalog,
+        store,
+        Arc::new(SystemClock),
+        TimeWindow::default(),
+        metrics.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    ));
+    let app = router(AppState::new(intake, metrics, settings))
+        .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
+    Harness { app, _dir: dir }
+}
+
+fn harness() -> Harness {
+    harness_with(None, HttpSettings::default())
+}
+
+fn event_with(f: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut event = json!({
+        "involvedObject": {"kind": "HelmRelease", "namespace": "podinfo-dev", "name": "podinfo",
+                           "uid": "57c3579b", "apiVersion": "helm.toolkit.fluxcd.io/v2", "resourceVersion": "1"},
+        "severity": "info",
+        "timestamp": Utc::now().to_rfc3339(),
+        "message": "Helm upgrade succeeded for release podinfo-dev/podinfo.v2 with chart podinfo@6.5.1",
+        "reason": "UpgradeSucceeded",
+        "metadata": {"revision": "6.5.1", "summary": "dev"},
+        "reportingController": "helm-controller",
+        "reportingInstance": "helm-controller-7cdc7874f8-9qpft"
+    });
+    f(&mut event);
+    serde_json::to_vec(&event).unwrap()
+}
+
+fn event() -> Vec<u8> {
+    event_with(|_| {})
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    json: Value,
+}
+
+async fn send(
+    app: &Router,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+    signature: Option<String>,
+) -> Answer {
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::CONTENT_TYPE, "application/json");
+    if let Some(sig) = signature {
+        request = request.header("X-Signature", sig);
+    }
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+async fn post_signed(app: &Router, path: &str, body: Vec<u8>) -> Answer {
+    let sig = sign(HmacAlgorithm::Sha256, KEY, &body);
+    send(app, Method::POST, path, body, Some(sig)).await
+}
+
+const DEV: &str = "/pipelines/promotions/flux-system/podinfo/dev";
+
+fn assert_error(answer: &Answer, status: StatusCode, reason: &str) {
+    assert_eq!(answer.status, status, "{}", answer.json);
+    assert_eq!(answer.json["reason"], reason, "{}", answer.json);
+    assert!(
+        answer.json["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{}",
+        answer.json
+    );
+}
+
+#[tokio::test]
+async fn new_event_is_recorded_and_its_duplicate_returns_the_record() {
+    let h = harness();
+    let first = post_signed(&h.app, DEV, event()).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.json);
+    let id = first.json["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        first.headers[header::LOCATION].to_str().unwrap(),
+        format!("/api/v1/promotions/{id}")
+    );
+    assert_eq!(
+        first.json["pipeline"],
+        json!({"namespace": "flux-system", "name": "podinfo"})
+    );
+    assert_eq!(first.json["sourceEnvironment"], "dev");
+    assert_eq!(first.json["targetEnvironment"], "staging");
+    assert_eq!(first.json["revision"], "6.5.1");
+    assert_eq!(first.json["phase"], "Pending");
+    assert_eq!(first.json["attempts"], 0);
+    assert_eq!(first.json["history"].as_array().unwrap().len(), 1);
+
+    // Another delivery of the same deployment (another message, another target namespace).
+    let again = post_signed(
+        &h.app,
+        "/promotion/flux-system/podinfo/dev",
+        event_with(|e| {
+            e["involvedObject"]["namespace"] = json!("podinfo-dev2");
+            e["reason"] = json!("TestSucceeded");
+        }),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    assert_eq!(again.json["id"], id.as_str());
+
+    let got = send(
+        &h.app,
+        Method::GET,
+        &format!("/api/v1/promotions/{id}"),
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json, first.json);
+    let missing = send(&h.app, Method::GET, "/api/v1/promotions/nope", vec![], None).await;
+    assert_error(&missing, StatusCode::NOT_FOUND, "promotion_not_found");
+}
+
+#[tokio::test]
+async fn legacy_and_prefixed_events_count() {
+    let h = harness();
+    let legacy = post_signed(
+        &h.app,
+        DEV,
+        event_with(|e| {
+            e["reason"] = json!("info");
+            e["message"] = json!("Helm upgrade succeeded");
+            e["involvedObject"]["apiVersion"] = json!("helm.toolkit.fluxcd.io/v2beta1");
+        }),
+    )
+    .await;
+    assert_eq!(legacy.status, StatusCode::ACCEPTED, "{}", legacy.json);
+    let prefixed = post_signed(
+        &h.app,
+        DEV,
+        event_with(|e| e["metadata"] = json!({"helm.toolkit.fluxcd.io/revision": "6.6.0"})),
+    )
+    .await;
+    assert_eq!(prefixed.status, StatusCode::ACCEPTED, "{}", prefixed.json);
+    assert_eq!(prefixed.json["revision"], "6.6.0");
+}
+
+#[tokio::test]
+async fn events_that_are_not_deployments_are_ignored_and_not_recorded() {
+    let h = harness();
+    for (reason, severity, message) in [
+        ("UpgradeFailed", "error", "Helm upgrade failed"),
+        ("RollbackSucceeded", "info", "Helm rollback succeeded"),
+        ("info", "info", "Helm upgrade failed: timed out"),
+        ("UpgradeSucceeded", "trace", "trace"),
+    ] {
+        let answer = post_signed(
+            &h.app,
+            DEV,
+            event_with(|e| {
+                e["reason"] = json!(reason);
+                e["severity"] = json!(severity);
+                e["message"] = json!(message);
+            }),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::OK, "{reason}: {}", answer.json);
+        assert_eq!(answer.json["status"], "ignored");
+        assert!(answer.json["reason"].is_string());
+    }
+    let list = send(&h.app, Method::GET, "/api/v1/promotions", vec![], None).await;
+    assert_eq!(list.json, json!([]));
+}
+
+#[tokio::test]
+async fn transport_errors() {
+    let h = harness_with(
+        None,
+        HttpSettings {
+            max_body_bytes: 4096,
+            rate_limit: None,
+        },
+    );
+    let get = send(&h.app, Method::GET, DEV, vec![], None).await;
+    assert_error(&get, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    let put = send(&h.app, Method::PUT, DEV, event(), None).await;
+    assert_eq!(put.status, StatusCode::METHOD_NOT_ALLOWED);
+    let unknown = send(
+        &h.app,
+        Method::POST,
+        "/pipelines/promotions/flux-system/podinfo",
+        event(),
+        None,
+    )
+    .await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "not_found");
+    let unknown = send(&h.app, Method::POST, "/elsewhere", event(), None).await;
+    assert_error(&unknown, StatusCode::NOT_FOUND, "not_found");
+
+    // Declared too large.
+    let big = post_signed(&h.app, DEV, vec![b' '; 5000]).await;
+    assert_error(&big, StatusCode::PAYLOAD_TOO_LARGE, "body_too_large");
+    // Streamed without a length: refused once the limit is crossed.
+    let chunks = (0..100).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024]));
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(DEV)
+        .body(Body::from_stream(futures::stream::iter(chunks)))
+        .unwrap();
+    let response = h.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn authentication_is_never_optional() {
+    let h = harness();
+    let body = event();
+    let cases: Vec<(&str, Option<String>)> = vec![
+        (DEV, None),
+        (DEV, Some("sha256".into())),
+        (DEV, Some("sha256=not-hex".into())),
+        (DEV, Some(sign(HmacAlgorithm::Sha256, b"wrong key", &body))),
+        (DEV, Some(format!("md5={}", "00".repeat(16)))),
+        (
+            "/pipelines/promotions/flux-system/nokey/dev",
+            Some(sign(HmacAlgorithm::Sha256, KEY, &body)),
+        ),
+        (
+            "/pipelines/promotions/flux-system/missing-secret/dev",
+            Some(sign(HmacAlgorithm::Sha256, KEY, &body)),
+        ),
+        (
+            "/pipelines/promotions/flux-system/wrong-secret/dev",
+            Some(sign(HmacAlgorithm::Sha256, KEY, &body)),
+        ),
+    ];
+    for (path, signature) in cases {
+        let answer = send(&h.app, Method::POST, path, body.clone(), signature.clone()).await;
+        assert_error(&answer, StatusCode::UNAUTHORIZED, "unauthenticated");
+        let text = answer.json.to_string();
+        assert!(!text.contains("s3cret"), "{text}");
+        if let Some(sig) = signature.filter(|s| s.len() > 20) {
+            assert!(!text.contains(&sig[7..]), "signature echoed: {text}");
+        }
+    }
+    // Other algorithms are fine when correct; tampering after signing is not.
+    for algo in [
+        HmacAlgorithm::Sha224,
+        HmacAlgorithm::Sha384,
+        HmacAlgorithm::Sha512,
+    ] {
+        let b = event_with(|e| e["metadata"]["revision"] = json!(format!("7.0.{}", algo.as_str())));
+        let ok = send(
+            &h.app,
+            Method::POST,
+            DEV,
+            b.clone(),
+            Some(sign(algo, KEY, &b)),
+        )
+        .await;
+        assert_eq!(ok.status, StatusCode::ACCEPTED, "{}", ok.json);
+    }
+    let sig = sign(HmacAlgorithm::Sha256, KEY, &body);
+    let mut tampered = body.clone();
+    tampered.push(b' ');
+    let answer = send(&h.app, Method::POST, DEV, tampered, Some(sig)).await;
+    assert_error(&answer, StatusCode::UNAUTHORIZED, "unauthenticated");
+}
+
+#[tokio::test]
+async fn unknown_pipeline_and_bad_bodies() {
+    let h = harness();
+    let answer = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/nope/dev",
+        event(),
+    )
+    .await;
+    assert_error(&answer, StatusCode::NOT_FOUND, "pipeline_not_found");
+    let answer = post_signed(&h.app, DEV, b"not json".to_vec()).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_body");
+    let answer = post_signed(&h.app, DEV, br#"{"hello": "world"}"#.to_vec()).await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_body");
+    let answer = post_signed(
+        &h.app,
+        DEV,
+        event_with(|e| e["timestamp"] = json!("yesterday")),
+    )
+    .await;
+    assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_body");
+}
+
+#[tokio::test]
+async fn unprocessable_events() {
+    let h = harness();
+    let no_revision = post_signed(
+        &h.app,
+        DEV,
+        event_with(|e| e["metadata"] = json!({"summary": "x"})),
+    )
+    .await;
+    assert_error(
+        &no_revision,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "missing_revision",
+    );
+    let unknown_env = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/podinfo/qa",
+        event(),
+    )
+    .await;
+    assert_error(
+        &unknown_env,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unknown_environment",
+    );
+    let last = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/podinfo/prod",
+        event_with(|e| e["involvedObject"]["namespace"] = json!("podinfo-prod")),
+    )
+    .await;
+    assert_error(&last, StatusCode::UNPROCESSABLE_ENTITY, "last_environment");
+    let hollow = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/hollow/dev",
+        event(),
+    )
+    .await;
+    assert_error(&hollow, StatusCode::UNPROCESSABLE_ENTITY, "no_targets");
+
+    for (field, value) in [
+        ("apiVersion", "kustomize.toolkit.fluxcd.io/v1"),
+        ("kind", "Kustomization"),
+        ("name", "other-app"),
+        ("namespace", "podinfo-staging"),
+    ] {
+        let answer = post_signed(
+            &h.app,
+            DEV,
+            event_with(|e| e["involvedObject"][field] = json!(value)),
+        )
+        .await;
+        assert_error(
+            &answer,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "involved_object_mismatch",
+        );
+        let named = value.split('/').next().unwrap();
+        assert!(
+            answer.json["error"].as_str().unwrap().contains(named),
+            "{}",
+            answer.json
+        );
+    }
+    let old = (Utc::now() - Duration::minutes(16)).to_rfc3339();
+    let answer = post_signed(&h.app, DEV, event_with(|e| e["timestamp"] = json!(old))).await;
+    assert_error(&answer, StatusCode::UNPROCESSABLE_ENTITY, "stale_timestamp");
+    let future = (Utc::now() + Duration::minutes(6)).to_rfc3339();
+    let answer = post_signed(&h.app, DEV, event_with(|e| e["timestamp"] = json!(future))).await;
+    assert_error(
+        &answer,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "future_timestamp",
+    );
+    let slightly_ahead = (Utc::now() + Duration::minutes(4)).to_rfc3339();
+    let answer = post_signed(
+        &h.app,
+        DEV,
+        event_with(|e| e["timestamp"] = json!(slightly_ahead)),
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+}
+
+#[tokio::test]
+async fn rate_limit_per_peer_address() {
+    let h = harness_with(
+        None,
+        HttpSettings {
+            rate_limit: Some("3/1m".parse::<RateLimit>().unwrap()),
+            ..HttpSettings::default()
+        },
+    );
+    for _ in 0..3 {
+        let answer = post_signed(&h.app, DEV, event()).await;
+        assert!(answer.status.is_success(), "{}", answer.json);
+    }
+    let limited = post_signed(&h.app, DEV, event()).await;
+    assert_error(&limited, StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    let retry: u64 = limited.headers[header::RETRY_AFTER]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+}
+
+#[tokio::test]
+async fn store_unavailable_asks_the_sender_to_retry() {
+    let h = harness_with(Some(Arc::new(BrokenStore)), HttpSettings::default());
+    let answer = post_signed(&h.app, DEV, event()).await;
+    assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    assert!(answer.headers.contains_key(header::RETRY_AFTER));
+    let ready = send(&h.app, Method::GET, "/readyz", vec![], None).await;
+    assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+fn approval_body(
+    pipeline: &str,
+    environment: &str,
+    revision: &str,
+    at: chrono::DateTime<Utc>,
+) -> Vec<u8> {
+    serde_json::to_vec(&ApprovalBody {
+        pipeline: pipeline.into(),
+        environment: environment.into(),
+        revision: revision.into(),
+        timestamp: at,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
+    let h = harness();
+    let staging = event_with(|e| e["involvedObject"]["namespace"] = json!("podinfo-staging"));
+    let recorded = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/podinfo/staging",
+        staging,
+    )
+    .await;
+    assert_eq!(recorded.status, StatusCode::ACCEPTED, "{}", recorded.json);
+    assert_eq!(recorded.json["phase"], "WaitingApproval");
+    assert_eq!(recorded.json["targetEnvironment"], "prod");
+
+    let path = "/pipelines/approvals/flux-system/podinfo/prod/6.5.1";
+    let now = Utc::now();
+    // Unsigned and wrongly signed approvals are refused.
+    let body = approval_body("flux-system/podinfo", "prod", "6.5.1", now);
+    let unsigned = send(&h.app, Method::POST, path, body.clone(), None).await;
+    assert_error(&unsigned, StatusCode::UNAUTHORIZED, "unauthenticated");
+    // A body for another revision cannot approve this one.
+    let other = post_signed(
+        &h.app,
+        path,
+        approval_body("flux-system/podinfo", "prod", "9.9.9", now),
+    )
+    .await;
+    assert_error(
+        &other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "approval_mismatch",
+    );
+    let other = post_signed(
+        &h.app,
+        path,
+        approval_body("flux-system/other", "prod", "6.5.1", now),
+    )
+    .await;
+    assert_error(
+        &other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "approval_mismatch",
+    );
+    let stale = post_signed(
+        &h.app,
+        path,
+        approval_body(
+            "flux-system/podinfo",
+            "prod",
+            "6.5.1",
+            now - Duration::hours(1),
+        ),
+    )
+    .await;
+    assert_error(&stale, StatusCode::UNPROCESSABLE_ENTITY, "stale_timestamp");
+    let nothing = post_signed(
+        &h.app,
+        "/pipelines/approvals/flux-system/podinfo/prod/1.0.0",
+        approval_body("flux-system/podinfo", "prod", "1.0.0", now),
+    )
+    .await;
+    assert_error(&nothing, StatusCode::NOT_FOUND, "promotion_not_found");
+
+    let approved = post_signed(
+        &h.app,
+        "/approval/flux-system/podinfo/prod/6.5.1",
+        body.clone(),
+    )
+    .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.json);
+    assert_eq!(approved.json["phase"], "Pending");
+    assert_eq!(approved.json["history"][1]["reason"], "Approved");
+    let twice = post_signed(&h.app, path, body).await;
+    assert_error(&twice, StatusCode::CONFLICT, "not_waiting_approval");
+}
+
+#[tokio::test]
+async fn url_encoded_revisions_can_be_approved() {
+    let h = harness();
+    let revision = "feature/x@sha1:0123abcd";
+    let staging = event_with(|e| {
+        e["involvedObject"]["namespace"] = json!("podinfo-staging");
+        e["metadata"]["revision"] = json!(revision);
+    });
+    let recorded = post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/podinfo/staging",
+        staging,
+    )
+    .await;
+    assert_eq!(recorded.status, StatusCode::ACCEPTED);
+    let path = "/pipelines/approvals/flux-system/podinfo/prod/feature%2Fx%40sha1%3A0123abcd";
+    let approved = post_signed(
+        &h.app,
+        path,
+        approval_body("flux-system/podinfo", "prod", revision, Utc::now()),
+    )
+    .await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.json);
+}
+
+#[tokio::test]
+async fn listing_filters_and_orders_newest_first() {
+    let h = harness();
+    for revision in ["1.0.0", "1.0.1"] {
+        let answer = post_signed(
+            &h.app,
+            DEV,
+            event_with(|e| e["metadata"]["revision"] = json!(revision)),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let staging = event_with(|e| e["involvedObject"]["namespace"] = json!("podinfo-staging"));
+    post_signed(
+        &h.app,
+        "/pipelines/promotions/flux-system/podinfo/staging",
+        staging,
+    )
+    .await;
+
+    let all = send(&h.app, Method::GET, "/api/v1/promotions", vec![], None).await;
+    let revisions: Vec<&str> = all
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revision"].as_str().unwrap())
+        .collect();
+    assert_eq!(revisions, ["6.5.1", "1.0.1", "1.0.0"]);
+    let prod = send(
+        &h.app,
+        Method::GET,
+        "/api/v1/promotions?environment=prod",
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(prod.json.as_array().unwrap().len(), 1);
+    let mine = send(
+        &h.app,
+        Method::GET,
+        "/api/v1/promotions?pipeline=flux-system/podinfo&environment=staging",
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(mine.json.as_array().unwrap().len(), 3);
+    let other = send(
+        &h.app,
+        Method::GET,
+        "/api/v1/promotions?pipeline=flux-system/nope",
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(other.json, json!([]));
+    let bad = send(
+        &h.app,
+        Method::GET,
+        "/api/v1/promotions?pipeline=nonsense",
+        vec![],
+        None,
+    )
+    .await;
+    assert_error(&bad, StatusCode::BAD_REQUEST, "invalid_filter");
+}
+
+#[tokio::test]
+async fn many_identical_events_at_once_give_one_record() {
+    let h = harness();
+    let body = event();
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let app = h.app.clone();
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            post_signed(&app, DEV, body).await.status
+        }));
+    }
+    let mut created = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            StatusCode::ACCEPTED => created += 1,
+            StatusCode::OK => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(created, 1);
+    let all = send(&h.app, Method::GET, "/api/v1/promotions", vec![], None).await;
+    assert_eq!(all.json.as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let h = harness();
+    assert_eq!(
+        send(&h.app, Method::GET, "/healthz", vec![], None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send(&h.app, Method::GET, "/readyz", vec![], None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    post_signed(&h.app, DEV, event()).await;
+    post_signed(&h.app, DEV, b"{".to_vec()).await;
+    let response = h
+        .app
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap()
+            .to_vec(),
+    )
+    .unwrap();
+    assert!(
+        text.contains(
+            r#"pipeline_controller_requests_total{endpoint="promotion",outcome="recorded"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            r#"pipeline_controller_requests_total{endpoint="promotion",outcome="invalid_body"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"pipeline_controller_promotions_total{phase="Pending"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("pipeline_controller_request_duration_seconds_bucket"),
+        "{text}"
+    );
+}
