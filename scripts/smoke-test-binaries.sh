@@ -104,6 +104,7 @@ if ((kube)); then
     --etcd-servers="http://127.0.0.1:$ETCD_CLIENT_PORT" \
     --bind-address=127.0.0.1 \
     --advertise-address=127.0.0.1 \
+    --endpoint-reconciler-type=none \
     --secure-port="$KAS_PORT" \
     --tls-cert-file="$K/serving.crt" \
     --tls-private-key-file="$K/serving.key" \

@@ -14,7 +14,11 @@ use pipeline_http::RateLimit;
 use crate::{client, keyfile, serve, validate};
 
 #[derive(Debug, Parser)]
-#[command(name = "pipeline-controller", version, about = "Promotes Flux deployments through the environments of a Pipeline")]
+#[command(
+    name = "pipeline-controller",
+    version,
+    about = "Promotes Flux deployments through the environments of a Pipeline"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -25,9 +29,7 @@ pub enum Command {
     /// Run the promotion service.
     Serve(ServeArgs),
     /// Check every manifest under DIR; exits non-zero on errors.
-    Validate {
-        dir: PathBuf,
-    },
+    Validate { dir: PathBuf },
     /// Print the X-Signature header value for the body read from stdin.
     Sign {
         #[arg(long)]
@@ -88,9 +90,17 @@ pub struct ServeArgs {
     #[arg(long, env = "PIPELINE_CONTROLLER_MANIFESTS")]
     pub manifests: PathBuf,
     /// Embedded state file; created when missing.
-    #[arg(long, env = "PIPELINE_CONTROLLER_STATE", default_value = "pipeline-controller.redb")]
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_STATE",
+        default_value = "pipeline-controller.redb"
+    )]
     pub state: PathBuf,
-    #[arg(long, env = "PIPELINE_CONTROLLER_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
     pub listen: SocketAddr,
     /// Largest accepted request body.
     #[arg(long, default_value_t = pipeline_http::DEFAULT_MAX_BODY_BYTES)]
@@ -116,7 +126,12 @@ pub struct ServeArgs {
     /// Attempts before a promotion is marked Failed.
     #[arg(long, default_value_t = 8)]
     pub max_attempts: u32,
-    #[arg(long, value_enum, default_value = "text", env = "PIPELINE_CONTROLLER_LOG_FORMAT")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "PIPELINE_CONTROLLER_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
 }
 

@@ -61,7 +61,10 @@ pub async fn approve(
     let response = http()?
         .post(&url)
         .header("content-type", "application/json")
-        .header("x-signature", sign(HmacAlgorithm::Sha256, key.expose(), &body))
+        .header(
+            "x-signature",
+            sign(HmacAlgorithm::Sha256, key.expose(), &body),
+        )
         .body(body)
         .send()
         .await
@@ -108,7 +111,9 @@ pub async fn list(
 }
 
 fn table(records: &[PromotionRecord]) -> String {
-    let header = ["PIPELINE", "FROM", "TO", "REVISION", "PHASE", "ATTEMPTS", "AGE", "MESSAGE"];
+    let header = [
+        "PIPELINE", "FROM", "TO", "REVISION", "PHASE", "ATTEMPTS", "AGE", "MESSAGE",
+    ];
     let now = Utc::now();
     let rows: Vec<[String; 8]> = records
         .iter()

@@ -1,13 +1,13 @@
 //! `serve`: wires the embedded adapters (manifests folder, redb store, HTTP notification)
 //! around the core and runs until SIGINT or SIGTERM.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use pipeline_core::{
-    Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock,
-    TimeWindow,
+    Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock, TimeWindow,
 };
 use pipeline_http::{AppState, HttpSettings, router};
 use pipeline_manifests::ManifestCatalog;
@@ -23,6 +23,7 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -33,10 +34,12 @@ fn init_logging(format: LogFormat) {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     if !args.manifests.is_dir() {
-        bail!("--manifests {} is not a directory", args.manifests.display());
+        bail!(
+            "--manifests {} is not a directory",
+            args.manifests.display()
+        );
     }
     let catalog = Arc::new(ManifestCatalog::new(&args.manifests));
-    catalog.reload();
     let store = Arc::new(
         RedbPromotionStore::open(&args.state)
             .with_context(|| format!("opening state file {}", args.state.display()))?,

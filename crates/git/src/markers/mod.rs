@@ -223,8 +223,8 @@ fn parse_marker(comment: &str) -> Result<String, String> {
     }
     // Only the first JSON value is read, so a note after the object is allowed.
     let mut de = serde_json::Deserializer::from_str(body);
-    let marker = MarkerJson::deserialize(&mut de)
-        .map_err(|e| format!("malformed promotion marker: {e}"))?;
+    let marker =
+        MarkerJson::deserialize(&mut de).map_err(|e| format!("malformed promotion marker: {e}"))?;
     marker
         .promotion
         .parse::<MarkerKey>()
@@ -500,7 +500,12 @@ impl FlowParser<'_> {
             match self.peek() {
                 Some(Kind::Comma) => self.pos += 1,
                 Some(Kind::FlowClose) | None => {}
-                Some(_) => return Err(unsupported(self.line, "unexpected syntax in a flow collection")),
+                Some(_) => {
+                    return Err(unsupported(
+                        self.line,
+                        "unexpected syntax in a flow collection",
+                    ));
+                }
             }
         }
     }

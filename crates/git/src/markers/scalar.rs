@@ -229,7 +229,8 @@ fn is_float(s: &str) -> bool {
         }
         None => all_digits(mantissa, 10),
     };
-    let exponent_ok = exponent.is_none_or(|e| all_digits(e.strip_prefix(['+', '-']).unwrap_or(e), 10));
+    let exponent_ok =
+        exponent.is_none_or(|e| all_digits(e.strip_prefix(['+', '-']).unwrap_or(e), 10));
     mantissa_ok && exponent_ok
 }
 
@@ -254,7 +255,11 @@ fn is_date(s: &str) -> bool {
         return false;
     };
     let day: String = d.chars().take_while(char::is_ascii_digit).collect();
-    y.len() == 4 && all_digits(y, 10) && (1..=2).contains(&m.len()) && all_digits(m, 10) && (1..=2).contains(&day.len())
+    y.len() == 4
+        && all_digits(y, 10)
+        && (1..=2).contains(&m.len())
+        && all_digits(m, 10)
+        && (1..=2).contains(&day.len())
 }
 
 #[cfg(test)]
@@ -264,12 +269,40 @@ mod tests {
     #[test]
     fn non_string_detection() {
         for s in [
-            "1", "-1", "1.0", "1e3", ".5", "0x1F", "0o17", "0b101", "1_000", "1:30", "true", "yes",
-            "off", "null", "~", "", ".inf", "-.INF", ".nan", "2024-01-01", "2024-1-1T10:00:00Z",
+            "1",
+            "-1",
+            "1.0",
+            "1e3",
+            ".5",
+            "0x1F",
+            "0o17",
+            "0b101",
+            "1_000",
+            "1:30",
+            "true",
+            "yes",
+            "off",
+            "null",
+            "~",
+            "",
+            ".inf",
+            "-.INF",
+            ".nan",
+            "2024-01-01",
+            "2024-1-1T10:00:00Z",
         ] {
             assert!(is_non_string(s), "{s:?} should not resolve to a string");
         }
-        for s in ["6.5.1", "v1.0", "1.0.0-rc.1", "abc", "1.2.3.4", "latest", "0.1.0+build", "1-2"] {
+        for s in [
+            "6.5.1",
+            "v1.0",
+            "1.0.0-rc.1",
+            "abc",
+            "1.2.3.4",
+            "latest",
+            "0.1.0+build",
+            "1-2",
+        ] {
             assert!(!is_non_string(s), "{s:?} should resolve to a string");
         }
     }
@@ -279,7 +312,9 @@ mod tests {
         for s in ["6.5.1", "a b", "a#b", "-1", "a:b", "ghcr.io/x", "ünï"] {
             assert!(plain_safe(s, false), "{s:?}");
         }
-        for s in ["", " a", "a ", "- a", "a: b", "a #b", "#a", "'a", "\"a", "&a", "a:", "a\tb", "---"] {
+        for s in [
+            "", " a", "a ", "- a", "a: b", "a #b", "#a", "'a", "\"a", "&a", "a:", "a\tb", "---",
+        ] {
             assert!(!plain_safe(s, false), "{s:?}");
         }
         assert!(!plain_safe("a,b", true));
@@ -289,10 +324,20 @@ mod tests {
 
     #[test]
     fn double_round_trip() {
-        for s in ["plain", "quote \" back \\ slash", "nl\nnl", "tab\t", "\u{1}\u{85}\u{2028}\u{feff}", "ü"] {
+        for s in [
+            "plain",
+            "quote \" back \\ slash",
+            "nl\nnl",
+            "tab\t",
+            "\u{1}\u{85}\u{2028}\u{feff}",
+            "ü",
+        ] {
             assert_eq!(decode(Style::Double, &double_quoted(s)).as_deref(), Some(s));
         }
-        assert_eq!(decode(Style::Double, r#""\x41\u00e9\U0001F600""#).as_deref(), Some("Aé😀"));
+        assert_eq!(
+            decode(Style::Double, r#""\x41\u00e9\U0001F600""#).as_deref(),
+            Some("Aé😀")
+        );
         assert_eq!(decode(Style::Double, r#""\q""#), None);
     }
 
@@ -304,6 +349,9 @@ mod tests {
         assert_eq!(render(Style::Plain, "v1", "a: b", false), "\"a: b\"");
         assert_eq!(render(Style::Single, "'v1'", "it's", false), "'it''s'");
         assert_eq!(render(Style::Single, "'v1'", "a\nb", false), "\"a\\nb\"");
-        assert_eq!(render(Style::Double, "\"v1\"", "say \"hi\"", false), "\"say \\\"hi\\\"\"");
+        assert_eq!(
+            render(Style::Double, "\"v1\"", "say \"hi\"", false),
+            "\"say \\\"hi\\\"\""
+        );
     }
 }

@@ -27,15 +27,22 @@ pub(crate) enum Kind {
     /// Mapping value indicator after a key.
     Colon,
     /// A scalar; `complete` is false when it started or continues on another line.
-    Scalar { style: Style, complete: bool },
-    FlowOpen { map: bool },
+    Scalar {
+        style: Style,
+        complete: bool,
+    },
+    FlowOpen {
+        map: bool,
+    },
     FlowClose,
     Comma,
     Anchor,
     Tag,
     Alias,
     /// `|` or `>` with its optional indentation indicator.
-    BlockHeader { indent: Option<u8> },
+    BlockHeader {
+        indent: Option<u8>,
+    },
     Comment,
 }
 
@@ -64,7 +71,9 @@ enum Carry {
     /// Inside a quoted scalar that did not close on its line.
     Quoted(Style),
     /// After a plain scalar that may continue on more-indented lines.
-    Plain { threshold: isize },
+    Plain {
+        threshold: isize,
+    },
 }
 
 /// Scans a document line by line, keeping the state that spans lines.

@@ -122,7 +122,8 @@ fn replace_file(path: &Path, text: &str) -> Result<(), TreeError> {
         .prefix(".promotion-")
         .tempfile_in(dir)
         .map_err(io_error(dir))?;
-    tmp.write_all(text.as_bytes()).map_err(io_error(tmp.path()))?;
+    tmp.write_all(text.as_bytes())
+        .map_err(io_error(tmp.path()))?;
     tmp.as_file()
         .set_permissions(permissions)
         .map_err(io_error(path))?;
@@ -136,7 +137,10 @@ fn replace_file(path: &Path, text: &str) -> Result<(), TreeError> {
 /// Rewrites every value marked for `key` in the `*.yaml`/`*.yml` files under `root`.
 ///
 /// All files are scanned before any is written, so a marker error leaves the tree untouched.
-/// Only files whose text changes are written.
+/// Only files whose text changes are written, each atomically (temporary file + rename, with
+/// the original permissions); an I/O error while writing can still leave earlier files
+/// rewritten. `.git` directories and symlinks (to files or directories) are skipped, so that
+/// nothing outside the tree is read or written.
 pub fn rewrite_tree(
     root: &Path,
     key: &MarkerKey,
