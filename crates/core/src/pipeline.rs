@@ -29,6 +29,7 @@ const STRATEGY_KEYS: &[&str] = &["pull-request", "notification", "secretRef"];
 
 /// Namespace and name of a pipeline; displayed as `namespace/name`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PipelineRef {
     pub namespace: String,
     pub name: String,
@@ -67,6 +68,7 @@ pub struct Pipeline {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PipelineSpec {
     pub app_ref: LocalAppReference,
     #[serde(default)]
@@ -77,6 +79,7 @@ pub struct PipelineSpec {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LocalAppReference {
     #[serde(default)]
     pub api_version: String,
@@ -103,6 +106,7 @@ pub fn api_group_of(api_version: &str) -> &str {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Environment {
     #[serde(default)]
     pub name: String,
@@ -114,6 +118,7 @@ pub struct Environment {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Target {
     #[serde(default)]
     pub namespace: String,
@@ -123,6 +128,7 @@ pub struct Target {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CrossNamespaceClusterReference {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub api_version: String,
@@ -136,6 +142,7 @@ pub struct CrossNamespaceClusterReference {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Promotion {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub manual: bool,
@@ -145,6 +152,7 @@ pub struct Promotion {
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Strategy {
     #[serde(
         rename = "pull-request",
@@ -187,6 +195,7 @@ impl Strategy {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PullRequestPromotion {
     #[serde(rename = "type", default)]
     pub provider: String,
@@ -200,9 +209,11 @@ pub struct PullRequestPromotion {
 
 /// Empty in v1alpha1; kept as a struct so `notification: {}` round-trips.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NotificationPromotion {}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LocalObjectReference {
     #[serde(default)]
     pub name: String,

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::pipeline::PipelineRef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Phase {
     Pending,
     WaitingApproval,
@@ -52,6 +53,7 @@ impl fmt::Display for Phase {
 /// One entry of a record's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PhaseChange {
     pub phase: Phase,
     pub at: DateTime<Utc>,
@@ -62,6 +64,7 @@ pub struct PhaseChange {
 /// What caused the record: kept for audit, never used for decisions.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Trigger {
     /// `webhook` for now; a deployment watcher will add its own.
     pub source: String,
@@ -75,6 +78,7 @@ pub struct Trigger {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PromotionRecord {
     pub id: String,
     pub pipeline: PipelineRef,
