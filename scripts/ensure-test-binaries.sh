@@ -2,6 +2,7 @@
 # Builds (once) and provides the real binaries the integration tests run:
 #   etcd, kube-apiserver   from tools/envtest (Go module pinning k8s.io/kubernetes + etcd)
 #   gitea                  from tools/gitea   (Go module pinning code.gitea.io/gitea)
+#   helm                   from tools/helm    (Go module pinning helm.sh/helm/v3; renders the chart)
 #
 # Everything comes from the Go module proxy; nothing is downloaded from release pages.
 # Binaries are cached OUTSIDE the checkout, keyed by version:
@@ -11,7 +12,7 @@
 # nothing half-written behind. The shared GOCACHE/GOMODCACHE are used as they are.
 #
 # Usage:
-#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea ...]
+#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea|helm ...]
 #
 #   (no component)   same as "all"
 #   kube             etcd + kube-apiserver
@@ -22,7 +23,7 @@
 #   PIPELINE_ETCD_BIN, PIPELINE_KUBE_APISERVER_BIN, PIPELINE_GITEA_BIN,
 #   PIPELINE_GITEA_STATIC_ROOT (dir holding Gitea's options/ templates/ public/; put it in
 #   app.ini as [server] STATIC_ROOT_PATH), PIPELINE_ETCD_VERSION, PIPELINE_KUBE_VERSION,
-#   PIPELINE_GITEA_VERSION, PIPELINE_TOOLS_CACHE.
+#   PIPELINE_GITEA_VERSION, PIPELINE_HELM_BIN, PIPELINE_HELM_VERSION, PIPELINE_TOOLS_CACHE.
 set -euo pipefail
 
 # Bump when the way binaries are built changes (flags, layout) to force a rebuild.
@@ -37,21 +38,22 @@ die() { log "error: $*"; exit 1; }
 usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 print_env=0
-want_etcd=0 want_kas=0 want_gitea=0
+want_etcd=0 want_kas=0 want_gitea=0 want_helm=0
 for arg in "$@"; do
   case "$arg" in
     --print-env) print_env=1 ;;
-    all) want_etcd=1 want_kas=1 want_gitea=1 ;;
+    all) want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 ;;
     kube | envtest) want_etcd=1 want_kas=1 ;;
     etcd) want_etcd=1 ;;
     kube-apiserver) want_kas=1 ;;
     gitea) want_gitea=1 ;;
+    helm) want_helm=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $arg" ;;
   esac
 done
-if ((want_etcd + want_kas + want_gitea == 0)); then
-  want_etcd=1 want_kas=1 want_gitea=1
+if ((want_etcd + want_kas + want_gitea + want_helm == 0)); then
+  want_etcd=1 want_kas=1 want_gitea=1 want_helm=1
 fi
 
 command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.26 is needed)"
@@ -70,22 +72,27 @@ pinned_version() {
 
 ENVTEST_DIR="$ROOT/tools/envtest"
 GITEA_DIR="$ROOT/tools/gitea"
+HELM_DIR="$ROOT/tools/helm"
 ETCD_VERSION=$(pinned_version "$ENVTEST_DIR" go.etcd.io/etcd/server/v3)
 KUBE_VERSION=$(pinned_version "$ENVTEST_DIR" k8s.io/kubernetes)
 GITEA_VERSION=$(pinned_version "$GITEA_DIR" code.gitea.io/gitea)
+HELM_VERSION=$(pinned_version "$HELM_DIR" helm.sh/helm/v3)
 
 ETCD_HOME="$CACHE/etcd-$ETCD_VERSION-r$RECIPE"
 KAS_HOME="$CACHE/kube-apiserver-$KUBE_VERSION-r$RECIPE"
 GITEA_HOME="$CACHE/gitea-$GITEA_VERSION-r$RECIPE"
+HELM_HOME="$CACHE/helm-$HELM_VERSION-r$RECIPE"
 ETCD_BIN="$ETCD_HOME/etcd"
 KAS_BIN="$KAS_HOME/kube-apiserver"
 GITEA_BIN="$GITEA_HOME/gitea"
+HELM_BIN="$HELM_HOME/helm"
 
 missing() {
   local need=0
   ((want_etcd)) && [[ ! -x "$ETCD_BIN" ]] && need=1
   ((want_kas)) && [[ ! -x "$KAS_BIN" ]] && need=1
   ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]] && need=1
+  ((want_helm)) && [[ ! -x "$HELM_BIN" ]] && need=1
   ((need))
 }
 
@@ -165,19 +172,30 @@ build_gitea() {
   log "built $GITEA_BIN in $((SECONDS - start))s"
 }
 
+build_helm() {
+  local tmp start pkg=helm.sh/helm/v3/internal/version
+  tmp=$(new_tmp helm)
+  start=$SECONDS
+  log "building helm $HELM_VERSION (helm.sh/helm/v3/cmd/helm) ..."
+  CGO_ENABLED=0 go_build "$HELM_DIR" "$tmp/helm" helm.sh/helm/v3/cmd/helm \
+    "-s -w -X $pkg.version=$HELM_VERSION -X $pkg.gitTreeState=clean"
+  publish "$tmp" "$HELM_HOME"
+  log "built $HELM_BIN in $((SECONDS - start))s"
+}
+
 write_env_file() {
   local tmp
   tmp=$(mktemp "$CACHE/.env.sh.XXXXXX")
   {
     echo "# Written by scripts/ensure-test-binaries.sh; source it to find the test binaries."
     printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-    env_lines 1 1 1
+    env_lines 1 1 1 1
   } >"$tmp"
   chmod 644 "$tmp"
   mv -f "$tmp" "$CACHE/env.sh"
 }
 
-# env_lines ETCD KAS GITEA: export lines for the selected binaries that exist.
+# env_lines ETCD KAS GITEA HELM: export lines for the selected binaries that exist.
 env_lines() {
   if (($1)) && [[ -x "$ETCD_BIN" ]]; then
     printf 'export PIPELINE_ETCD_BIN=%q\n' "$ETCD_BIN"
@@ -192,10 +210,14 @@ env_lines() {
     printf 'export PIPELINE_GITEA_STATIC_ROOT=%q\n' "$GITEA_HOME"
     printf 'export PIPELINE_GITEA_VERSION=%q\n' "$GITEA_VERSION"
   fi
+  if (($4)) && [[ -x "$HELM_BIN" ]]; then
+    printf 'export PIPELINE_HELM_BIN=%q\n' "$HELM_BIN"
+    printf 'export PIPELINE_HELM_VERSION=%q\n' "$HELM_VERSION"
+  fi
 }
 
 mkdir -p "$CACHE"
-if missing || [[ ! -f "$CACHE/env.sh" ]]; then
+if missing; then
   exec 9>"$CACHE/.lock"
   if ! flock -n 9; then
     log "waiting for another build holding $CACHE/.lock ..."
@@ -205,17 +227,21 @@ if missing || [[ ! -f "$CACHE/env.sh" ]]; then
   if ((want_etcd)) && [[ ! -x "$ETCD_BIN" ]]; then build_etcd; fi
   if ((want_kas)) && [[ ! -x "$KAS_BIN" ]]; then build_kas; fi
   if ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]]; then build_gitea; fi
+  if ((want_helm)) && [[ ! -x "$HELM_BIN" ]]; then build_helm; fi
   write_env_file
   flock -u 9
   exec 9>&-
+elif [[ ! -f "$CACHE/env.sh" ]]; then
+  write_env_file # atomic rename; no lock needed
 fi
 
 if ((print_env)); then
   printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-  env_lines "$want_etcd" "$want_kas" "$want_gitea"
+  env_lines "$want_etcd" "$want_kas" "$want_gitea" "$want_helm"
 else
   ((want_etcd)) && echo "etcd            $ETCD_VERSION  $ETCD_BIN"
   ((want_kas)) && echo "kube-apiserver  $KUBE_VERSION  $KAS_BIN"
   ((want_gitea)) && echo "gitea           $GITEA_VERSION  $GITEA_BIN  (STATIC_ROOT_PATH=$GITEA_HOME)"
+  ((want_helm)) && echo "helm            $HELM_VERSION  $HELM_BIN"
   echo "env file: $CACHE/env.sh"
 fi

@@ -27,10 +27,21 @@ done
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pipeline-smoke.XXXXXX")
 PIDS=()
+# Stop in reverse start order (kube-apiserver before etcd: with etcd gone its graceful
+# shutdown hangs on lease updates for minutes). SIGTERM, then SIGKILL after 10s.
+stop_pid() {
+  local p=$1 i
+  kill "$p" 2>/dev/null || return 0
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$p" 2>/dev/null || break
+    sleep 0.2
+  done
+  kill -9 "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+}
 cleanup() {
-  local p
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$p" 2>/dev/null || true; done
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop_pid "${PIDS[i]}"; done
   if [[ "${KEEP_WORK:-0}" == 1 ]]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -229,9 +240,11 @@ EOF
   (cd "$G" && "${GITEA[@]}" admin user create --admin --username pipeline-admin \
     --password 'pipeline-admin-pw-1' --email pipeline-admin@example.invalid \
     --must-change-password=false) >"$G/create-user.log" 2>&1 || { cat "$G/create-user.log" >&2; exit 1; }
+  # --raw prints the token on the last stdout line; Gitea's startup logs (e.g. the
+  # running-as-root warning) go to stdout before it, so take the last line only.
   TOKEN=$(cd "$G" && "${GITEA[@]}" admin user generate-access-token --username pipeline-admin \
-    --token-name smoke --scopes all --raw 2>"$G/token.log") || { cat "$G/token.log" >&2; exit 1; }
-  [[ -n "$TOKEN" ]] || { echo "empty token" >&2; exit 1; }
+    --token-name smoke --scopes all --raw 2>"$G/token.log" | tail -n 1)
+  [[ "$TOKEN" =~ ^[0-9a-f]{40}$ ]] || { echo "bad token: $TOKEN" >&2; cat "$G/token.log" >&2; exit 1; }
   curl -fsS -H "Authorization: token $TOKEN" "http://127.0.0.1:$GITEA_PORT/api/v1/user" | grep -q '"login":"pipeline-admin"'
   echo "gitea: GET /api/v1/user with token: OK"
   # Exercise git on the server side too: create an auto-initialised repo and read a file back.
@@ -242,7 +255,17 @@ EOF
     "http://127.0.0.1:$GITEA_PORT/api/v1/repos/pipeline-admin/smoke/raw/README.md?ref=main" | grep -q smoke
   git clone -q "http://pipeline-admin:$TOKEN@127.0.0.1:$GITEA_PORT/pipeline-admin/smoke.git" "$G/clone"
   [[ -f "$G/clone/README.md" ]]
-  echo "gitea: created repo pipeline-admin/smoke and cloned it over HTTP: OK"
+  # A push runs Gitea's server-side hooks (gitea hook ... -> internal API with INTERNAL_TOKEN).
+  (
+    cd "$G/clone"
+    echo pushed >pushed.txt
+    git add pushed.txt
+    git -c user.name=smoke -c user.email=smoke@example.invalid commit -qm "smoke push"
+    git push -q origin HEAD:main 2>&1
+  ) >"$G/push.log" 2>&1 || { cat "$G/push.log" >&2; exit 1; }
+  curl -fsS -H "Authorization: token $TOKEN" \
+    "http://127.0.0.1:$GITEA_PORT/api/v1/repos/pipeline-admin/smoke/raw/pushed.txt?ref=main" | grep -q pushed
+  echo "gitea: created repo pipeline-admin/smoke, cloned and pushed over HTTP: OK"
 fi
 
 echo "smoke test passed"

@@ -14,6 +14,9 @@ if ! command -v git >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq git
 fi
 
+echo "== test binaries (etcd, kube-apiserver, gitea, helm; built from the Go module proxy, cached)"
+eval "$(scripts/ensure-test-binaries.sh --print-env)"
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

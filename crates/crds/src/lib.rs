@@ -124,6 +124,23 @@ pub struct PromotionSpec {
     /// When the promotion was recorded, with sub-second precision (metadata timestamps
     /// have whole seconds only).
     pub recorded_at: DateTime<Utc>,
+    /// Set by an approver (`pipeline-controller approve`, or any client allowed to
+    /// `patch` Promotions) to let a promotion waiting in `WaitingApproval` run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// An approval of a manual promotion, given through the Kubernetes API so that
+/// Kubernetes RBAC decides who may approve.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approval {
+    pub approved: bool,
+    /// Who approved, as the approver's client reported it (audit logs are authoritative).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// The pipeline a Promotion belongs to; it lives in the Promotion's namespace.
