@@ -6,7 +6,7 @@
 #
 # Everything comes from the Go module proxy; nothing is downloaded from release pages.
 # Binaries are cached OUTSIDE the checkout, keyed by version:
-#   ${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}/<name>-<version>/
+#   ${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}/<name>-<version>-r<RECIPE>/
 # Builds go to a temp dir inside the cache and are renamed into place, under an
 # flock on <cache>/.lock, so parallel callers are safe and a killed build leaves
 # nothing half-written behind. The shared GOCACHE/GOMODCACHE are used as they are.
@@ -35,7 +35,7 @@ CACHE="${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controll
 log() { printf 'ensure-test-binaries: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 print_env=0
 want_etcd=0 want_kas=0 want_gitea=0 want_helm=0
@@ -56,8 +56,6 @@ if ((want_etcd + want_kas + want_gitea + want_helm == 0)); then
   want_etcd=1 want_kas=1 want_gitea=1 want_helm=1
 fi
 
-command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.26 is needed)"
-command -v flock >/dev/null 2>&1 || die "flock is not on PATH (util-linux)"
 
 # The tools modules are standalone; never let a go.work above them interfere.
 export GOWORK=off
@@ -218,6 +216,9 @@ env_lines() {
 
 mkdir -p "$CACHE"
 if missing; then
+  # Only building needs these; cached binaries are served without Go installed.
+  command -v go >/dev/null 2>&1 || die "go is not on PATH (Go >= 1.26.2 is needed to build the test binaries)"
+  command -v flock >/dev/null 2>&1 || die "flock is not on PATH (util-linux)"
   exec 9>"$CACHE/.lock"
   if ! flock -n 9; then
     log "waiting for another build holding $CACHE/.lock ..."

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_http::RateLimit;
 
-use crate::{client, keyfile, serve, validate};
+use crate::{client, keyfile, kubernetes, serve, validate};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,7 +27,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the promotion service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Check every manifest under DIR; exits non-zero on errors.
     Validate { dir: PathBuf },
     /// Print the X-Signature header value for the body read from stdin.
@@ -37,17 +37,21 @@ pub enum Command {
         #[arg(long, default_value = "sha256", value_parser = parse_algorithm)]
         algo: HmacAlgorithm,
     },
-    /// Approve a promotion waiting in ENVIRONMENT.
+    /// Approve a promotion waiting in ENVIRONMENT: through the Kubernetes API
+    /// (KUBECONFIG; Kubernetes RBAC decides), or with --server and --key-file through
+    /// the signed HTTP approval endpoint.
     Approve {
         /// NAMESPACE/NAME of the pipeline.
         pipeline: String,
         environment: String,
         revision: String,
-        #[arg(long, env = "PIPELINE_CONTROLLER_SERVER")]
-        server: String,
-        #[arg(long)]
-        key_file: PathBuf,
+        #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", requires = "key_file")]
+        server: Option<String>,
+        #[arg(long, requires = "server")]
+        key_file: Option<PathBuf>,
     },
+    /// Print the CustomResourceDefinitions (Pipeline, Promotion) as YAML.
+    Crds,
     /// Inspect promotions.
     Promotions {
         #[command(subcommand)]
@@ -57,10 +61,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum PromotionsCommand {
-    /// List promotions, newest first.
+    /// List promotions, newest first: from the service at --server, else from the
+    /// cluster (KUBECONFIG).
     List {
         #[arg(long, env = "PIPELINE_CONTROLLER_SERVER")]
-        server: String,
+        server: Option<String>,
         /// Only this pipeline (NAMESPACE/NAME).
         #[arg(long)]
         pipeline: Option<String>,
@@ -86,9 +91,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Folder of Pipeline and Secret manifests (embedded mode).
+    /// Folder of Pipeline and Secret manifests (embedded mode). Without it the service
+    /// runs in Kubernetes mode (in-cluster config or KUBECONFIG).
     #[arg(long, env = "PIPELINE_CONTROLLER_MANIFESTS")]
-    pub manifests: PathBuf,
+    pub manifests: Option<PathBuf>,
     /// Embedded state file; created when missing.
     #[arg(
         long,
@@ -133,6 +139,34 @@ pub struct ServeArgs {
         env = "PIPELINE_CONTROLLER_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub kubernetes: crate::kubernetes::KubernetesArgs,
+    #[command(flatten)]
+    pub pull_request: PullRequestArgs,
+}
+
+/// Settings of the pull-request strategy.
+#[derive(Debug, Args)]
+pub struct PullRequestArgs {
+    /// Author and committer name of promotion commits.
+    #[arg(long, env = "PIPELINE_CONTROLLER_GIT_AUTHOR_NAME", default_value = pipeline_git::DEFAULT_AUTHOR_NAME)]
+    pub git_author_name: String,
+    /// Author and committer email of promotion commits.
+    #[arg(long, env = "PIPELINE_CONTROLLER_GIT_AUTHOR_EMAIL", default_value = pipeline_git::DEFAULT_AUTHOR_EMAIL)]
+    pub git_author_email: String,
+    /// Commit subject and pull request title; {pipeline}, {namespace}, {name},
+    /// {environment}, {version} and {source} are replaced.
+    /// [default: "Promote {pipeline} to {environment}: {version}"]
+    #[arg(long)]
+    pub pr_title: Option<String>,
+    /// Where repositories are cloned for pull-request promotions [default: the system temp dir].
+    #[arg(long, env = "PIPELINE_CONTROLLER_PR_WORK_DIR")]
+    pub pr_work_dir: Option<PathBuf>,
+    /// Forge API base URL for repositories whose URL starts with PREFIX, where the
+    /// derived one does not fit (repeatable), e.g.
+    /// https://git.example/gitlab/=https://git.example/gitlab/api/v4
+    #[arg(long = "forge-api", value_name = "PREFIX=URL")]
+    pub forge_api: Vec<String>,
 }
 
 fn parse_algorithm(text: &str) -> Result<HmacAlgorithm, String> {
@@ -142,8 +176,15 @@ fn parse_algorithm(text: &str) -> Result<HmacAlgorithm, String> {
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Validate { dir } => Ok(validate::run(&dir)),
+        Command::Crds => {
+            print!(
+                "{}",
+                pipeline_crds::crds_yaml().context("rendering the CRDs")?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Sign { key_file, algo } => {
             let key = keyfile::read(&key_file)?;
             let mut body = Vec::new();
@@ -160,8 +201,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server,
             key_file,
         } => {
-            let key = keyfile::read(&key_file)?;
-            client::approve(&server, &pipeline, &environment, &revision, &key).await?;
+            match (server, key_file) {
+                (Some(server), Some(key_file)) => {
+                    let key = keyfile::read(&key_file)?;
+                    client::approve(&server, &pipeline, &environment, &revision, &key).await?;
+                }
+                _ => kubernetes::approve(&pipeline, &environment, &revision).await?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Promotions {
@@ -173,7 +219,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     output,
                 },
         } => {
-            client::list(&server, pipeline.as_deref(), environment.as_deref(), output).await?;
+            match server {
+                Some(server) => {
+                    client::list(&server, pipeline.as_deref(), environment.as_deref(), output)
+                        .await?;
+                }
+                None => {
+                    let records =
+                        kubernetes::list(pipeline.as_deref(), environment.as_deref()).await?;
+                    client::print_records(&records, output)?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

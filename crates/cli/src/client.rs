@@ -103,9 +103,13 @@ pub async fn list(
         return Err(failure(response).await);
     }
     let records: Vec<PromotionRecord> = response.json().await.context("decoding the answer")?;
+    print_records(&records, output)
+}
+
+pub fn print_records(records: &[PromotionRecord], output: OutputFormat) -> anyhow::Result<()> {
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-        OutputFormat::Table => print!("{}", table(&records)),
+        OutputFormat::Table => print!("{}", table(records)),
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 mod cli;
 mod client;
 mod keyfile;
+mod kubernetes;
 mod serve;
 mod validate;
 

@@ -9,14 +9,15 @@ use anyhow::{Context, bail};
 use pipeline_core::{
     Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock, TimeWindow,
 };
+use pipeline_git::{PullRequestSettings, PullRequestStrategy};
 use pipeline_http::{AppState, HttpSettings, router};
 use pipeline_manifests::ManifestCatalog;
 use pipeline_store::RedbPromotionStore;
-use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook, StrategyNotAvailable};
+use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{LogFormat, ServeArgs};
+use crate::cli::{LogFormat, PullRequestArgs, ServeArgs};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -33,13 +34,13 @@ fn init_logging(format: LogFormat) {
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
-    if !args.manifests.is_dir() {
-        bail!(
-            "--manifests {} is not a directory",
-            args.manifests.display()
-        );
+    let Some(manifests) = args.manifests.clone() else {
+        return crate::kubernetes::serve(args).await;
+    };
+    if !manifests.is_dir() {
+        bail!("--manifests {} is not a directory", manifests.display());
     }
-    let catalog = Arc::new(ManifestCatalog::new(&args.manifests));
+    let catalog = Arc::new(ManifestCatalog::new(&manifests));
     let store = Arc::new(
         RedbPromotionStore::open(&args.state)
             .with_context(|| format!("opening state file {}", args.state.display()))?,
@@ -67,8 +68,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let strategies = StrategySet {
         notification: Arc::new(notification),
-        pull_request: Arc::new(StrategyNotAvailable::pull_request(
-            "pull-request promotions are not implemented yet",
+        pull_request: Arc::new(PullRequestStrategy::new(
+            pull_request_settings(&args.pull_request)?,
+            pipeline_git::forge::http_client().context("building the forge HTTP client")?,
         )),
     };
     let executor = Arc::new(Executor::new(
@@ -96,7 +98,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let address = listener.local_addr().context("reading the bound address")?;
-    tracing::info!(%address, manifests = %args.manifests.display(), state = %args.state.display(), "listening");
+    tracing::info!(%address, manifests = %manifests.display(), state = %args.state.display(), "listening");
 
     let executor_task = tokio::spawn(executor.run(shutdown.clone().cancelled_owned()));
     let watch_task = tokio::spawn(
@@ -126,7 +128,28 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
+pub(crate) fn pull_request_settings(args: &PullRequestArgs) -> anyhow::Result<PullRequestSettings> {
+    let defaults = PullRequestSettings::default();
+    let mut api_overrides = Vec::new();
+    for entry in &args.forge_api {
+        let Some((prefix, base)) = entry.split_once('=') else {
+            bail!("--forge-api {entry:?}: expected REPOSITORY_URL_PREFIX=API_BASE_URL");
+        };
+        api_overrides.push((prefix.to_string(), base.to_string()));
+    }
+    Ok(PullRequestSettings {
+        author: pipeline_git::git::Author {
+            name: args.git_author_name.clone(),
+            email: args.git_author_email.clone(),
+        },
+        message_template: args.pr_title.clone().unwrap_or(defaults.message_template),
+        work_dir: args.pr_work_dir.clone().unwrap_or(defaults.work_dir),
+        push_attempts: defaults.push_attempts,
+        api_overrides,
+    })
+}
+
+pub(crate) async fn stop_on_signal(shutdown: CancellationToken) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

@@ -253,7 +253,7 @@ async fn manual_approval_through_the_cli() {
 }
 
 #[tokio::test]
-async fn pull_request_promotions_fail_honestly_until_available() {
+async fn pull_request_promotions_fail_clearly_without_their_secret() {
     let dir = tempfile::tempdir().unwrap();
     let manifests = copy_quickstart(dir.path());
     let text = std::fs::read_to_string(manifests.join("pipeline.yaml")).unwrap();
@@ -276,7 +276,7 @@ async fn pull_request_promotions_fail_honestly_until_available() {
         failed["message"]
             .as_str()
             .unwrap()
-            .contains("not available"),
+            .contains("secret flux-system/git-credentials for the pull request not found"),
         "{failed}"
     );
 }

@@ -1,0 +1,36 @@
+//! Kubernetes mode of pipeline-controller: the adapters that make the core run against
+//! an API server instead of a manifests folder and an embedded store.
+//!
+//! - [`KubePromotionStore`]: promotion records as `Promotion` custom resources (name =
+//!   record id, namespace = the pipeline's), phase and history in `.status`.
+//! - [`KubePipelineSource`] and [`KubeSecretSource`]: watch-backed caches.
+//! - [`LeaderElector`]: a `coordination.k8s.io/v1` Lease; only its holder executes.
+//! - [`Reconciler`]: leader-only housekeeping (approvals given through the API, the
+//!   Pipeline's `status.environments[env].waitingApproval`, Pipeline `Ready`).
+//! - [`KubeNotification`]: the notification strategy of Kubernetes mode.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod convert;
+pub mod events;
+pub mod leader;
+pub mod notification;
+pub mod reconciler;
+pub mod sources;
+pub mod store;
+
+pub use client::{ApproveError, approve, list_promotions};
+pub use events::EventPublisher;
+pub use leader::{LeaderElector, LeaseSettings};
+pub use notification::KubeNotification;
+pub use reconciler::Reconciler;
+pub use sources::{KubePipelineSource, KubeSecretSource};
+pub use store::KubePromotionStore;
+
+/// Name of this controller in Events, field managers and Leases.
+pub const CONTROLLER_NAME: &str = "pipeline-controller";
+
+/// Path of a Promotion object in the Kubernetes API.
+pub fn promotion_api_path(namespace: &str, name: &str) -> String {
+    format!("/apis/pipelines.weave.works/v1alpha1/namespaces/{namespace}/promotions/{name}")
+}

@@ -1,0 +1,163 @@
+//! The notification strategy of Kubernetes mode.
+//!
+//! 1. A Kubernetes Event on the Pipeline, reason `Promote`, with the promotion's details
+//!    as annotations under the `pipelines.weave.works/` prefix (current
+//!    notification-controller forwards only metadata prefixed with the involved
+//!    object's API group, and strips the prefix).
+//! 2. When `--events-addr` is set, the same event in Flux's format POSTed there,
+//!    unsigned, as Flux's own controllers post to notification-controller's event
+//!    receiver; metadata keys carry the same prefix.
+//! 3. When `--notify-url`s are configured, the embedded-mode signed webhook too.
+//!
+//! A retried attempt may repeat the Event and the POST; the `pipelines.weave.works/promotion`
+//! key carries the record id for receivers that deduplicate.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use chrono::{SubsecRound, Utc};
+use pipeline_core::pipeline::API_GROUP;
+use pipeline_core::{PromotionContext, PromotionStrategy, StrategyError, StrategyOutcome};
+use pipeline_strategies::NotificationWebhook;
+use reqwest::Url;
+
+use crate::CONTROLLER_NAME;
+use crate::events::{EventPublisher, EventType, pipeline_reference};
+use crate::sources::KubePipelineSource;
+
+pub struct KubeNotification {
+    events: EventPublisher,
+    pipelines: KubePipelineSource,
+    events_addr: Option<Url>,
+    http: reqwest::Client,
+    webhook: Option<NotificationWebhook>,
+}
+
+impl KubeNotification {
+    /// `http` should not follow redirects and should time out (as
+    /// [`NotificationWebhook::client`]).
+    pub fn new(
+        events: EventPublisher,
+        pipelines: KubePipelineSource,
+        events_addr: Option<Url>,
+        http: reqwest::Client,
+        webhook: Option<NotificationWebhook>,
+    ) -> Self {
+        Self {
+            events,
+            pipelines,
+            events_addr,
+            http,
+            webhook,
+        }
+    }
+}
+
+/// The promotion's details, keys prefixed with the Pipeline API group.
+pub fn annotations(ctx: &PromotionContext<'_>) -> BTreeMap<String, String> {
+    let record = ctx.record;
+    [
+        ("environment", record.target_environment.clone()),
+        ("version", record.revision.clone()),
+        ("sourceEnvironment", record.source_environment.clone()),
+        ("promotion", record.id.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (format!("{API_GROUP}/{k}"), v))
+    .collect()
+}
+
+#[async_trait]
+impl PromotionStrategy for KubeNotification {
+    async fn promote(&self, ctx: PromotionContext<'_>) -> Result<StrategyOutcome, StrategyError> {
+        let record = ctx.record;
+        let reference = &ctx.pipeline.reference;
+        let metadata = annotations(&ctx);
+        let message = format!(
+            "Promote pipeline {reference} to {} with version {}",
+            record.target_environment, record.revision
+        );
+        let uid = self.pipelines.uid(reference);
+        let object = pipeline_reference(&reference.namespace, &reference.name, uid.clone());
+        self.events
+            .publish(
+                &object,
+                EventType::Normal,
+                "Promote",
+                &message,
+                metadata.clone(),
+            )
+            .await
+            .map_err(|err| {
+                StrategyError::retryable(format!(
+                    "cannot create the Promote event on pipeline {reference}: {}",
+                    crate::store::describe(&err)
+                ))
+            })?;
+        let mut delivered = vec!["a Kubernetes Event".to_string()];
+
+        if let Some(address) = &self.events_addr {
+            let event = serde_json::json!({
+                "involvedObject": {
+                    "kind": "Pipeline",
+                    "namespace": reference.namespace,
+                    "name": reference.name,
+                    "uid": uid.unwrap_or_default(),
+                    "apiVersion": pipeline_core::pipeline::API_VERSION,
+                },
+                "severity": "info",
+                "timestamp": Utc::now().trunc_subsecs(0),
+                "message": message,
+                "reason": "Promote",
+                "metadata": metadata,
+                "reportingController": CONTROLLER_NAME,
+                "reportingInstance": self.events.instance(),
+            });
+            let response = self
+                .http
+                .post(address.clone())
+                .json(&event)
+                .send()
+                .await
+                .map_err(|err| {
+                    StrategyError::retryable(format!(
+                        "posting the event to --events-addr failed: {}",
+                        err.without_url()
+                    ))
+                })?;
+            let status = response.status();
+            if !status.is_success() {
+                let message = format!("--events-addr answered HTTP {status}");
+                return Err(if status.is_server_error() || status.as_u16() == 429 {
+                    StrategyError::retryable(message)
+                } else {
+                    StrategyError::permanent(message)
+                });
+            }
+            delivered.push("--events-addr".to_string());
+        }
+
+        if let Some(webhook) = &self.webhook
+            && !webhook.receivers().is_empty()
+        {
+            let outcome = webhook
+                .promote(PromotionContext {
+                    record: ctx.record,
+                    pipeline: ctx.pipeline,
+                    promotion: ctx.promotion,
+                    secrets: ctx.secrets,
+                })
+                .await?;
+            delivered.push(outcome.message);
+        }
+        Ok(StrategyOutcome {
+            message: format!(
+                "announced the promotion of {} to {} with {}",
+                record.revision,
+                record.target_environment,
+                delivered.join(", ")
+            ),
+            result: None,
+        })
+    }
+}

@@ -1,0 +1,269 @@
+//! Pipelines and Secrets from watch-backed caches (reflectors), not a GET per request.
+//!
+//! Pipelines: one cluster-wide reflector. A Pipeline whose spec does not validate is
+//! treated as absent by the webhook (the reconciler reports the messages in its `Ready`
+//! condition).
+//!
+//! Secrets, least privilege: no cluster-wide Secret watch. A reflector is started for a
+//! namespace the first time a pipeline of that namespace needs a Secret, and dropped when
+//! the namespace holds no Pipeline any more ([`KubeSecretSource::prune`]). So only Secrets
+//! of namespaces that hold Pipelines are ever cached. A Secret missing from a cache that
+//! is ready is looked up once with a GET, so one created a moment ago is not refused.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use pipeline_core::pipeline::{FieldError, parse_pipeline_spec};
+use pipeline_core::{
+    Pipeline, PipelineRef, PipelineSource, SecretBytes, SecretLookupError, SecretSource,
+    Unavailable,
+};
+use pipeline_crds::Pipeline as PipelineObject;
+use tokio::task::JoinHandle;
+
+/// Longest wait for a cache's initial listing before a lookup reports unavailability.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Starts a reflector for `api` in a task; the returned store fills as it runs.
+fn spawn_reflector<K>(api: Api<K>, what: &'static str) -> (Store<K>, JoinHandle<()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
+        .default_backoff()
+        .touched_objects();
+    let task = tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(item) = stream.next().await {
+            if let Err(err) = item {
+                tracing::warn!(cache = what, error = %err, "watch failed; retrying");
+            }
+        }
+    });
+    (reader, task)
+}
+
+async fn ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    tokio::time::timeout(READY_TIMEOUT, store.wait_until_ready())
+        .await
+        .is_ok_and(|r| r.is_ok())
+}
+
+/// Pipelines from a cluster-wide watch.
+#[derive(Clone)]
+pub struct KubePipelineSource {
+    store: Store<PipelineObject>,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl KubePipelineSource {
+    pub fn start(client: Client) -> Self {
+        let (store, task) = spawn_reflector(Api::<PipelineObject>::all(client), "pipelines");
+        Self {
+            store,
+            _task: Arc::new(AbortOnDrop(task)),
+        }
+    }
+
+    /// The cache, for the reconciler.
+    pub fn cache(&self) -> &Store<PipelineObject> {
+        &self.store
+    }
+
+    pub async fn ready(&self) -> bool {
+        ready(&self.store).await
+    }
+
+    /// The UID of a cached Pipeline (for Events).
+    pub fn uid(&self, reference: &PipelineRef) -> Option<String> {
+        self.object(reference).and_then(|p| p.uid())
+    }
+
+    pub fn object(&self, reference: &PipelineRef) -> Option<Arc<PipelineObject>> {
+        self.store
+            .get(&ObjectRef::new(&reference.name).within(&reference.namespace))
+    }
+
+    /// Namespaces holding at least one Pipeline.
+    pub fn namespaces(&self) -> BTreeSet<String> {
+        self.store
+            .state()
+            .iter()
+            .filter_map(|p| p.namespace())
+            .collect()
+    }
+}
+
+/// The validated model of a Pipeline object, or every problem with it.
+pub fn validate(object: &PipelineObject) -> Result<Pipeline, Vec<FieldError>> {
+    let reference = PipelineRef::new(object.namespace().unwrap_or_default(), object.name_any());
+    let value = serde_json::to_value(&object.spec).map_err(|e| {
+        vec![FieldError {
+            field: "spec".to_string(),
+            message: e.to_string(),
+        }]
+    })?;
+    let spec = parse_pipeline_spec(value)?;
+    Ok(Pipeline { reference, spec })
+}
+
+#[async_trait]
+impl PipelineSource for KubePipelineSource {
+    async fn pipeline(
+        &self,
+        reference: &PipelineRef,
+    ) -> Result<Option<Arc<Pipeline>>, Unavailable> {
+        if !self.ready().await {
+            return Err(Unavailable(
+                "the Pipeline cache has not synced with the Kubernetes API yet".to_string(),
+            ));
+        }
+        let Some(object) = self.object(reference) else {
+            return Ok(None);
+        };
+        match validate(&object) {
+            Ok(pipeline) => Ok(Some(Arc::new(pipeline))),
+            Err(errors) => {
+                tracing::debug!(pipeline = %reference, errors = errors.len(), "invalid pipeline treated as absent");
+                Ok(None)
+            }
+        }
+    }
+}
+
+struct NamespaceCache {
+    store: Store<Secret>,
+    _task: AbortOnDrop,
+}
+
+/// Secrets of the namespaces that hold Pipelines, from per-namespace watches.
+#[derive(Clone)]
+pub struct KubeSecretSource {
+    client: Client,
+    caches: Arc<Mutex<HashMap<String, Arc<NamespaceCache>>>>,
+}
+
+impl KubeSecretSource {
+    pub fn new(client: Client) -> Self {
+        Self {
+            client,
+            caches: Arc::default(),
+        }
+    }
+
+    fn cache(&self, namespace: &str) -> Option<Arc<NamespaceCache>> {
+        let mut caches = self.caches.lock().ok()?;
+        let cache = caches.entry(namespace.to_string()).or_insert_with(|| {
+            tracing::info!(
+                namespace,
+                "watching Secrets of a namespace holding Pipelines"
+            );
+            let (store, task) = spawn_reflector(
+                Api::<Secret>::namespaced(self.client.clone(), namespace),
+                "secrets",
+            );
+            Arc::new(NamespaceCache {
+                store,
+                _task: AbortOnDrop(task),
+            })
+        });
+        Some(cache.clone())
+    }
+
+    /// Stops watching namespaces that no longer hold a Pipeline.
+    pub fn prune(&self, keep: &BTreeSet<String>) {
+        if let Ok(mut caches) = self.caches.lock() {
+            caches.retain(|namespace, _| {
+                let kept = keep.contains(namespace);
+                if !kept {
+                    tracing::info!(
+                        namespace,
+                        "no Pipelines left; no longer watching its Secrets"
+                    );
+                }
+                kept
+            });
+        }
+    }
+
+    /// Namespaces whose Secrets are watched.
+    pub fn watched(&self) -> BTreeSet<String> {
+        self.caches
+            .lock()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    async fn fetch(&self, namespace: &str, name: &str) -> Result<Option<Secret>, Unavailable> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        tokio::time::timeout(Duration::from_secs(10), api.get_opt(name))
+            .await
+            .map_err(|_| Unavailable("Kubernetes API: reading a Secret timed out".to_string()))?
+            .map_err(|e| Unavailable(format!("Kubernetes API: {}", crate::store::describe(&e))))
+    }
+}
+
+fn value_of(secret: &Secret, key: &str) -> Option<SecretBytes> {
+    if let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) {
+        return Some(SecretBytes::new(bytes.0.clone()));
+    }
+    secret
+        .string_data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|s| SecretBytes::new(s.as_bytes().to_vec()))
+}
+
+#[async_trait]
+impl SecretSource for KubeSecretSource {
+    async fn secret_value(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<SecretBytes>, SecretLookupError> {
+        let cached = match self.cache(namespace) {
+            Some(cache) if ready(&cache.store).await => {
+                cache.store.get(&ObjectRef::new(name).within(namespace))
+            }
+            _ => None,
+        };
+        let secret = match cached {
+            Some(secret) => Some(secret),
+            None => self.fetch(namespace, name).await?.map(Arc::new),
+        };
+        match secret {
+            Some(secret) => Ok(value_of(&secret, key)),
+            None => Err(SecretLookupError::SecretNotFound {
+                namespace: namespace.to_string(),
+                name: name.to_string(),
+            }),
+        }
+    }
+}
