@@ -2,7 +2,7 @@
 //! before acting, and records the outcome with retries and backoff. Exactly one executor
 //! may run per store (embedded: the store file is locked; Kubernetes: a Lease).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -140,14 +140,38 @@ impl Executor {
         let mut in_flight: JoinSet<()> = JoinSet::new();
         // Record ids of the attempts in flight, by task, so none is started twice.
         let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
+        // Due records not started yet, oldest first. The store is scanned again only once
+        // this is empty, so a backlog costs one scan, not one scan per finished attempt.
+        let mut queue: VecDeque<String> = VecDeque::new();
+        let mut sleep_for = Duration::ZERO;
+        let mut scan = true;
         loop {
-            let sleep_for = match self.store.unfinished().await {
-                Ok(records) => self.dispatch(records, &mut in_flight, &mut running),
-                Err(err) => {
-                    tracing::warn!(error = %err, "executor cannot read the promotion store");
-                    Duration::from_secs(1)
+            if scan {
+                match self.store.unfinished().await {
+                    Ok(records) => {
+                        let (due, wait) = self.plan(records, &running);
+                        queue = due;
+                        sleep_for = wait;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "executor cannot read the promotion store");
+                        sleep_for = Duration::from_secs(1);
+                    }
                 }
-            };
+            }
+            while in_flight.len() < self.settings.concurrency {
+                let Some(id) = queue.pop_front() else { break };
+                let this = Arc::clone(&self);
+                let task = in_flight.spawn({
+                    let id = id.clone();
+                    async move {
+                        if let Err(err) = this.execute(&id).await {
+                            tracing::warn!(promotion = %id, error = %err, "promotion attempt not recorded");
+                        }
+                    }
+                });
+                running.insert(task.id(), id);
+            }
             tokio::select! {
                 () = &mut shutdown => break,
                 () = self.wake.notified() => {}
@@ -160,42 +184,35 @@ impl Executor {
                     running.remove(&task);
                 }
             }
+            scan = queue.is_empty();
         }
         in_flight.abort_all();
     }
 
-    /// Starts due records (up to the concurrency limit) and returns how long to sleep.
-    fn dispatch(
-        self: &Arc<Self>,
+    /// Splits unfinished records into the due ones not yet running (oldest first) and how
+    /// long to sleep until the next scheduled retry.
+    fn plan(
+        &self,
         mut records: Vec<PromotionRecord>,
-        in_flight: &mut JoinSet<()>,
-        running: &mut HashMap<tokio::task::Id, String>,
-    ) -> Duration {
+        running: &HashMap<tokio::task::Id, String>,
+    ) -> (VecDeque<String>, Duration) {
         let now = self.clock.now();
         records.sort_by_key(|r| (r.next_attempt_at.unwrap_or(r.created_at), r.created_at));
+        let in_flight: HashSet<&str> = running.values().map(String::as_str).collect();
         let mut sleep_for = self.settings.idle_poll;
+        let mut due = VecDeque::new();
         for record in records {
-            if running.values().any(|id| *id == record.id) {
+            if in_flight.contains(record.id.as_str()) {
                 continue;
             }
             if record.is_due(now) {
-                if in_flight.len() >= self.settings.concurrency {
-                    continue;
-                }
-                let id = record.id.clone();
-                let this = Arc::clone(self);
-                let task = in_flight.spawn(async move {
-                    if let Err(err) = this.execute(&record.id).await {
-                        tracing::warn!(promotion = %record.id, error = %err, "promotion attempt not recorded");
-                    }
-                });
-                running.insert(task.id(), id);
+                due.push_back(record.id);
             } else if let Some(at) = record.next_attempt_at {
                 let wait = (at - now).to_std().unwrap_or(Duration::ZERO);
                 sleep_for = sleep_for.min(wait.max(Duration::from_millis(10)));
             }
         }
-        sleep_for
+        (due, sleep_for)
     }
 
     /// Runs one attempt of record `id`, if it is still unfinished.
@@ -283,5 +300,196 @@ impl Executor {
                 secrets: self.secrets.as_ref(),
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::pipeline::{PipelineRef, parse_pipeline_spec};
+    use crate::ports::{
+        PromotionFilter, RecordChange, SecretBytes, SecretLookupError, SystemClock, Unavailable,
+    };
+    use crate::promotion::{Phase, Trigger};
+
+    #[derive(Default)]
+    struct MemoryStore(Mutex<BTreeMap<String, PromotionRecord>>);
+
+    #[async_trait]
+    impl PromotionStore for MemoryStore {
+        async fn create_if_absent(
+            &self,
+            record: PromotionRecord,
+        ) -> Result<(PromotionRecord, bool), StoreError> {
+            let mut map = self.0.lock().unwrap();
+            if let Some(existing) = map.get(&record.id) {
+                return Ok((existing.clone(), false));
+            }
+            map.insert(record.id.clone(), record.clone());
+            Ok((record, true))
+        }
+        async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
+            Ok(self.0.lock().unwrap().get(id).cloned())
+        }
+        async fn list(&self, f: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|r| f.matches(r))
+                .cloned()
+                .collect())
+        }
+        async fn modify(
+            &self,
+            id: &str,
+            change: RecordChange<'_>,
+        ) -> Result<PromotionRecord, StoreError> {
+            let mut map = self.0.lock().unwrap();
+            let record = map
+                .get_mut(id)
+                .ok_or_else(|| StoreError::NotFound(id.into()))?;
+            let mut changed = record.clone();
+            change(&mut changed)?;
+            *record = changed.clone();
+            Ok(changed)
+        }
+        async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
+            let map = self.0.lock().unwrap();
+            Ok(map
+                .values()
+                .filter(|r| matches!(r.phase, Phase::Pending | Phase::Running))
+                .cloned()
+                .collect())
+        }
+    }
+
+    struct OnePipeline(Arc<Pipeline>);
+
+    #[async_trait]
+    impl PipelineSource for OnePipeline {
+        async fn pipeline(&self, _: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
+            Ok(Some(self.0.clone()))
+        }
+    }
+
+    #[async_trait]
+    impl SecretSource for OnePipeline {
+        async fn secret_value(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<Option<SecretBytes>, SecretLookupError> {
+            Ok(None)
+        }
+    }
+
+    /// Counts calls per revision; fails the first attempt of revisions ending in 7.
+    #[derive(Default)]
+    struct Counting {
+        calls: Mutex<BTreeMap<String, usize>>,
+        total: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl PromotionStrategy for Counting {
+        async fn promote(
+            &self,
+            ctx: PromotionContext<'_>,
+        ) -> Result<StrategyOutcome, StrategyError> {
+            self.total.fetch_add(1, Ordering::SeqCst);
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                let n = calls.entry(ctx.record.revision.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if ctx.record.revision.ends_with('7') && n == 1 {
+                return Err(StrategyError::retryable("flaky"));
+            }
+            Ok(StrategyOutcome {
+                message: "done".into(),
+                result: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn drains_a_backlog_once_each_with_retries() {
+        let spec = parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "v1", "kind": "K", "name": "app"},
+            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
+                             {"name": "b", "targets": [{"namespace": "b"}]}],
+            "promotion": {"strategy": {"notification": {}}}
+        }))
+        .unwrap();
+        let reference = PipelineRef::new("ns", "p");
+        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
+            reference: reference.clone(),
+            spec,
+        })));
+        let store = Arc::new(MemoryStore::default());
+        for i in 0..300 {
+            let record = PromotionRecord::new(
+                reference.clone(),
+                "a",
+                "b",
+                &format!("1.0.{i}"),
+                false,
+                Trigger::default(),
+                chrono::Utc::now(),
+            );
+            store.create_if_absent(record).await.unwrap();
+        }
+        let strategy = Arc::new(Counting::default());
+        let executor = Arc::new(Executor::new(
+            store.clone(),
+            pipeline.clone(),
+            pipeline,
+            StrategySet {
+                notification: strategy.clone(),
+                pull_request: strategy.clone(),
+            },
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+            ExecutorSettings {
+                retry: RetryPolicy {
+                    base_delay: Duration::from_millis(5),
+                    max_delay: Duration::from_millis(20),
+                    max_attempts: 3,
+                },
+                concurrency: 4,
+                idle_poll: Duration::from_millis(50),
+            },
+            Arc::new(Notify::new()),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !store.unfinished().await.unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "backlog not drained");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+        task.await.unwrap();
+
+        let records = store.list(&PromotionFilter::default()).await.unwrap();
+        assert!(records.iter().all(|r| r.phase == Phase::Succeeded));
+        let calls = strategy.calls.lock().unwrap();
+        for record in &records {
+            let expected = if record.revision.ends_with('7') { 2 } else { 1 };
+            assert_eq!(calls[&record.revision], expected, "{}", record.revision);
+            assert_eq!(record.attempts as usize, expected);
+        }
+        assert_eq!(strategy.total.load(Ordering::SeqCst), 300 + 30);
     }
 }

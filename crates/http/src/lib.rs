@@ -177,23 +177,29 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response 
     (status, Json(value)).into_response()
 }
 
+/// Refusals of client requests are logged at debug level only, so anyone who can reach
+/// the port cannot flood the logs; `pipeline_controller_requests_total` counts them all.
+/// Our own failures (5xx) are warnings.
+fn log_refusal(what: &str, pipeline: &PipelineRef, environment: &str, err: &ApiError) {
+    if err.status.is_server_error() {
+        tracing::warn!(%pipeline, environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "{what}");
+    } else {
+        tracing::debug!(%pipeline, environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "{what}");
+    }
+}
+
 async fn promotion_event(
     State(state): State<AppState>,
     Path((namespace, name, environment)): Path<(String, String, String)>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let result = handle_event(
-        &state,
-        PipelineRef::new(namespace, name),
-        &environment,
-        request,
-    )
-    .await;
+    let pipeline = PipelineRef::new(namespace, name);
+    let result = handle_event(&state, &pipeline, &environment, request).await;
     let (outcome, response) = match result {
         Ok((outcome, response)) => (outcome, response),
         Err(err) => {
-            tracing::warn!(environment = %environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "promotion event refused");
+            log_refusal("promotion event refused", &pipeline, &environment, &err);
             (err.reason, err.into_response())
         }
     };
@@ -205,7 +211,7 @@ async fn promotion_event(
 
 async fn handle_event(
     state: &AppState,
-    pipeline: PipelineRef,
+    pipeline: &PipelineRef,
     environment: &str,
     request: Request,
 ) -> Result<(&'static str, Response), ApiError> {
@@ -213,7 +219,7 @@ async fn handle_event(
     let decision = state
         .intake
         .handle_event(EventRequest {
-            pipeline: &pipeline,
+            pipeline,
             environment,
             signature: signature(&headers),
             body: &body,
@@ -269,7 +275,7 @@ async fn approval(
     let (outcome, response) = match result {
         Ok(response) => ("approved", response),
         Err(err) => {
-            tracing::warn!(pipeline = %pipeline, environment = %environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "approval refused");
+            log_refusal("approval refused", &pipeline, &environment, &err);
             (err.reason, err.into_response())
         }
     };

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use serde_json::{Value, json};
 
+pub mod k8s;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_pipeline-controller");
 pub const KEY: &str = "quickstart-hmac-key-0123456789";
 

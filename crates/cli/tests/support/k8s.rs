@@ -1,0 +1,207 @@
+//! Kubernetes-mode helpers shared by the tests that run the real binary against a real
+//! kube-apiserver (pipeline-testenv).
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::{Api, Client};
+use pipeline_core::signature::{HmacAlgorithm, sign};
+use pipeline_crds::Promotion;
+use pipeline_testenv::TestCluster;
+
+use super::{BIN, KEY, client, event};
+
+/// A `serve` process in Kubernetes mode; SIGKILLed when dropped.
+pub struct Controller {
+    pub child: Child,
+    pub address: SocketAddr,
+    pub logs: Arc<Mutex<String>>,
+}
+
+impl Controller {
+    /// Runs with the cluster's admin kubeconfig, the Lease in `default`.
+    pub fn start(cluster: &TestCluster, identity: &str, extra: &[&str]) -> Controller {
+        let mut args = vec!["--lease-namespace", "default", "--identity", identity];
+        args.extend_from_slice(extra);
+        Controller::spawn(cluster.kubeconfig_path(), &args, &[])
+    }
+
+    /// Runs `serve --listen 127.0.0.1:0` (short Lease timings, fast retries) with
+    /// `kubeconfig`, then `args`, with `envs` added to the environment; waits until it
+    /// listens (60 s at most).
+    pub fn spawn(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) -> Controller {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--lease-duration", "3s", "--lease-renew", "1s"])
+            .args(["--retry-base", "200ms"])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("PIPELINE_CONTROLLER_MANIFESTS")
+            .env("RUST_LOG", "info,kube=warn,pipeline_kube=debug")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent
+                    && line.contains("listening")
+                    && let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("address="))
+                {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    sent = true;
+                }
+                let mut logs = sink.lock().unwrap();
+                logs.push_str(&line);
+                logs.push('\n');
+            }
+        });
+        let address = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("controller did not start; logs:\n{}", logs.lock().unwrap());
+            }
+        };
+        Controller {
+            child,
+            address,
+            logs,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.logs().contains("acquired leadership")
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("--- controller logs ---\n{}", self.logs());
+        }
+    }
+}
+
+pub const QUICKSTART_PIPELINE: &str = include_str!("../../../../examples/quickstart/pipeline.yaml");
+pub const QUICKSTART_SECRET: &str = include_str!("../../../../examples/quickstart/secret.yaml");
+
+/// Applies the quickstart Pipeline `flux-system/podinfo` and its HMAC Secret (creating
+/// the namespace).
+pub async fn apply_quickstart(cluster: &TestCluster) {
+    cluster.ensure_namespace("flux-system").await.unwrap();
+    cluster.apply_yaml(QUICKSTART_SECRET).await.unwrap();
+    cluster.apply_yaml(QUICKSTART_PIPELINE).await.unwrap();
+}
+
+/// A cluster with the CRDs and the quickstart pipeline.
+pub async fn cluster() -> TestCluster {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    apply_quickstart(&cluster).await;
+    cluster
+}
+
+/// POSTs a signed event from `environment` of `flux-system/podinfo`.
+pub async fn post(controller: &Controller, environment: &str, body: Vec<u8>) -> reqwest::Response {
+    let signature = sign(HmacAlgorithm::Sha256, KEY.as_bytes(), &body);
+    client()
+        .post(controller.url(&format!(
+            "/pipelines/promotions/flux-system/podinfo/{environment}"
+        )))
+        .header("content-type", "application/json")
+        .header("x-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Posts until the controller's caches have synced (a fresh process answers 503 first).
+pub async fn post_ready(
+    controller: &Controller,
+    environment: &str,
+    revision: &str,
+    namespace: &str,
+) -> reqwest::Response {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = post(controller, environment, event(namespace, revision)).await;
+        if response.status() != 503 || Instant::now() > deadline {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Polls Promotion `flux-system/{name}` until `done` holds (45 s at most).
+pub async fn wait_promotion(
+    client: &Client,
+    name: &str,
+    what: &str,
+    done: impl Fn(&Promotion) -> bool,
+) -> Promotion {
+    let api: Api<Promotion> = Api::namespaced(client.clone(), "flux-system");
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let current = api.get_opt(name).await.unwrap();
+        if let Some(p) = &current
+            && done(p)
+        {
+            return p.clone();
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}; last: {current:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn phase(p: &Promotion) -> &'static str {
+    p.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .map_or("", |ph| ph.as_str())
+}
+
+/// Runs a client command of the binary with `kubeconfig` (Kubernetes mode).
+pub fn run_cli(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("PIPELINE_CONTROLLER_SERVER")
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
