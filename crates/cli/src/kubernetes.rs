@@ -10,22 +10,18 @@
 //!   any replica; ids hash the pipeline namespace so they are unique cluster-wide) and
 //!   adds `X-Promotion-Object` with the Promotion's Kubernetes API path.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::Request;
-use axum::http::HeaderValue;
-use axum::middleware::Next;
-use axum::response::Response;
+use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
 use pipeline_core::{
-    Executor, ExecutorSettings, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord,
-    RetryPolicy, StrategySet, SystemClock, TimeWindow,
+    Executor, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet,
+    SystemClock,
 };
 use pipeline_git::PullRequestStrategy;
-use pipeline_http::{AppState, HttpSettings, router};
+use pipeline_http::AppState;
 use pipeline_kube::{
     EventPublisher, KubeNotification, KubePipelineSource, KubePromotionStore, KubeSecretSource,
     LeaderElector, LeaseSettings, Reconciler, promotion_api_path,
@@ -35,7 +31,10 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
-use crate::serve::{pull_request_settings, stop_on_signal};
+use crate::serve::{
+    bind, executor_settings, http_settings, pull_request_settings, serve_http, stop_on_signal,
+    time_window,
+};
 
 /// Response header naming the Promotion object a 202 answer recorded.
 pub const PROMOTION_OBJECT_HEADER: &str = "x-promotion-object";
@@ -110,10 +109,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Arc::new(secrets.clone()),
         Arc::new(store.clone()),
         clock.clone(),
-        TimeWindow {
-            max_age: args.max_event_age,
-            ..TimeWindow::default()
-        },
+        time_window(&args),
         metrics.clone(),
         wake.clone(),
     ));
@@ -145,24 +141,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         strategies,
         clock,
         metrics.clone(),
-        ExecutorSettings {
-            retry: RetryPolicy {
-                base_delay: args.retry_base,
-                max_delay: args.retry_max,
-                max_attempts: args.max_attempts.max(1),
-            },
-            ..ExecutorSettings::default()
-        },
+        executor_settings(&args),
         wake.clone(),
     ));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let address = listener.local_addr().context("reading the bound address")?;
+    let (listener, address) = bind(&args).await?;
     tracing::info!(%address, mode = "kubernetes", %identity, lease = %format!("{lease_namespace}/{}", k8s.lease_name), "listening");
 
     let elector = LeaderElector::new(
@@ -209,56 +195,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
-    let app = router(AppState::new(
-        intake,
-        metrics,
-        HttpSettings {
-            max_body_bytes: args.max_body_bytes,
-            rate_limit: args.rate_limit,
+    let state = AppState::new(intake, metrics, http_settings(&args)).with_record_headers(Arc::new(
+        |record: &PromotionRecord| {
+            let path = promotion_api_path(&record.pipeline.namespace, &record.id);
+            HeaderValue::from_str(&path)
+                .map(|value| vec![(HeaderName::from_static(PROMOTION_OBJECT_HEADER), value)])
+                .unwrap_or_default()
         },
-    ))
-    .layer(axum::middleware::from_fn(promotion_object_header));
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await
-    .context("serving HTTP")?;
-    shutdown.cancel();
+    ));
+    serve_http(listener, state, &shutdown).await?;
     let _ = election.await;
     let _ = prune.await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Adds [`PROMOTION_OBJECT_HEADER`] to answers that recorded a promotion.
-async fn promotion_object_header(request: Request, next: Next) -> Response {
-    let segments: Vec<String> = request
-        .uri()
-        .path()
-        .trim_start_matches('/')
-        .split('/')
-        .map(str::to_string)
-        .collect();
-    let namespace = match segments.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-        ["pipelines", "promotions", ns, _, _] | ["promotion", ns, _, _] => Some(ns.to_string()),
-        _ => None,
-    };
-    let mut response = next.run(request).await;
-    if let Some(namespace) = namespace
-        && let Some(id) = response
-            .headers()
-            .get(axum::http::header::LOCATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|l| l.strip_prefix("/api/v1/promotions/"))
-        && let Ok(value) = HeaderValue::from_str(&promotion_api_path(&namespace, id))
-    {
-        response
-            .headers_mut()
-            .insert(PROMOTION_OBJECT_HEADER, value);
-    }
-    response
 }
 
 /// `approve` without `--server`: sets `spec.approval` on the Promotion with the caller's

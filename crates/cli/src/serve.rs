@@ -14,6 +14,7 @@ use pipeline_http::{AppState, HttpSettings, router};
 use pipeline_manifests::ManifestCatalog;
 use pipeline_store::RedbPromotionStore;
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -54,15 +55,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         catalog.clone(),
         store.clone(),
         clock.clone(),
-        TimeWindow {
-            max_age: args.max_event_age,
-            ..TimeWindow::default()
-        },
+        time_window(&args),
         metrics.clone(),
         wake.clone(),
     ));
     let notification = NotificationWebhook::new(
-        args.notify_urls,
+        args.notify_urls.clone(),
         NotificationWebhook::client().context("building the notification HTTP client")?,
         DEFAULT_CONTROLLER_NAME,
     );
@@ -80,24 +78,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         strategies,
         clock,
         metrics.clone(),
-        ExecutorSettings {
-            retry: RetryPolicy {
-                base_delay: args.retry_base,
-                max_delay: args.retry_max,
-                max_attempts: args.max_attempts.max(1),
-            },
-            ..ExecutorSettings::default()
-        },
+        executor_settings(&args),
         wake,
     ));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    let address = listener.local_addr().context("reading the bound address")?;
+    let (listener, address) = bind(&args).await?;
     tracing::info!(%address, manifests = %manifests.display(), state = %args.state.display(), "listening");
 
     let executor_task = tokio::spawn(executor.run(shutdown.clone().cancelled_owned()));
@@ -106,25 +94,66 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .watch(args.reload_interval, shutdown.clone().cancelled_owned()),
     );
-    let app = router(AppState::new(
-        intake,
-        metrics,
-        HttpSettings {
-            max_body_bytes: args.max_body_bytes,
-            rate_limit: args.rate_limit,
+    serve_http(
+        listener,
+        AppState::new(intake, metrics, http_settings(&args)),
+        &shutdown,
+    )
+    .await?;
+    let _ = executor_task.await;
+    let _ = watch_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub(crate) fn time_window(args: &ServeArgs) -> TimeWindow {
+    TimeWindow {
+        max_age: args.max_event_age,
+        ..TimeWindow::default()
+    }
+}
+
+pub(crate) fn executor_settings(args: &ServeArgs) -> ExecutorSettings {
+    ExecutorSettings {
+        retry: RetryPolicy {
+            base_delay: args.retry_base,
+            max_delay: args.retry_max,
+            max_attempts: args.max_attempts.max(1),
         },
-    ));
+        ..ExecutorSettings::default()
+    }
+}
+
+pub(crate) fn http_settings(args: &ServeArgs) -> HttpSettings {
+    HttpSettings {
+        max_body_bytes: args.max_body_bytes,
+        rate_limit: args.rate_limit,
+    }
+}
+
+pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    let address = listener.local_addr().context("reading the bound address")?;
+    Ok((listener, address))
+}
+
+/// Serves the webhook and API until `shutdown`, then cancels it for everything else.
+/// Peer addresses reach the router, for rate limiting.
+pub(crate) async fn serve_http(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown.clone().cancelled_owned())
     .await
     .context("serving HTTP")?;
     shutdown.cancel();
-    let _ = executor_task.await;
-    let _ = watch_task.await;
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod ports;
 pub mod promotion;
+pub mod report;
 pub mod signature;
 
 pub use executor::{

@@ -13,13 +13,14 @@ use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use pipeline_core::{
     ApprovalRequest, Decision, EventRequest, Intake, Metrics, PipelineRef, PromotionFilter,
+    PromotionRecord,
 };
 use serde::Deserialize;
 
@@ -47,12 +48,17 @@ impl Default for HttpSettings {
     }
 }
 
+/// Extra response headers for a newly recorded promotion, e.g. where a mode keeps it.
+pub type RecordHeaders =
+    Arc<dyn Fn(&PromotionRecord) -> Vec<(HeaderName, HeaderValue)> + Send + Sync>;
+
 #[derive(Clone)]
 pub struct AppState {
     intake: Arc<Intake>,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
     limiter: Option<Arc<PeerRateLimiter>>,
+    record_headers: Option<RecordHeaders>,
 }
 
 impl AppState {
@@ -64,7 +70,14 @@ impl AppState {
             limiter: settings
                 .rate_limit
                 .map(|limit| Arc::new(PeerRateLimiter::new(limit))),
+            record_headers: None,
         }
+    }
+
+    /// Adds headers to every 202 answer, computed from the recorded promotion.
+    pub fn with_record_headers(mut self, headers: RecordHeaders) -> Self {
+        self.record_headers = Some(headers);
+        self
     }
 }
 
@@ -233,6 +246,9 @@ async fn handle_event(
                 HeaderValue::from_str(&format!("/api/v1/promotions/{}", record.id))
             {
                 response.headers_mut().insert(header::LOCATION, location);
+            }
+            for (name, value) in state.record_headers.iter().flat_map(|f| f(&record)) {
+                response.headers_mut().insert(name, value);
             }
             ("recorded", response)
         }

@@ -201,19 +201,7 @@ pub(crate) fn unavailable(err: kube::Error) -> StoreError {
 pub(crate) fn describe(err: &kube::Error) -> String {
     match err {
         kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
-        other => {
-            let mut text = other.to_string();
-            let mut source = std::error::Error::source(other);
-            while let Some(cause) = source {
-                let cause_text = cause.to_string();
-                if !text.contains(&cause_text) {
-                    text.push_str(": ");
-                    text.push_str(&cause_text);
-                }
-                source = cause.source();
-            }
-            text
-        }
+        other => pipeline_core::report::error_chain(other),
     }
 }
 

@@ -19,6 +19,7 @@ use chrono::{SubsecRound, Utc};
 use pipeline_core::event::{FluxEvent, ObjectReference};
 use pipeline_core::intake::HMAC_KEY;
 use pipeline_core::pipeline::{API_VERSION, PIPELINE_KIND};
+use pipeline_core::report::error_chain;
 use pipeline_core::signature::{self, HmacAlgorithm};
 use pipeline_core::{
     Pipeline, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes, SecretLookupError,
@@ -327,21 +328,6 @@ fn classify(err: reqwest::Error) -> Failure {
     } else {
         Failure::Transport(text)
     }
-}
-
-/// An error and its causes, `a: b: c`, skipping causes the text already contains.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Removes any trace of `url`'s credentials and query from `text`, in case a lower layer

@@ -236,17 +236,7 @@ impl ApiClient {
         request: RequestBuilder,
     ) -> Result<T, ForgeError> {
         let response = request.send().await.map_err(|err| {
-            let err = err.without_url();
-            let mut text = err.to_string();
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                let cause_text = cause.to_string();
-                if !text.contains(&cause_text) {
-                    text.push_str(": ");
-                    text.push_str(&cause_text);
-                }
-                source = cause.source();
-            }
+            let text = pipeline_core::report::error_chain(&err.without_url());
             ForgeError::new(
                 ForgeErrorKind::Transient,
                 self.scrubber.scrub(&format!("{what}: {text}")),
