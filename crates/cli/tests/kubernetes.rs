@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Event;
+use kube::Api;
 use kube::api::ListParams;
-use kube::{Api, Client};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::{Pipeline, Promotion};
 use serde_json::Value;

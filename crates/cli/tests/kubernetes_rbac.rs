@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authentication::v1::SelfSubjectReview;
@@ -19,7 +19,7 @@ use kube::api::{ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use pipeline_crds::Pipeline;
-use pipeline_testenv::TestCluster;
+use pipeline_testenv::{TestCluster, parse_yaml_documents};
 use serde_json::Value;
 use support::k8s::{
     Controller, apply_quickstart, phase, post, post_ready, run_cli, wait_promotion,
@@ -85,16 +85,22 @@ async fn waiting_revision(pipelines: &Api<Pipeline>, environment: &str) -> Optio
         .map(|e| e.waiting_approval.revision)
 }
 
-#[tokio::test]
-async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
+/// A cluster set up as deploy/README.md says, with `rbac` instead of deploy/rbac.yaml,
+/// the quickstart Pipeline and its Secret in flux-system, and group `release-managers`
+/// bound to `pipeline-approver` there. Returns the ServiceAccount's kubeconfig.
+async fn cluster(rbac: &str) -> (TestCluster, PathBuf) {
     let cluster = TestCluster::start().await.unwrap();
     cluster.install_crds().await.unwrap();
     // Flux is installed first (deploy/README.md): rbac.yaml binds Secrets in flux-system.
     cluster.ensure_namespace("flux-system").await.unwrap();
     // deploy/ without the Deployment, Service and PDB (no kubelets here).
-    for file in ["namespace.yaml", "rbac.yaml", "user-roles.yaml"] {
+    for (file, yaml) in [
+        ("namespace.yaml", deploy("namespace.yaml")),
+        ("rbac.yaml", rbac.to_string()),
+        ("user-roles.yaml", deploy("user-roles.yaml")),
+    ] {
         cluster
-            .apply_yaml(&deploy(file))
+            .apply_yaml(&yaml)
             .await
             .unwrap_or_else(|e| panic!("applying deploy/{file}: {e}"));
     }
@@ -106,8 +112,6 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
         )
         .await
         .unwrap();
-
-    let admin = cluster.client();
     let kubeconfig = cluster
         .service_account_kubeconfig(CONTROLLER_NS, CONTROLLER_SA)
         .await
@@ -116,15 +120,25 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
         whoami(&kubeconfig).await,
         format!("system:serviceaccount:{CONTROLLER_NS}:{CONTROLLER_SA}")
     );
+    (cluster, kubeconfig)
+}
 
-    let receiver = Receiver::start(vec![], Duration::ZERO).await;
-    let events_addr = receiver.url();
-    // As deploy/deployment.yaml runs it: default Lease name, POD_NAMESPACE, POD_NAME.
-    let controller = Controller::spawn(
-        &kubeconfig,
-        &["--events-addr", &events_addr],
+/// Runs `serve` as deploy/deployment.yaml does (default Lease name, POD_NAMESPACE,
+/// POD_NAME), with the ServiceAccount's credentials.
+fn controller(kubeconfig: &Path, events_addr: &str) -> Controller {
+    Controller::spawn(
+        kubeconfig,
+        &["--events-addr", events_addr],
         &[("POD_NAMESPACE", CONTROLLER_NS), ("POD_NAME", POD_NAME)],
-    );
+    )
+}
+
+#[tokio::test]
+async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
+    let (cluster, kubeconfig) = cluster(&deploy("rbac.yaml")).await;
+    let admin = cluster.client();
+    let receiver = Receiver::start(vec![], Duration::ZERO).await;
+    let controller = controller(&kubeconfig, &receiver.url());
 
     // Leader election in pipeline-system.
     wait_until("leadership", || async { controller.is_leader() }).await;
@@ -294,9 +308,30 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
     );
 }
 
-#[test]
-fn forbidden_lines_finds_refusals_in_the_controller_log_format() {
-    // What a refused watch looks like in the log (crates/kube/src/sources.rs, describe()).
-    let logs = "2026-01-01T00:00:00Z  INFO pipeline_controller: listening address=127.0.0.1:1\n2026-01-01T00:00:01Z  WARN pipeline_kube::sources: watch failed; retrying cache=\"secrets\" error=failed to perform initial object list: ApiError: secrets is forbidden: User \"system:serviceaccount:pipeline-system:pipeline-controller\" cannot list resource \"secrets\" in API group \"\" in the namespace \"team-a\": Forbidden (ErrorResponse { status: \"Failure\", message: ..., reason: \"Forbidden\", code: 403 })\n";
-    assert_eq!(forbidden_lines(logs).len(), 1);
+/// The check above would see a missing permission: without the RoleBinding that lets the
+/// controller read Secrets in flux-system, the refusal is in its log.
+#[tokio::test]
+async fn a_missing_permission_shows_in_the_controller_log() {
+    let rbac: String = parse_yaml_documents(&deploy("rbac.yaml"))
+        .unwrap()
+        .into_iter()
+        .filter(|d| {
+            !(d["kind"] == "RoleBinding" && d["metadata"]["name"] == "pipeline-controller-secrets")
+        })
+        .map(|d| format!("---\n{d}\n"))
+        .collect();
+    let (_cluster, kubeconfig) = cluster(&rbac).await;
+    let receiver = Receiver::start(vec![], Duration::ZERO).await;
+    let controller = controller(&kubeconfig, &receiver.url());
+    // The Secrets of flux-system are watched once a Pipeline there is seen; an event
+    // needs its HMAC key.
+    wait_until("a forbidden line in the log", || async {
+        let found = !forbidden_lines(&controller.logs()).is_empty();
+        if !found {
+            let _ = post(&controller, "dev", event("podinfo-dev", "1.0.0")).await;
+        }
+        found
+    })
+    .await;
+    assert_eq!(receiver.count(), 0);
 }
