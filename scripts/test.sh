@@ -17,6 +17,10 @@ fi
 echo "== test binaries (etcd, kube-apiserver, gitea, helm; built from the Go module proxy, cached)"
 eval "$(scripts/ensure-test-binaries.sh --print-env)"
 
+# crates/git/tests/ssh.rs runs a real OpenSSH server (/usr/sbin/sshd, plus ssh and
+# ssh-keygen from openssh-client, a dependency) on loopback for git over SSH.
+command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server)
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

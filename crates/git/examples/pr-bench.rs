@@ -1,27 +1,43 @@
-//! Benchmark: one pull-request promotion on a repository of 10,000 files, against a real
-//! Gitea on loopback. Prints the time from the promotion being handed to the strategy to
-//! the pull request URL, and peak memory (VmHWM) of this process and of the largest git
-//! child process.
+//! Benchmark: a pull-request promotion on a repository of 10,000 files, against a real
+//! Gitea on loopback.
+//!
+//! Two modes:
+//!
+//! - default (in process): hands two promotions straight to `PullRequestStrategy::promote`
+//!   and prints the time of each and the peak memory (VmHWM) of this process and of the
+//!   largest git child process;
+//! - `--controller PATH`: starts the real `pipeline-controller serve` binary (embedded mode,
+//!   a manifests folder with the pipeline and its Secrets) and, for two revisions, POSTs a
+//!   signed Flux event and polls `GET /api/v1/promotions/{id}` until the record's `result`
+//!   holds the pull request URL. Prints the time from the event to the pull request, the
+//!   phases from the record's history, the git commands the controller ran (from its
+//!   debug log), and the peak memory (VmHWM) of the controller and of its largest git child.
 //!
 //! ```sh
 //! scripts/ensure-test-binaries.sh gitea
-//! cargo run --release -p pipeline-git --features testing --example pr-bench [-- FILES]
+//! cargo build --release -p pipeline-controller
+//! cargo run --release -p pipeline-git --features testing --example pr-bench -- \
+//!     [--files N] [--controller target/release/pipeline-controller]
 //! ```
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pipeline_core::pipeline::parse_pipeline_spec;
+use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_core::{
     Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
     SecretLookupError, SecretSource, Trigger,
 };
 use pipeline_git::testing::{ADMIN_PASSWORD, ADMIN_USER, Gitea};
 use pipeline_git::{PullRequestSettings, PullRequestStrategy};
-use serde_json::json;
+use serde_json::{Value, json};
 
 struct Secrets(String);
 
@@ -80,10 +96,7 @@ fn comm(pid: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    let files: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(10_000);
+    let Args { files, controller } = parse_args();
     // RUST_LOG=pipeline_git=debug shows each git command and its duration.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -125,6 +138,11 @@ async fn main() {
         "repository: {files} files pushed to Gitea in {:.2}s",
         setup.elapsed().as_secs_f64()
     );
+    if let Some(controller) = controller {
+        through_the_controller(&controller, &gitea, &url).await;
+        drop(gitea);
+        return;
+    }
 
     let spec = parse_pipeline_spec(json!({
         "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "podinfo"},
@@ -230,4 +248,323 @@ fn gitea_pid() -> Option<String> {
     let mut pids = Vec::new();
     children("self", &mut pids, None);
     pids.into_iter().find(|p| comm(p).contains("gitea"))
+}
+
+struct Args {
+    files: usize,
+    controller: Option<PathBuf>,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: pr-bench [--files N | N] [--controller PATH/TO/pipeline-controller]");
+    std::process::exit(2);
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        files: 10_000,
+        controller: None,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--controller" => {
+                args.controller = Some(PathBuf::from(argv.next().unwrap_or_else(|| usage())));
+            }
+            "--files" => {
+                args.files = argv
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| usage());
+            }
+            other => args.files = other.parse().unwrap_or_else(|_| usage()),
+        }
+    }
+    args
+}
+
+const HMAC_KEY: &str = "pr-bench-hmac-key-0123456789abcdef";
+/// Longest wait for one pull request.
+const PR_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the record is polled.
+const POLL: Duration = Duration::from_millis(10);
+
+/// What the controller logged: its address, and each git command with its duration.
+#[derive(Default)]
+struct ControllerLog {
+    lines: Vec<String>,
+    /// (when the line was read, git subcommand, elapsed ms)
+    git: Vec<(Instant, String, u64)>,
+}
+
+/// A Flux event from `namespace` about `podinfo` at `revision`, as helm-controller sends it.
+fn flux_event(namespace: &str, revision: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "involvedObject": {"kind": "HelmRelease", "namespace": namespace, "name": "podinfo",
+                           "apiVersion": "helm.toolkit.fluxcd.io/v2", "uid": "u1", "resourceVersion": "7"},
+        "severity": "info",
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "message": format!("Helm upgrade succeeded for release {namespace}/podinfo.v2 with chart podinfo@{revision}"),
+        "reason": "UpgradeSucceeded",
+        "metadata": {"revision": revision},
+        "reportingController": "helm-controller"
+    }))
+    .unwrap()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn chrono_ms(d: chrono::Duration) -> f64 {
+    d.num_microseconds().unwrap_or(0) as f64 / 1000.0
+}
+
+/// Event in, pull request out, through the real `pipeline-controller serve`.
+async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(
+        manifests.join("pipeline.yaml"),
+        format!(
+            "apiVersion: pipelines.weave.works/v1alpha1\nkind: Pipeline\nmetadata:\n  name: podinfo\n  namespace: flux-system\nspec:\n  appRef:\n    apiVersion: helm.toolkit.fluxcd.io/v2\n    kind: HelmRelease\n    name: podinfo\n  environments:\n    - name: staging\n      targets:\n        - namespace: staging\n    - name: prod\n      targets:\n        - namespace: prod\n  promotion:\n    strategy:\n      secretRef:\n        name: podinfo-promotion-hmac\n      pull-request:\n        type: gitea\n        url: {url}\n        baseBranch: main\n        secretRef:\n          name: git-credentials\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("hmac.yaml"),
+        format!("apiVersion: v1\nkind: Secret\nmetadata:\n  name: podinfo-promotion-hmac\n  namespace: flux-system\nstringData:\n  hmac-key: {HMAC_KEY}\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("git-credentials.yaml"),
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: git-credentials\n  namespace: flux-system\nstringData:\n  username: {ADMIN_USER}\n  password: {ADMIN_PASSWORD}\n  token: {}\n",
+            gitea.token
+        ),
+    )
+    .unwrap();
+
+    let mut child = Command::new(controller)
+        .arg("serve")
+        .arg("--manifests")
+        .arg(&manifests)
+        .arg("--state")
+        .arg(dir.path().join("state.redb"))
+        .arg("--pr-work-dir")
+        .arg(dir.path().join("work"))
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        // pipeline_git=debug: one line per git command with its duration.
+        .env("RUST_LOG", "info,pipeline_git=debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            eprintln!("cannot start {}: {e}", controller.display());
+            std::process::exit(2);
+        });
+    let pid = child.id().to_string();
+    let log = Arc::new(Mutex::new(ControllerLog::default()));
+    let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
+    {
+        let log = log.clone();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let now = Instant::now();
+                let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                let mut log = log.lock().unwrap();
+                if value["message"] == "listening"
+                    && let Some(address) = value["address"].as_str()
+                {
+                    let _ = address_tx.send(address.to_string());
+                }
+                if value["message"] == "git command finished"
+                    && let (Some(command), Some(elapsed)) =
+                        (value["command"].as_str(), value["elapsed_ms"].as_u64())
+                {
+                    log.git.push((now, command.to_string(), elapsed));
+                }
+                log.lines.push(line);
+            }
+        });
+    }
+    let Ok(address) = address_rx.recv_timeout(Duration::from_secs(30)) else {
+        let _ = child.kill();
+        eprintln!(
+            "the controller did not start:\n{}",
+            log.lock().unwrap().lines.join("\n")
+        );
+        std::process::exit(1);
+    };
+    let idle_rss = status_kib(&pid, "VmRSS:").unwrap_or(0);
+    println!(
+        "controller: {} pid {pid} on {address}, RSS {:.1} MiB idle",
+        controller.display(),
+        idle_rss as f64 / 1024.0
+    );
+
+    // The controller's git children: the peak of the largest one.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let pid = pid.clone();
+        std::thread::spawn(move || {
+            let mut peaks: HashMap<String, (u64, String)> = HashMap::new();
+            let mut controller_rss = 0;
+            while !stop.load(Ordering::Relaxed) {
+                controller_rss = controller_rss.max(status_kib(&pid, "VmRSS:").unwrap_or(0));
+                let mut pids = Vec::new();
+                children(&pid, &mut pids, None);
+                for child in pids {
+                    if let Some(hwm) = status_kib(&child, "VmHWM:") {
+                        let entry = peaks.entry(child.clone()).or_insert((0, comm(&child)));
+                        entry.0 = entry.0.max(hwm);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (
+                peaks.into_values().max_by_key(|(kib, _)| *kib),
+                controller_rss,
+            )
+        })
+    };
+
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let base = format!("http://{address}");
+    let mut failed = false;
+    for (round, revision) in ["2.0.0", "2.0.1"].into_iter().enumerate() {
+        let body = flux_event("staging", revision);
+        let signature = sign(HmacAlgorithm::Sha256, HMAC_KEY.as_bytes(), &body);
+        let sent_at = chrono::Utc::now();
+        let start = Instant::now();
+        let response = client
+            .post(format!(
+                "{base}/pipelines/promotions/flux-system/podinfo/staging"
+            ))
+            .header("content-type", "application/json")
+            .header("x-signature", signature)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap_or(Value::Null);
+        let answered = start.elapsed();
+        if status.as_u16() != 202 {
+            println!("event {revision}: unexpected answer {status}: {answer}");
+            failed = true;
+            break;
+        }
+        let id = answer["id"].as_str().unwrap().to_string();
+        let record = loop {
+            let record: Value = client
+                .get(format!("{base}/api/v1/promotions/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if record["result"].is_string() || record["phase"] == "Failed" {
+                break record;
+            }
+            if start.elapsed() > PR_TIMEOUT {
+                println!("event {revision}: no pull request within {PR_TIMEOUT:?}: {record:#}");
+                failed = true;
+                break record;
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        let total = start.elapsed();
+        if failed {
+            break;
+        }
+        let record: PromotionRecord = serde_json::from_value(record).unwrap();
+        let Some(pr) = record.result.clone() else {
+            println!(
+                "event {revision}: promotion {} failed: {}",
+                record.phase, record.message
+            );
+            failed = true;
+            break;
+        };
+        println!(
+            "event {} ({revision}): event -> pull request {:.0} ms ({pr})",
+            round + 1,
+            ms(total)
+        );
+        println!(
+            "  webhook answered 202 in {:.1} ms; record {} after {} attempt(s): {}",
+            ms(answered),
+            record.id,
+            record.attempts,
+            record.message
+        );
+        let mut previous = sent_at;
+        for (i, change) in record.history.iter().enumerate() {
+            let from = if i == 0 {
+                "event sent".to_string()
+            } else {
+                record.history[i - 1].phase.to_string()
+            };
+            println!(
+                "  {from:>10} -> {:<10} {:>8.1} ms ({})",
+                change.phase.to_string(),
+                chrono_ms(change.at - previous),
+                change.reason
+            );
+            previous = change.at;
+        }
+        // Git commands the controller logged while this promotion ran.
+        let mut git: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        for (at, command, elapsed) in &log.lock().unwrap().git {
+            if *at >= start {
+                let entry = git.entry(command.clone()).or_default();
+                entry.0 += 1;
+                entry.1 += elapsed;
+            }
+        }
+        let git: Vec<String> = git
+            .into_iter()
+            .map(|(command, (n, ms))| {
+                if n > 1 {
+                    format!("{command} {ms} ms ({n}x)")
+                } else {
+                    format!("{command} {ms} ms")
+                }
+            })
+            .collect();
+        println!("  git commands: {}", git.join(", "));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (child_peak, sampled_rss) = sampler.join().unwrap();
+    let hwm = status_kib(&pid, "VmHWM:").unwrap_or(0);
+    println!(
+        "peak memory: controller VmHWM {:.1} MiB (RSS {:.1} MiB idle, at most {:.1} MiB sampled during the promotions)",
+        hwm as f64 / 1024.0,
+        idle_rss as f64 / 1024.0,
+        sampled_rss as f64 / 1024.0
+    );
+    if let Some((kib, command)) = child_peak {
+        println!(
+            "peak memory: largest git child VmHWM {:.1} MiB ({command})",
+            kib as f64 / 1024.0
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    if failed {
+        eprintln!(
+            "--- controller log ---\n{}",
+            log.lock().unwrap().lines.join("\n")
+        );
+        std::process::exit(1);
+    }
 }

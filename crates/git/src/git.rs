@@ -317,11 +317,6 @@ impl Git {
         }
         let stderr = String::from_utf8_lossy(&output.stderr);
         let stderr = self.scrubber.scrub(stderr.trim());
-        let detail: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("hint:"))
-            .collect();
         let kind = classify(&stderr);
         Err(GitError::new(
             kind,
@@ -329,7 +324,7 @@ impl Git {
                 "git {what} {} failed ({}): {}",
                 self.url,
                 output.status,
-                truncate(&detail.join(" / "), 600)
+                failure_detail(&stderr)
             ),
         ))
     }
@@ -480,6 +475,47 @@ fn path_text(path: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The lines of git's stderr that say what went wrong. ssh can print a long banner (a
+/// changed host key) before the one line that matters, so decisive lines (`fatal:`,
+/// `error:`, host key and permission failures) win; otherwise the end of the output.
+fn failure_detail(stderr: &str) -> String {
+    const MAX: usize = 600;
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(|l| l.trim().trim_matches('@').trim())
+        .filter(|l| !l.is_empty() && !l.starts_with("hint:"))
+        .collect();
+    let decisive: Vec<&str> = lines
+        .iter()
+        .copied()
+        .filter(|l| {
+            let lower = l.to_ascii_lowercase();
+            lower.starts_with("fatal:")
+                || lower.starts_with("error:")
+                || lower.contains("host identification")
+                || (lower.contains("host key")
+                    // ssh's advice names a temporary file of ours; it helps nobody.
+                    && !lower.starts_with("add correct host key")
+                    && !lower.starts_with("it is also possible"))
+                || lower.contains("permission denied")
+        })
+        .collect();
+    if !decisive.is_empty() {
+        return truncate(&decisive.join(" / "), MAX);
+    }
+    let mut tail: Vec<&str> = Vec::new();
+    let mut length = 0;
+    for line in lines.iter().rev() {
+        if length + line.len() > MAX && !tail.is_empty() {
+            break;
+        }
+        length += line.len() + 3;
+        tail.push(line);
+    }
+    tail.reverse();
+    truncate(&tail.join(" / "), MAX)
+}
+
 pub(crate) fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_string();
@@ -489,6 +525,40 @@ pub(crate) fn truncate(text: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod failure_detail_tests {
+    use super::failure_detail;
+
+    #[test]
+    fn decisive_lines_survive_a_long_ssh_banner() {
+        let mut stderr = String::from(
+            "@@@@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n",
+        );
+        for _ in 0..40 {
+            stderr.push_str("IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n");
+        }
+        stderr.push_str(
+            "Host key verification failed.\nfatal: Could not read from remote repository.\n",
+        );
+        let detail = failure_detail(&stderr);
+        assert_eq!(
+            detail,
+            "WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED! / Host key verification failed. / fatal: Could not read from remote repository."
+        );
+    }
+
+    #[test]
+    fn otherwise_the_end_of_the_output() {
+        let mut stderr = String::new();
+        for i in 0..100 {
+            stderr.push_str(&format!("line {i}\n"));
+        }
+        let detail = failure_detail(&stderr);
+        assert!(detail.ends_with("line 99"), "{detail}");
+        assert!(detail.len() <= 610, "{}", detail.len());
+    }
 }
 
 #[cfg(test)]
