@@ -127,12 +127,10 @@ impl PromotionStrategy for KubeNotification {
                 })?;
             let status = response.status();
             if !status.is_success() {
-                let message = format!("--events-addr answered HTTP {status}");
-                return Err(if status.is_server_error() || status.as_u16() == 429 {
-                    StrategyError::retryable(message)
-                } else {
-                    StrategyError::permanent(message)
-                });
+                // As for --notify-url: anything but 2xx is retried with the record's backoff.
+                return Err(StrategyError::retryable(format!(
+                    "--events-addr answered HTTP {status}"
+                )));
             }
             delivered.push("--events-addr".to_string());
         }

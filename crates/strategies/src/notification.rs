@@ -288,15 +288,17 @@ enum Failure {
 }
 
 impl Failure {
+    /// Any answer but 2xx is retried with the record's backoff (a receiver may be
+    /// mid-deploy or misconfigured for a while); only our own configuration errors,
+    /// which no retry can fix, are permanent.
     fn retryable(&self) -> bool {
         match self {
-            Failure::Status(status) => {
-                status.is_server_error()
-                    || *status == StatusCode::TOO_MANY_REQUESTS
-                    || *status == StatusCode::REQUEST_TIMEOUT
-            }
-            Failure::Timeout(_) | Failure::Transport(_) | Failure::Aborted => true,
-            Failure::Redirect(_) | Failure::Request(_) | Failure::Scheme => false,
+            Failure::Status(_)
+            | Failure::Redirect(_)
+            | Failure::Timeout(_)
+            | Failure::Transport(_)
+            | Failure::Aborted => true,
+            Failure::Request(_) | Failure::Scheme => false,
         }
     }
 }
@@ -393,12 +395,13 @@ mod tests {
             (StatusCode::SERVICE_UNAVAILABLE, true),
             (StatusCode::TOO_MANY_REQUESTS, true),
             (StatusCode::REQUEST_TIMEOUT, true),
-            (StatusCode::NOT_FOUND, false),
-            (StatusCode::UNAUTHORIZED, false),
-            (StatusCode::BAD_REQUEST, false),
+            (StatusCode::NOT_FOUND, true),
+            (StatusCode::UNAUTHORIZED, true),
+            (StatusCode::BAD_REQUEST, true),
         ] {
             assert_eq!(Failure::Status(status).retryable(), retryable, "{status}");
         }
-        assert!(!Failure::Redirect(StatusCode::FOUND).retryable());
+        assert!(Failure::Redirect(StatusCode::FOUND).retryable());
+        assert!(!Failure::Scheme.retryable());
     }
 }
