@@ -128,6 +128,7 @@ pub(crate) fn http_settings(args: &ServeArgs) -> HttpSettings {
     HttpSettings {
         max_body_bytes: args.max_body_bytes,
         rate_limit: args.rate_limit,
+        ..HttpSettings::default()
     }
 }
 

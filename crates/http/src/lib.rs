@@ -7,7 +7,7 @@ mod rate_limit;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::Router;
@@ -33,10 +33,15 @@ pub const SIGNATURE_HEADER: &str = "x-signature";
 /// Default largest request body, as documented for `--max-body-bytes`.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 256 * 1024;
 
+/// Longest a sender may take to deliver a body; Flux itself gives up after 15 s, and a
+/// slow sender must not hold a connection for ever.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy)]
 pub struct HttpSettings {
     pub max_body_bytes: usize,
     pub rate_limit: Option<RateLimit>,
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpSettings {
@@ -44,6 +49,7 @@ impl Default for HttpSettings {
         Self {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             rate_limit: None,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }
@@ -57,6 +63,7 @@ pub struct AppState {
     intake: Arc<Intake>,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
+    body_timeout: Duration,
     limiter: Option<Arc<PeerRateLimiter>>,
     record_headers: Option<RecordHeaders>,
 }
@@ -67,6 +74,7 @@ impl AppState {
             intake,
             metrics,
             max_body_bytes: settings.max_body_bytes,
+            body_timeout: settings.body_timeout,
             limiter: settings
                 .rate_limit
                 .map(|limit| Arc::new(PeerRateLimiter::new(limit))),
@@ -164,21 +172,33 @@ async fn admit(state: &AppState, request: Request) -> Result<(HeaderMap, Bytes),
     if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(body, state.max_body_bytes)
-        .collect()
-        .await
-        .map_err(|err| {
-            if err.downcast_ref::<LengthLimitError>().is_some() {
-                too_large()
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "unreadable_body",
-                    "request body could not be read",
-                )
-            }
-        })?
-        .to_bytes();
+    let body = tokio::time::timeout(
+        state.body_timeout,
+        Limited::new(body, state.max_body_bytes).collect(),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "request body not received within {}s",
+                state.body_timeout.as_secs()
+            ),
+        )
+    })?
+    .map_err(|err| {
+        if err.downcast_ref::<LengthLimitError>().is_some() {
+            too_large()
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                "request body could not be read",
+            )
+        }
+    })?
+    .to_bytes();
     Ok((parts.headers, body))
 }
 

@@ -14,6 +14,7 @@ use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Method, Request, StatusCode, header};
 use chrono::{Duration, Utc};
+use futures::StreamExt;
 use pipeline_core::pipeline::{PipelineSpec, parse_pipeline_spec};
 use pipeline_core::ports::RecordChange;
 use pipeline_core::signature::{HmacAlgorithm, sign};
@@ -349,6 +350,7 @@ async fn transport_errors() {
         HttpSettings {
             max_body_bytes: 4096,
             rate_limit: None,
+            body_timeout: std::time::Duration::from_millis(300),
         },
     );
     let get = send(&h.app, Method::GET, DEV, vec![], None).await;
@@ -379,6 +381,17 @@ async fn transport_errors() {
         .unwrap();
     let response = h.app.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // A sender that stops halfway does not hold the connection.
+    let stalled = futures::stream::iter([Ok::<_, std::io::Error>(b"{".to_vec())])
+        .chain(futures::stream::pending());
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri(DEV)
+        .body(Body::from_stream(stalled))
+        .unwrap();
+    let response = h.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
 }
 
 #[tokio::test]
