@@ -2,7 +2,7 @@
 //! before acting, and records the outcome with retries and backoff. Exactly one executor
 //! may run per store (embedded: the store file is locked; Kubernetes: a Lease).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +38,9 @@ pub struct StrategyOutcome {
 pub struct StrategyError {
     pub message: String,
     pub retryable: bool,
+    /// Parts of the attempt that did succeed, kept in the record for the next attempt
+    /// (see [`PromotionRecord::checkpoints`]).
+    pub checkpoints: BTreeMap<String, String>,
 }
 
 impl StrategyError {
@@ -45,6 +48,7 @@ impl StrategyError {
         Self {
             message: message.into(),
             retryable: true,
+            checkpoints: BTreeMap::new(),
         }
     }
 
@@ -52,7 +56,13 @@ impl StrategyError {
         Self {
             message: message.into(),
             retryable: false,
+            checkpoints: BTreeMap::new(),
         }
+    }
+
+    pub fn with_checkpoints(mut self, checkpoints: BTreeMap<String, String>) -> Self {
+        self.checkpoints = checkpoints;
+        self
     }
 }
 
@@ -247,6 +257,7 @@ impl Executor {
             Err(err) => {
                 self.store
                     .modify(id, &|r| {
+                        r.checkpoints.extend(err.checkpoints.clone());
                         r.fail_attempt(err.message.clone(), err.retryable, &retry, now)
                     })
                     .await?
@@ -412,8 +423,14 @@ mod tests {
             };
             tokio::time::sleep(Duration::from_millis(1)).await;
             if ctx.record.revision.ends_with('7') && n == 1 {
-                return Err(StrategyError::retryable("flaky"));
+                let done = BTreeMap::from([("half".to_string(), "done".to_string())]);
+                return Err(StrategyError::retryable("flaky").with_checkpoints(done));
             }
+            // What the failed attempt recorded is there for the retry.
+            assert_eq!(
+                ctx.record.checkpoints.contains_key("half"),
+                ctx.record.revision.ends_with('7')
+            );
             Ok(StrategyOutcome {
                 message: "done".into(),
                 result: None,

@@ -1,6 +1,7 @@
 //! The promotion record: the unit of truth for one (pipeline, target environment,
 //! revision), and the only legal ways its phase changes.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -99,6 +100,10 @@ pub struct PromotionRecord {
     pub trigger: Trigger,
     #[serde(default)]
     pub history: Vec<PhaseChange>,
+    /// What strategies already did in earlier attempts (e.g. which receivers got the
+    /// notification), so a retry does not repeat it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checkpoints: BTreeMap<String, String>,
 }
 
 /// The deterministic identity of a promotion. Readable prefix, hashed suffix over the
@@ -224,6 +229,7 @@ impl PromotionRecord {
                 reason: reason.to_string(),
                 message,
             }],
+            checkpoints: BTreeMap::new(),
         }
     }
 

@@ -171,6 +171,9 @@ pub struct PromotionStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<PhaseChange>,
+    /// What strategies already did in earlier attempts, so retries do not repeat it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checkpoints: BTreeMap<String, String>,
 }
 
 /// Every CRD this controller owns.

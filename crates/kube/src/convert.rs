@@ -98,6 +98,7 @@ pub fn record_of(promotion: &Promotion) -> Option<PromotionRecord> {
         record.next_attempt_at = status.next_attempt_at;
         record.updated_at = status.updated_at.unwrap_or(record.created_at);
         record.history = status.history.clone();
+        record.checkpoints = status.checkpoints.clone();
     }
     Some(record)
 }
@@ -161,6 +162,7 @@ pub fn status_of(
         observed_generation: generation,
         conditions: wanted,
         history: record.history.clone(),
+        checkpoints: record.checkpoints.clone(),
     }
 }
 

@@ -53,6 +53,11 @@ impl KubeNotification {
     }
 }
 
+/// Checkpoint: the Promote Event exists on the Pipeline.
+const EVENT_CHECKPOINT: &str = "kubernetes event";
+/// Checkpoint: `--events-addr` accepted the event.
+const EVENTS_ADDR_CHECKPOINT: &str = "events-addr";
+
 /// The promotion's details, keys prefixed with the Pipeline API group.
 pub fn annotations(ctx: &PromotionContext<'_>) -> BTreeMap<String, String> {
     let record = ctx.record;
@@ -79,24 +84,33 @@ impl PromotionStrategy for KubeNotification {
         );
         let uid = self.pipelines.uid(reference);
         let object = pipeline_reference(&reference.namespace, &reference.name, uid.clone());
-        self.events
-            .publish(
-                &object,
-                EventType::Normal,
-                "Promote",
-                &message,
-                metadata.clone(),
-            )
-            .await
-            .map_err(|err| {
-                StrategyError::retryable(format!(
-                    "cannot create the Promote event on pipeline {reference}: {}",
-                    crate::store::describe(&err)
-                ))
-            })?;
-        let mut delivered = vec!["a Kubernetes Event".to_string()];
+        // Steps done in an earlier attempt are not repeated; steps done in this one are
+        // handed back with a later step's failure.
+        let mut done = BTreeMap::new();
+        let mut delivered = vec![];
+        if !record.checkpoints.contains_key(EVENT_CHECKPOINT) {
+            self.events
+                .publish(
+                    &object,
+                    EventType::Normal,
+                    "Promote",
+                    &message,
+                    metadata.clone(),
+                )
+                .await
+                .map_err(|err| {
+                    StrategyError::retryable(format!(
+                        "cannot create the Promote event on pipeline {reference}: {}",
+                        crate::store::describe(&err)
+                    ))
+                })?;
+            done.insert(EVENT_CHECKPOINT.to_string(), "created".to_string());
+        }
+        delivered.push("a Kubernetes Event".to_string());
 
-        if let Some(address) = &self.events_addr {
+        if let Some(address) = &self.events_addr
+            && !record.checkpoints.contains_key(EVENTS_ADDR_CHECKPOINT)
+        {
             let event = serde_json::json!({
                 "involvedObject": {
                     "kind": "Pipeline",
@@ -124,14 +138,20 @@ impl PromotionStrategy for KubeNotification {
                         "posting the event to --events-addr failed: {}",
                         err.without_url()
                     ))
+                    .with_checkpoints(done.clone())
                 })?;
             let status = response.status();
             if !status.is_success() {
                 // As for --notify-url: anything but 2xx is retried with the record's backoff.
                 return Err(StrategyError::retryable(format!(
                     "--events-addr answered HTTP {status}"
-                )));
+                ))
+                .with_checkpoints(done));
             }
+            done.insert(
+                EVENTS_ADDR_CHECKPOINT.to_string(),
+                status.as_u16().to_string(),
+            );
             delivered.push("--events-addr".to_string());
         }
 
@@ -145,7 +165,11 @@ impl PromotionStrategy for KubeNotification {
                     promotion: ctx.promotion,
                     secrets: ctx.secrets,
                 })
-                .await?;
+                .await
+                .map_err(|mut err| {
+                    err.checkpoints.extend(done);
+                    err
+                })?;
             delivered.push(outcome.message);
         }
         Ok(StrategyOutcome {

@@ -10,6 +10,7 @@ mod notification;
 mod unavailable;
 
 pub use notification::{
-    DEFAULT_CONTROLLER_NAME, NotificationWebhook, RECEIVER_TIMEOUT, redact_url,
+    DEFAULT_CONTROLLER_NAME, NotificationWebhook, RECEIVER_TIMEOUT, delivered_checkpoint,
+    redact_url,
 };
 pub use unavailable::StrategyNotAvailable;

@@ -26,6 +26,7 @@ use pipeline_core::{
     SecretSource, StrategyError, StrategyOutcome,
 };
 use reqwest::{StatusCode, Url};
+use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 /// How long one delivery may take, connection included.
@@ -127,25 +128,26 @@ impl NotificationWebhook {
     /// Sends `body` to every receiver at once; results come back in receiver order.
     async fn deliver_all(
         &self,
+        receivers: &[&Url],
         body: Vec<u8>,
         signature: String,
     ) -> Vec<(Url, Result<StatusCode, Failure>)> {
         let mut deliveries = JoinSet::new();
-        for (index, url) in self.receivers.iter().enumerate() {
+        for (index, url) in receivers.iter().enumerate() {
             let request = self
                 .client
-                .post(url.clone())
+                .post((*url).clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .header("gotk-component", self.controller.as_str())
                 .header("X-Signature", signature.as_str())
                 .body(body.clone());
-            let url = url.clone();
+            let url = (*url).clone();
             deliveries.spawn(async move {
                 let result = deliver(&url, request).await;
                 (index, url, result)
             });
         }
-        let mut results = Vec::with_capacity(self.receivers.len());
+        let mut results = Vec::with_capacity(receivers.len());
         while let Some(joined) = deliveries.join_next().await {
             match joined {
                 Ok(done) => results.push(done),
@@ -155,12 +157,12 @@ impl NotificationWebhook {
             }
         }
         results.sort_by_key(|(index, _, _)| *index);
-        let mut by_receiver = Vec::with_capacity(self.receivers.len());
+        let mut by_receiver = Vec::with_capacity(receivers.len());
         let mut done = results.into_iter().peekable();
-        for (index, url) in self.receivers.iter().enumerate() {
+        for (index, url) in receivers.iter().enumerate() {
             match done.next_if(|(i, _, _)| *i == index) {
                 Some((_, url, result)) => by_receiver.push((url, result)),
-                None => by_receiver.push((url.clone(), Err(Failure::Aborted))),
+                None => by_receiver.push(((*url).clone(), Err(Failure::Aborted))),
             }
         }
         by_receiver
@@ -184,19 +186,29 @@ impl PromotionStrategy for NotificationWebhook {
         let signature = signature::sign(HmacAlgorithm::Sha256, key.expose(), &body);
         drop(key);
 
-        let results = self.deliver_all(body, signature).await;
-        let total = results.len();
+        // Receivers that got this promotion in an earlier attempt are not sent it again.
+        let pending: Vec<&Url> = self
+            .receivers
+            .iter()
+            .filter(|url| !record.checkpoints.contains_key(&delivered_checkpoint(url)))
+            .collect();
+        let total = self.receivers.len();
+        let results = self.deliver_all(&pending, body, signature).await;
         let mut failures = Vec::new();
+        let mut delivered = std::collections::BTreeMap::new();
         let mut retryable = true;
         for (url, result) in &results {
             let receiver = redact_url(url);
             match result {
-                Ok(status) => tracing::info!(
-                    promotion = %record.id,
-                    receiver = %receiver,
-                    status = status.as_u16(),
-                    "promotion notification delivered"
-                ),
+                Ok(status) => {
+                    tracing::info!(
+                        promotion = %record.id,
+                        receiver = %receiver,
+                        status = status.as_u16(),
+                        "promotion notification delivered"
+                    );
+                    delivered.insert(delivered_checkpoint(url), status.as_u16().to_string());
+                }
                 Err(failure) => {
                     let text = scrub(failure.to_string(), url);
                     tracing::warn!(
@@ -228,12 +240,20 @@ impl PromotionStrategy for NotificationWebhook {
             failures.len(),
             failures.join("; ")
         );
-        Err(if retryable {
+        let error = if retryable {
             StrategyError::retryable(message)
         } else {
             StrategyError::permanent(message)
-        })
+        };
+        Err(error.with_checkpoints(delivered))
     }
+}
+
+/// Checkpoint key saying `url` got the notification: the URL without credentials or
+/// query (records are readable through the API) and a digest telling such URLs apart.
+pub fn delivered_checkpoint(url: &Url) -> String {
+    let digest = hex::encode(Sha256::digest(url.as_str().as_bytes()));
+    format!("notified {} #{}", redact_url(url), &digest[..12])
 }
 
 /// The pipeline's webhook key, which signs its notifications. Messages name the Secret,

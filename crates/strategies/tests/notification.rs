@@ -18,7 +18,9 @@ use pipeline_core::{
     Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
     SecretLookupError, SecretSource, StrategyError, StrategyOutcome, Trigger, Unavailable,
 };
-use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook, StrategyNotAvailable};
+use pipeline_strategies::{
+    DEFAULT_CONTROLLER_NAME, NotificationWebhook, StrategyNotAvailable, delivered_checkpoint,
+};
 use reqwest::Url;
 use serde_json::json;
 
@@ -194,7 +196,16 @@ async fn promote_with(
     pipeline: &Pipeline,
     secrets: &Secrets,
 ) -> Result<StrategyOutcome, StrategyError> {
-    let record = record();
+    promote_record(strategy, pipeline, secrets, &record()).await
+}
+
+async fn promote_record(
+    strategy: &dyn PromotionStrategy,
+    pipeline: &Pipeline,
+    secrets: &Secrets,
+    record: &PromotionRecord,
+) -> Result<StrategyOutcome, StrategyError> {
+    let record = record.clone();
     let promotion = pipeline.promotion_for(&record.target_environment).unwrap();
     strategy
         .promote(PromotionContext {
@@ -355,6 +366,52 @@ async fn success_needs_every_receiver_and_failures_are_listed() {
     assert!(err.message.contains("2 of 2 receiver(s)"), "{err}");
     assert!(err.message.contains(broken.as_str()), "{err}");
     assert!(err.message.contains(gone.as_str()), "{err}");
+}
+
+/// A retry sends only to the receivers that did not get the promotion yet.
+#[tokio::test]
+async fn retries_skip_receivers_already_notified() {
+    let server = Server::start().await;
+    let ok = server.url("/status/200");
+    let broken = server.url("/status/503");
+    let strategy = webhook(vec![ok.clone(), broken.clone()]);
+    let (pipeline, secrets) = (pipeline(true), Secrets::with_key(KEY));
+    let mut record = record();
+    let err = promote_record(&strategy, &pipeline, &secrets, &record)
+        .await
+        .unwrap_err();
+    assert!(err.retryable);
+    assert_eq!(err.checkpoints.len(), 1, "{:?}", err.checkpoints);
+    assert!(err.checkpoints.contains_key(&delivered_checkpoint(&ok)));
+    record.checkpoints.extend(err.checkpoints);
+
+    let err = promote_record(&strategy, &pipeline, &secrets, &record)
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("1 of 2 receiver(s)"), "{err}");
+    let paths: Vec<String> = server.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/status/200").count(),
+        1,
+        "{paths:?}"
+    );
+    assert_eq!(
+        paths.iter().filter(|p| *p == "/status/503").count(),
+        2,
+        "{paths:?}"
+    );
+
+    // Checkpoint keys carry no credentials or query.
+    let secret_url = Url::parse("https://user:pa55@hooks.example/x?token=t0k").unwrap();
+    let key = delivered_checkpoint(&secret_url);
+    assert!(
+        !key.contains("pa55") && !key.contains("t0k") && !key.contains("user"),
+        "{key}"
+    );
+    assert_ne!(
+        key,
+        delivered_checkpoint(&Url::parse("https://hooks.example/x?token=other").unwrap())
+    );
 }
 
 #[tokio::test]
