@@ -140,6 +140,27 @@ impl SecretSource for Secrets {
     }
 }
 
+/// The pull request's `updated_at` once Gitea stops touching it: Gitea updates it in the
+/// background after a push (mergeability checks), which is not our doing. Bounded wait.
+async fn settled_updated_at(gitea: &Gitea) -> Value {
+    let read = || async { gitea.pulls(REPO, "all").await.unwrap()[0]["updated_at"].clone() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut last = read().await;
+    loop {
+        // Gitea's timestamps have whole seconds.
+        tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+        let now = read().await;
+        if now == last {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Gitea kept updating the pull request"
+        );
+        last = now;
+    }
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
@@ -261,7 +282,7 @@ async fn pull_request_promotions_against_a_real_gitea() {
     assert_eq!(files, ["apps/staging/podinfo.yaml"], "{diff}");
     assert_eq!(changes, expected_changes("6.5.2"), "{diff}");
     let head = gitea.branch_head(REPO, BRANCH).await.unwrap().unwrap();
-    let updated_at = pulls[0]["updated_at"].clone();
+    let updated_at = settled_updated_at(&gitea).await;
 
     // 3. The identical promotion again creates nothing: the webhook answers with the
     //    record it has, and re-running the attempt itself (as after a crash) pushes and
