@@ -318,16 +318,15 @@ async fn manifest_changes_are_picked_up_without_restart() {
     }
     // A broken edit is reported and does not take the other pipelines down.
     std::fs::write(manifests.join("more/two.yaml"), "kind: Pipeline\napiVersion: pipelines.weave.works/v1alpha1\nmetadata: {name: broken}\nspec: {environments: []}\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let expected =
+        "more/two.yaml (document 1) Pipeline default/broken: spec: missing field `appRef`";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !service.logs().contains(expected) {
+        assert!(std::time::Instant::now() < deadline, "{}", service.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _) = post_event(&service, "dev", event("podinfo-dev", "1.2.4")).await;
     assert_eq!(status, 202);
-    let logs = service.logs();
-    assert!(
-        logs.contains(
-            "more/two.yaml (document 1) Pipeline default/broken: spec: missing field `appRef`"
-        ),
-        "{logs}"
-    );
 }
 
 #[tokio::test]

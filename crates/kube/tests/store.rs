@@ -164,13 +164,21 @@ async fn exactly_one_elector_leads_and_a_released_lease_fails_over() {
         })));
         shutdowns.push(shutdown);
     }
+    wait_until(Duration::from_secs(30), || {
+        leading.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // Give the others a few renew periods: they must stay followers.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(leading.load(Ordering::SeqCst), 1);
     let first = led_by.lock().unwrap()[0].clone();
     let index = ["a", "b", "c"].iter().position(|n| *n == first).unwrap();
     // The leader shuts down and releases the Lease: another takes over promptly.
     shutdowns[index].cancel();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_until(Duration::from_secs(30), || {
+        led_by.lock().unwrap().len() == 2
+    })
+    .await;
     assert_eq!(leading.load(Ordering::SeqCst), 1);
     assert_eq!(led_by.lock().unwrap().len(), 2);
     assert_eq!(max_seen.load(Ordering::SeqCst), 1);
@@ -179,5 +187,17 @@ async fn exactly_one_elector_leads_and_a_released_lease_fails_over() {
     }
     for h in handles {
         h.await.unwrap();
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; fails after `limit`.
+async fn wait_until(limit: Duration, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "condition not reached within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
