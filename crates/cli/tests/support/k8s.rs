@@ -2,11 +2,8 @@
 //! kube-apiserver (pipeline-testenv).
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kube::{Api, Client};
@@ -14,13 +11,23 @@ use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::Promotion;
 use pipeline_testenv::TestCluster;
 
-use super::{BIN, KEY, client, event};
+use super::{BIN, KEY, Service, client, event};
 
 /// A `serve` process in Kubernetes mode; SIGKILLed when dropped.
-pub struct Controller {
-    pub child: Child,
-    pub address: SocketAddr,
-    pub logs: Arc<Mutex<String>>,
+pub struct Controller(Service);
+
+impl std::ops::Deref for Controller {
+    type Target = Service;
+
+    fn deref(&self) -> &Service {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Controller {
+    fn deref_mut(&mut self) -> &mut Service {
+        &mut self.0
+    }
 }
 
 impl Controller {
@@ -35,7 +42,8 @@ impl Controller {
     /// `kubeconfig`, then `args`, with `envs` added to the environment; waits until it
     /// listens (60 s at most).
     pub fn spawn(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) -> Controller {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--lease-duration", "3s", "--lease-renew", "1s"])
             .args(["--retry-base", "200ms"])
@@ -43,70 +51,12 @@ impl Controller {
             .env("KUBECONFIG", kubeconfig)
             .env_remove("PIPELINE_CONTROLLER_MANIFESTS")
             .env("RUST_LOG", "info,kube=warn,pipeline_kube=debug")
-            .envs(envs.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent
-                    && line.contains("listening")
-                    && let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("address="))
-                {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-                    sent = true;
-                }
-                let mut logs = sink.lock().unwrap();
-                logs.push_str(&line);
-                logs.push('\n');
-            }
-        });
-        let address = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(address) => address,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("controller did not start; logs:\n{}", logs.lock().unwrap());
-            }
-        };
-        Controller {
-            child,
-            address,
-            logs,
-        }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.address, path)
-    }
-
-    pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().clone()
+            .envs(envs.iter().copied());
+        Controller(Service::spawn(command, Duration::from_secs(60)))
     }
 
     pub fn is_leader(&self) -> bool {
         self.logs().contains("acquired leadership")
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("--- controller logs ---\n{}", self.logs());
-        }
     }
 }
 

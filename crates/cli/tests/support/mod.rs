@@ -24,8 +24,10 @@ pub struct Service {
 }
 
 impl Service {
+    /// Embedded mode on `manifests`, state in `state`, listening on a free port.
     pub fn start(manifests: &Path, state: &Path, extra: &[&str]) -> Service {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("serve")
             .arg("--manifests")
             .arg(manifests)
@@ -33,7 +35,14 @@ impl Service {
             .arg(state)
             .args(["--listen", "127.0.0.1:0", "--reload-interval", "100ms"])
             .args(extra)
-            .env("RUST_LOG", "debug")
+            .env("RUST_LOG", "debug");
+        Service::spawn(command, Duration::from_secs(30))
+    }
+
+    /// Spawns `command` (a `serve`), collects its stderr, and waits (at most `limit`)
+    /// until it logs the address it listens on.
+    pub fn spawn(mut command: Command, limit: Duration) -> Service {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -61,7 +70,7 @@ impl Service {
                 logs.push('\n');
             }
         });
-        let address = match rx.recv_timeout(Duration::from_secs(30)) {
+        let address = match rx.recv_timeout(limit) {
             Ok(address) => address,
             Err(_) => {
                 let _ = child.kill();
