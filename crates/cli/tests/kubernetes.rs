@@ -14,7 +14,10 @@ use kube::api::ListParams;
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::{Pipeline, Promotion};
 use serde_json::Value;
-use support::k8s::{Controller, cluster, phase, post, post_ready, run_cli, wait_promotion};
+use support::k8s::{
+    Controller, assert_approved_then_succeeded, cluster, phase, post, post_ready, run_cli,
+    wait_promotion,
+};
 use support::{KEY, Receiver, client, event};
 
 #[tokio::test]
@@ -406,25 +409,7 @@ async fn manual_approval_through_the_kubernetes_api() {
     let (code, out, err) = run_cli(&alice, &["approve", "flux-system/podinfo", "prod", "3.0.0"]);
     assert_eq!(code, 0, "{out}{err}");
     let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
-    assert_eq!(
-        done.spec
-            .approval
-            .as_ref()
-            .and_then(|a| a.by.clone())
-            .as_deref(),
-        Some("alice")
-    );
-    let phases: Vec<&str> = done
-        .status
-        .unwrap()
-        .history
-        .iter()
-        .map(|h| h.phase.as_str())
-        .collect();
-    assert_eq!(
-        phases,
-        ["WaitingApproval", "Pending", "Running", "Succeeded"]
-    );
+    assert_approved_then_succeeded(&done, "alice");
     let deadline = Instant::now() + Duration::from_secs(20);
     while waiting(&pipelines.get("podinfo").await.unwrap()).as_deref() != Some("") {
         assert!(

@@ -22,7 +22,8 @@ use pipeline_crds::Pipeline;
 use pipeline_testenv::{TestCluster, parse_yaml_documents};
 use serde_json::Value;
 use support::k8s::{
-    Controller, apply_quickstart, phase, post, post_ready, run_cli, wait_promotion,
+    Controller, apply_quickstart, assert_approved_then_succeeded, phase, post, post_ready, run_cli,
+    wait_promotion,
 };
 use support::{Receiver, client, event};
 
@@ -264,25 +265,7 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
         phase(p) == "Succeeded"
     })
     .await;
-    assert_eq!(
-        done.spec
-            .approval
-            .as_ref()
-            .and_then(|a| a.by.clone())
-            .as_deref(),
-        Some("carol")
-    );
-    let phases: Vec<&str> = done
-        .status
-        .unwrap()
-        .history
-        .iter()
-        .map(|h| h.phase.as_str())
-        .collect();
-    assert_eq!(
-        phases,
-        ["WaitingApproval", "Pending", "Running", "Succeeded"]
-    );
+    assert_approved_then_succeeded(&done, "carol");
     wait_until("waitingApproval.revision reset", || async {
         waiting_revision(&pipelines, "prod").await.as_deref() == Some("")
     })

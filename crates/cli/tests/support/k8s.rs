@@ -155,3 +155,21 @@ pub fn run_cli(kubeconfig: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// `done` was approved by `user`, then ran to `Succeeded`.
+pub fn assert_approved_then_succeeded(done: &Promotion, user: &str) {
+    let by = done.spec.approval.as_ref().and_then(|a| a.by.as_deref());
+    assert_eq!(by, Some(user));
+    let phases: Vec<&str> = done
+        .status
+        .as_ref()
+        .unwrap()
+        .history
+        .iter()
+        .map(|h| h.phase.as_str())
+        .collect();
+    assert_eq!(
+        phases,
+        ["WaitingApproval", "Pending", "Running", "Succeeded"]
+    );
+}
