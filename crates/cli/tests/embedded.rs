@@ -182,10 +182,9 @@ async fn manual_approval_through_the_cli() {
     let server = service.url("");
     let wrong_key = dir.path().join("wrong");
     std::fs::write(&wrong_key, "not the key").unwrap();
-    let (code, _, stderr) = tokio::task::spawn_blocking({
+    let approve = |key: std::path::PathBuf| {
         let server = server.clone();
-        let wrong_key = wrong_key.clone();
-        move || {
+        tokio::task::spawn_blocking(move || {
             run_cli(&[
                 "approve",
                 "flux-system/podinfo",
@@ -194,35 +193,18 @@ async fn manual_approval_through_the_cli() {
                 "--server",
                 &server,
                 "--key-file",
-                wrong_key.to_str().unwrap(),
+                key.to_str().unwrap(),
             ])
-        }
-    })
-    .await
-    .unwrap();
+        })
+    };
+    let (code, _, stderr) = approve(wrong_key).await.unwrap();
     assert_ne!(code, 0);
     assert!(
         stderr.contains("401") && stderr.contains("unauthenticated"),
         "{stderr}"
     );
 
-    let (code, stdout, stderr) = tokio::task::spawn_blocking({
-        let key_file = key_file.clone();
-        move || {
-            run_cli(&[
-                "approve",
-                "flux-system/podinfo",
-                "prod",
-                "6.5.1",
-                "--server",
-                &server,
-                "--key-file",
-                key_file.to_str().unwrap(),
-            ])
-        }
-    })
-    .await
-    .unwrap();
+    let (code, stdout, stderr) = approve(key_file).await.unwrap();
     assert_eq!(code, 0, "{stderr}");
     assert!(
         stdout.contains("approved 6.5.1 of flux-system/podinfo to prod"),
