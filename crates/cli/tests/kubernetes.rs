@@ -15,8 +15,8 @@ use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::{Pipeline, Promotion};
 use serde_json::Value;
 use support::k8s::{
-    Controller, assert_approved_then_succeeded, cluster, phase, post, post_ready, run_cli,
-    wait_promotion,
+    Controller, assert_approved_then_succeeded, cluster, phase, post, post_ready, recorded_id,
+    run_cli, wait_promotion,
 };
 use support::{KEY, Receiver, client, event};
 
@@ -287,11 +287,7 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
 
     // Events to both replicas: one record, executed once, by the leader only.
     let first = post_ready(&b, "dev", "1.0.0", "podinfo-dev").await;
-    assert_eq!(first.status(), 202);
-    let id = first.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(first).await;
     let again = post_ready(&a, "dev", "1.0.0", "podinfo-dev").await;
     assert_eq!(again.status(), 200);
     let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
@@ -307,11 +303,7 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     // The leader is SIGKILLed mid-promotion: B takes over and finishes it.
     gate.set_hang(true);
     let response = post(&b, "dev", event("podinfo-dev", "2.0.0")).await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(response).await;
     wait_promotion(&kube, &id, "Running", |p| phase(p) == "Running").await;
     let killed = Instant::now();
     a.kill9();
@@ -331,11 +323,7 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     // The only controller is killed mid-promotion and restarted: it finishes it.
     gate.set_hang(true);
     let response = post(&b, "dev", event("podinfo-dev", "3.0.0")).await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(response).await;
     wait_promotion(&kube, &id, "Running", |p| phase(p) == "Running").await;
     b.kill9();
     gate.set_hang(false);
@@ -367,11 +355,7 @@ async fn manual_approval_through_the_kubernetes_api() {
 
     // staging deployed 3.0.0: the promotion to prod waits for approval.
     let response = post_ready(&controller, "staging", "3.0.0", "podinfo-staging").await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(response).await;
     wait_promotion(&kube, &id, "WaitingApproval", |p| {
         phase(p) == "WaitingApproval"
     })
@@ -425,11 +409,7 @@ async fn manual_approval_through_the_kubernetes_api() {
 
     // The signed HTTP approval endpoint keeps working in Kubernetes mode.
     let response = post(&controller, "staging", event("podinfo-staging", "3.1.0")).await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(response).await;
     wait_promotion(&kube, &id, "WaitingApproval", |p| {
         phase(p) == "WaitingApproval"
     })

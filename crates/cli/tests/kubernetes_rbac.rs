@@ -22,8 +22,8 @@ use pipeline_crds::Pipeline;
 use pipeline_testenv::{TestCluster, parse_yaml_documents};
 use serde_json::Value;
 use support::k8s::{
-    Controller, apply_quickstart, assert_approved_then_succeeded, phase, post, post_ready, run_cli,
-    wait_promotion,
+    Controller, apply_quickstart, assert_approved_then_succeeded, phase, post, post_ready,
+    recorded_id, run_cli, wait_promotion,
 };
 use support::{Receiver, client, event};
 
@@ -241,11 +241,7 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
     // staging deployed 3.0.0: the promotion to prod waits for approval, and the Pipeline
     // says so.
     let response = post(&controller, "staging", event("podinfo-staging", "3.0.0")).await;
-    assert_eq!(response.status(), 202);
-    let id = response.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = recorded_id(response).await;
     wait_promotion(&admin, &id, "WaitingApproval", |p| {
         phase(p) == "WaitingApproval"
     })

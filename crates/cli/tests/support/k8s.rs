@@ -173,3 +173,10 @@ pub fn assert_approved_then_succeeded(done: &Promotion, user: &str) {
         ["WaitingApproval", "Pending", "Running", "Succeeded"]
     );
 }
+
+/// The id of the promotion a webhook answer recorded; the answer must be 202.
+pub async fn recorded_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status(), 202);
+    let record: serde_json::Value = response.json().await.unwrap();
+    record["id"].as_str().unwrap().to_string()
+}
