@@ -53,6 +53,58 @@ pub struct ObjectReference {
     pub resource_version: String,
 }
 
+/// Longest accepted revision. Flux revisions are short (`6.5.1`, `main@sha1:<40 hex>`,
+/// `sha256:<64 hex>`, `v1.2.3@sha256:<64 hex>`); 256 bytes leaves room for long branch and tag
+/// names.
+pub const MAX_REVISION_BYTES: usize = 256;
+
+/// Longest accepted identifying field of an event (kind, names, reason, ...).
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Decodes exactly one JSON value from `body`, naming the field that is wrong.
+pub fn decode_exactly_one<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        if path == "." {
+            err.into_inner().to_string()
+        } else {
+            format!("{path}: {}", err.into_inner())
+        }
+    })?;
+    de.end()
+        .map_err(|err| format!("unexpected data after the JSON document: {err}"))?;
+    Ok(value)
+}
+
+/// Characters that never belong in a revision or a name: controls (NUL, newline, ESC
+/// starting ANSI sequences, DEL, C1), whitespace, and the invisible formatting and
+/// bidirectional overrides that make text display differently from what it is.
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || c.is_whitespace()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+/// Why a revision cannot be promoted, if it cannot: too long, or not printable.
+pub fn check_revision(revision: &str) -> Result<(), String> {
+    if revision.len() > MAX_REVISION_BYTES {
+        return Err(format!(
+            "revision is {} bytes long, more than the accepted {MAX_REVISION_BYTES}",
+            revision.len()
+        ));
+    }
+    if let Some(c) = revision.chars().find(|c| is_unprintable(*c)) {
+        return Err(format!(
+            "revision contains the unprintable character {:?}; revisions are printable and without spaces",
+            c
+        ));
+    }
+    Ok(())
+}
+
 /// Whether an event reports a successful deployment, and if not, why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -64,17 +116,42 @@ pub enum Outcome {
 }
 
 impl FluxEvent {
-    /// Decodes an event; the message says which field is missing or wrong.
+    /// Decodes an event; the message says which field is missing or wrong. The body must
+    /// hold exactly one event: anything after it but whitespace is refused, since the
+    /// signature covers bytes that no one would then have read.
     pub fn from_json(body: &[u8]) -> Result<Self, String> {
-        let mut de = serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(&mut de).map_err(|err| {
-            let path = err.path().to_string();
-            if path == "." {
-                err.into_inner().to_string()
-            } else {
-                format!("{path}: {}", err.into_inner())
+        let event: Self = decode_exactly_one(body)?;
+        event.check_fields()?;
+        Ok(event)
+    }
+
+    /// The identifying fields are short names; bounding them (and refusing control
+    /// characters) keeps a signed but hostile sender from forging log lines or bloating
+    /// records. The message is free text and only bounded by the body size.
+    fn check_fields(&self) -> Result<(), String> {
+        let object = &self.involved_object;
+        for (field, value) in [
+            ("involvedObject.kind", object.kind.as_str()),
+            ("involvedObject.namespace", object.namespace.as_str()),
+            ("involvedObject.name", object.name.as_str()),
+            ("involvedObject.apiVersion", object.api_version.as_str()),
+            ("involvedObject.uid", object.uid.as_str()),
+            ("involvedObject.resourceVersion", object.resource_version.as_str()),
+            ("severity", self.severity.as_str()),
+            ("reason", self.reason.as_str()),
+            ("reportingController", self.reporting_controller.as_str()),
+        ] {
+            if value.len() > MAX_NAME_BYTES {
+                return Err(format!(
+                    "{field}: {} bytes long, more than the accepted {MAX_NAME_BYTES}",
+                    value.len()
+                ));
             }
-        })
+            if value.chars().any(is_unprintable) {
+                return Err(format!("{field}: contains control or invisible characters"));
+            }
+        }
+        Ok(())
     }
 
     /// The deployed revision: `revision`, else `<involvedObject group>/revision`, else the
@@ -220,6 +297,54 @@ mod tests {
         assert_eq!(k.revision(), Some("main@sha1:abc"));
         k.metadata.insert("revision".into(), "  ".into());
         assert_eq!(k.revision(), Some("main@sha1:abc"));
+    }
+
+    #[test]
+    fn refuses_trailing_data_and_unprintable_names() {
+        let body = br#"{"involvedObject":{"kind":"HelmRelease","namespace":"dev","name":"podinfo","apiVersion":"helm.toolkit.fluxcd.io/v2"},"severity":"info","timestamp":"2022-09-13T16:01:01Z","reason":"UpgradeSucceeded","metadata":{"revision":"1.0.0"}}"#;
+        assert!(FluxEvent::from_json(body).is_ok());
+        let mut padded = body.to_vec();
+        padded.extend_from_slice(b" \n\t");
+        assert!(FluxEvent::from_json(&padded).is_ok());
+        for tail in [&b"{}"[..], b"\0", b"x", b"[]"] {
+            let mut bad = body.to_vec();
+            bad.extend_from_slice(tail);
+            let err = FluxEvent::from_json(&bad).unwrap_err();
+            assert!(err.contains("after the JSON document"), "{err}");
+        }
+        let text = std::str::from_utf8(body).unwrap();
+        let forged = text.replace("UpgradeSucceeded", "UpgradeSucceeded\\n\\u001b[31m");
+        let err = FluxEvent::from_json(forged.as_bytes()).unwrap_err();
+        assert!(err.starts_with("reason"), "{err}");
+        let long = text.replace("podinfo", &"a".repeat(300));
+        let err = FluxEvent::from_json(long.as_bytes()).unwrap_err();
+        assert!(err.starts_with("involvedObject.name"), "{err}");
+    }
+
+    #[test]
+    fn revisions_are_printable_and_bounded() {
+        for ok in [
+            "6.5.1",
+            "v1.2.3+build.4",
+            "main@sha1:0123456789abcdef0123456789abcdef01234567",
+            "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "feature/überweisung@sha1:abc",
+        ] {
+            assert!(check_revision(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "1.0\n2.0",
+            "1.0\u{1b}[31m",
+            "1.0\0",
+            "1.0 2.0",
+            "1.0\u{7f}",
+            "1.0\u{202e}",
+            "1.0\u{200b}",
+        ] {
+            assert!(check_revision(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_revision(&"1".repeat(MAX_REVISION_BYTES)).is_ok());
+        assert!(check_revision(&"1".repeat(MAX_REVISION_BYTES + 1)).is_err());
     }
 
     #[test]

@@ -145,9 +145,12 @@ impl Executor {
 
     /// Works until `shutdown` resolves. Attempts still running then are abandoned in
     /// `Running` and resumed by the next executor, which strategies tolerate.
+    ///
+    /// When the store fails (a full disk, an API server away) the executor backs off as
+    /// a whole instead of retrying each record at once, and says so once per interval.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut in_flight: JoinSet<()> = JoinSet::new();
+        let mut in_flight: JoinSet<Result<(), StoreError>> = JoinSet::new();
         // Record ids of the attempts in flight, by task, so none is started twice.
         let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
         // Due records not started yet, oldest first. The store is scanned again only once
@@ -155,40 +158,44 @@ impl Executor {
         let mut queue: VecDeque<String> = VecDeque::new();
         let mut sleep_for = Duration::ZERO;
         let mut scan = true;
+        let mut outage = StoreOutage::default();
         loop {
-            if scan {
+            if scan && !outage.waiting() {
                 match self.store.unfinished().await {
                     Ok(records) => {
+                        outage.ended();
                         let (due, wait) = self.plan(records, &running);
                         queue = due;
                         sleep_for = wait;
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, "executor cannot read the promotion store");
-                        sleep_for = Duration::from_secs(1);
+                        queue.clear();
+                        sleep_for = outage.failed(&err);
                     }
                 }
             }
-            while in_flight.len() < self.settings.concurrency {
+            while in_flight.len() < self.settings.concurrency && !outage.waiting() {
                 let Some(id) = queue.pop_front() else { break };
                 let this = Arc::clone(&self);
                 let task = in_flight.spawn({
                     let id = id.clone();
-                    async move {
-                        if let Err(err) = this.execute(&id).await {
-                            tracing::warn!(promotion = %id, error = %err, "promotion attempt not recorded");
-                        }
-                    }
+                    async move { this.execute(&id).await }
                 });
                 running.insert(task.id(), id);
             }
             tokio::select! {
                 () = &mut shutdown => break,
                 () = self.wake.notified() => {}
-                () = tokio::time::sleep(sleep_for) => {}
+                () = tokio::time::sleep(outage.remaining().unwrap_or(sleep_for)) => {}
                 Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                     let task = match done {
-                        Ok((task, ())) => task,
+                        Ok((task, Ok(()))) => task,
+                        Ok((task, Err(err))) => {
+                            // The attempt could not start: back off before the next try.
+                            queue.clear();
+                            sleep_for = outage.failed(&err);
+                            task
+                        }
                         Err(err) => err.id(),
                     };
                     running.remove(&task);
@@ -225,7 +232,10 @@ impl Executor {
         (due, sleep_for)
     }
 
-    /// Runs one attempt of record `id`, if it is still unfinished.
+    /// Runs one attempt of record `id`, if it is still unfinished. Fails only when the
+    /// attempt could not be started; once the strategy ran, its outcome is kept and
+    /// stored as soon as the store takes it, so a store outage never repeats a promotion
+    /// that already happened (only a process that dies meanwhile does).
     pub async fn execute(&self, id: &str) -> Result<(), StoreError> {
         let now = self.clock.now();
         let record = match self.store.modify(id, &|r| r.start_attempt(now)).await {
@@ -246,23 +256,26 @@ impl Executor {
         let outcome = self.attempt(&record).await;
         let now = self.clock.now();
         let retry = self.settings.retry;
-        let stored = match &outcome {
-            Ok(done) => {
-                self.store
-                    .modify(id, &|r| {
-                        r.succeed(done.message.clone(), done.result.clone(), now)
-                    })
-                    .await?
-            }
+        let change = |r: &mut PromotionRecord| match &outcome {
+            Ok(done) => r.succeed(done.message.clone(), done.result.clone(), now),
             Err(err) => {
-                self.store
-                    .modify(id, &|r| {
-                        r.checkpoints.extend(err.checkpoints.clone());
-                        r.fail_attempt(err.message.clone(), err.retryable, &retry, now)
-                    })
-                    .await?
+                r.checkpoints.extend(err.checkpoints.clone());
+                r.fail_attempt(err.message.clone(), err.retryable, &retry, now)
             }
         };
+        let mut outage = StoreOutage::default();
+        let stored = loop {
+            match self.store.modify(id, &change).await {
+                Ok(stored) => break stored,
+                // Someone else finished it meanwhile (another leader after a failover).
+                Err(StoreError::Transition(_) | StoreError::NotFound(_)) => return Ok(()),
+                Err(err) => {
+                    let wait = outage.failed(&err);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        outage.ended();
         self.metrics.record_phase(stored.phase);
         tracing::info!(
             promotion = %stored.id,
@@ -311,6 +324,68 @@ impl Executor {
                 secrets: self.secrets.as_ref(),
             })
             .await
+    }
+}
+
+/// Backoff and quiet logging while the promotion store fails.
+#[derive(Debug, Default)]
+struct StoreOutage {
+    since: Option<std::time::Instant>,
+    backoff: Duration,
+    retry_at: Option<std::time::Instant>,
+    logged_at: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl StoreOutage {
+    const MIN_BACKOFF: Duration = Duration::from_millis(250);
+    const MAX_BACKOFF: Duration = Duration::from_secs(10);
+    const LOG_INTERVAL: Duration = Duration::from_secs(30);
+
+    /// Notes a failure; returns how long to wait before touching the store again.
+    fn failed(&mut self, err: &StoreError) -> Duration {
+        let now = std::time::Instant::now();
+        self.since.get_or_insert(now);
+        self.backoff = (self.backoff * 2).clamp(Self::MIN_BACKOFF, Self::MAX_BACKOFF);
+        self.retry_at = Some(now + self.backoff);
+        self.unlogged += 1;
+        if self
+            .logged_at
+            .is_none_or(|at| now.duration_since(at) >= Self::LOG_INTERVAL)
+        {
+            tracing::warn!(
+                error = %err,
+                failures = self.unlogged,
+                failing_for_s = self.since.map_or(0, |s| now.duration_since(s).as_secs()),
+                retry_in_ms = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX),
+                "executor cannot use the promotion store; backing off"
+            );
+            self.logged_at = Some(now);
+            self.unlogged = 0;
+        }
+        self.backoff
+    }
+
+    /// Whether the executor is still waiting out a failure.
+    fn waiting(&self) -> bool {
+        self.remaining().is_some()
+    }
+
+    /// How much of the current wait is left, if the executor is waiting.
+    fn remaining(&self) -> Option<Duration> {
+        self.retry_at
+            .and_then(|at| at.checked_duration_since(std::time::Instant::now()))
+            .filter(|left| !left.is_zero())
+    }
+
+    fn ended(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                after_s = since.elapsed().as_secs(),
+                "executor uses the promotion store again"
+            );
+        }
+        *self = Self::default();
     }
 }
 
@@ -508,5 +583,149 @@ mod tests {
             assert_eq!(record.attempts as usize, expected);
         }
         assert_eq!(strategy.total.load(Ordering::SeqCst), 300 + 30);
+    }
+
+    /// A store that refuses everything while `broken` is set.
+    struct Breakable {
+        inner: MemoryStore,
+        broken: std::sync::atomic::AtomicBool,
+        refused: AtomicUsize,
+    }
+
+    impl Breakable {
+        fn check(&self) -> Result<(), StoreError> {
+            if self.broken.load(Ordering::SeqCst) {
+                self.refused.fetch_add(1, Ordering::SeqCst);
+                return Err(StoreError::Unavailable("disk full".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl PromotionStore for Breakable {
+        async fn create_if_absent(
+            &self,
+            record: PromotionRecord,
+        ) -> Result<(PromotionRecord, bool), StoreError> {
+            self.check()?;
+            self.inner.create_if_absent(record).await
+        }
+        async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
+            self.check()?;
+            self.inner.get(id).await
+        }
+        async fn list(&self, f: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
+            self.check()?;
+            self.inner.list(f).await
+        }
+        async fn modify(
+            &self,
+            id: &str,
+            change: RecordChange<'_>,
+        ) -> Result<PromotionRecord, StoreError> {
+            self.check()?;
+            self.inner.modify(id, change).await
+        }
+        async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
+            self.check()?;
+            self.inner.unfinished().await
+        }
+    }
+
+    /// Breaks the store while promoting, as a disk that fills up mid-attempt would.
+    struct BreaksTheStore {
+        store: Arc<Breakable>,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl PromotionStrategy for BreaksTheStore {
+        async fn promote(&self, _: PromotionContext<'_>) -> Result<StrategyOutcome, StrategyError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            self.store.broken.store(true, Ordering::SeqCst);
+            Ok(StrategyOutcome {
+                message: "done".into(),
+                result: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_outage_neither_repeats_a_promotion_nor_spins() {
+        let spec = parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "v1", "kind": "K", "name": "app"},
+            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
+                             {"name": "b", "targets": [{"namespace": "b"}]}],
+            "promotion": {"strategy": {"notification": {}}}
+        }))
+        .unwrap();
+        let reference = PipelineRef::new("ns", "p");
+        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
+            reference: reference.clone(),
+            spec,
+        })));
+        let store = Arc::new(Breakable {
+            inner: MemoryStore::default(),
+            broken: false.into(),
+            refused: AtomicUsize::new(0),
+        });
+        let record = PromotionRecord::new(
+            reference,
+            "a",
+            "b",
+            "1.0.0",
+            false,
+            Trigger::default(),
+            chrono::Utc::now(),
+        );
+        let id = record.id.clone();
+        store.create_if_absent(record).await.unwrap();
+        let strategy = Arc::new(BreaksTheStore {
+            store: store.clone(),
+            calls: AtomicUsize::new(0),
+        });
+        let executor = Arc::new(Executor::new(
+            store.clone(),
+            pipeline.clone(),
+            pipeline,
+            StrategySet {
+                notification: strategy.clone(),
+                pull_request: strategy.clone(),
+            },
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+            ExecutorSettings {
+                idle_poll: Duration::from_millis(10),
+                ..ExecutorSettings::default()
+            },
+            Arc::new(Notify::new()),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        // The store stays broken for two seconds after the strategy ran.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while strategy.calls.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "never attempted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let refused = store.refused.load(Ordering::SeqCst);
+        store.broken.store(false, Ordering::SeqCst);
+        loop {
+            let record = store.inner.get(&id).await.unwrap().unwrap();
+            if record.phase == Phase::Succeeded {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never recorded: {record:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+        task.await.unwrap();
+        assert_eq!(strategy.calls.load(Ordering::SeqCst), 1, "promoted twice");
+        // Backoff, not a busy loop: a handful of tries in two seconds, not thousands.
+        assert!(refused <= 20, "store hit {refused} times while broken");
     }
 }

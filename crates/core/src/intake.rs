@@ -93,6 +93,8 @@ pub enum Refusal {
         "event has no revision in its metadata (expected key \"revision\" or \"<group>/revision\")"
     )]
     MissingRevision,
+    #[error("{0}")]
+    InvalidRevision(String),
     #[error("pipeline {pipeline} has no environment {environment:?}")]
     UnknownEnvironment {
         pipeline: PipelineRef,
@@ -134,6 +136,7 @@ impl Refusal {
             Refusal::Unauthenticated(_) => "unauthenticated",
             Refusal::BadBody { .. } => "invalid_body",
             Refusal::MissingRevision => "missing_revision",
+            Refusal::InvalidRevision(_) => "invalid_revision",
             Refusal::UnknownEnvironment { .. } => "unknown_environment",
             Refusal::LastEnvironment(_) => "last_environment",
             Refusal::NoTargets(_) => "no_targets",
@@ -334,6 +337,7 @@ impl Intake {
             return Ok(Decision::Ignored { reason, message });
         }
         let revision = event.revision().ok_or(Refusal::MissingRevision)?;
+        crate::event::check_revision(revision).map_err(Refusal::InvalidRevision)?;
         let promotion =
             pipeline
                 .promotion_for(&target.name)
@@ -381,9 +385,9 @@ impl Intake {
         self.authenticate(&pipeline, request.signature, request.body)
             .await?;
         let body: ApprovalBody =
-            serde_json::from_slice(request.body).map_err(|e| Refusal::BadBody {
+            crate::event::decode_exactly_one(request.body).map_err(|detail| Refusal::BadBody {
                 what: "approval",
-                detail: e.to_string(),
+                detail,
             })?;
         let expected_pipeline = request.pipeline.to_string();
         for (field, got, want) in [

@@ -120,6 +120,12 @@ pub trait PromotionStore: Send + Sync {
     /// Records the executor should work on (`Pending` and `Running`), with their next
     /// attempt time so the executor knows how long it may sleep.
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError>;
+
+    /// Whether the store can record promotions now; `/readyz` answers with it. The
+    /// default asks for a record, which any answering backend can give.
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.get("readyz-probe").await.map(|_| ())
+    }
 }
 
 /// Time, injectable so tests can move it.

@@ -369,7 +369,7 @@ async fn healthz() -> Response {
 
 /// Ready when the promotion store answers: without it no event can be recorded.
 async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
-    state.intake.store().get("readyz-probe").await?;
+    state.intake.store().ready().await?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({"status": "ready"}),

@@ -16,7 +16,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -63,6 +64,13 @@ pub enum OpenError {
         found: u64,
         supported: u64,
     },
+    /// An existing empty file most likely means the data was lost (a truncated copy, a
+    /// full disk while it was written); silently starting afresh would hide that.
+    #[error(
+        "promotion store {} exists but is empty (0 bytes), which usually means its data was lost; restore it from a backup, or start with an empty store by passing --init-empty-state",
+        path.display()
+    )]
+    EmptyFile { path: PathBuf },
     #[error("cannot open promotion store {}: {source}", path.display())]
     Storage {
         path: PathBuf,
@@ -71,31 +79,100 @@ pub enum OpenError {
     },
 }
 
+/// How [`RedbPromotionStore::open_with`] treats the file.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenOptions {
+    /// Start with an empty store when the file exists with 0 bytes, instead of refusing.
+    pub init_empty_file: bool,
+}
+
+/// First wait before reopening the file after a storage failure; doubles up to
+/// [`MAX_REOPEN_BACKOFF`], so a disk that has room again is used within seconds.
+const MIN_REOPEN_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_REOPEN_BACKOFF: Duration = Duration::from_secs(5);
+
+/// While the store keeps failing, its warning is repeated at most this often.
+const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Promotion records in one redb file.
 ///
 /// Cloning is cheap and shares the open database. Every write commits with redb's
 /// default `Durability::Immediate`: a call returns only after the data is fsynced.
+///
+/// After an I/O failure redb refuses all further work on that handle ("previous I/O
+/// error"), so the store drops the handle and reopens the file itself, with backoff,
+/// until a durable probe write succeeds; until then every call answers `Unavailable`.
 #[derive(Clone)]
 pub struct RedbPromotionStore {
-    db: Arc<Database>,
-    path: Arc<Path>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    /// The open database; replaced when the file is reopened after a failure.
+    db: Mutex<Option<Arc<Database>>>,
+    fault: Mutex<Option<Fault>>,
+}
+
+/// A storage failure the store has not recovered from yet.
+struct Fault {
+    message: String,
+    since: Instant,
+    retry_at: Instant,
+    backoff: Duration,
+    logged_at: Instant,
+    unlogged: u64,
 }
 
 impl fmt::Debug for RedbPromotionStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedbPromotionStore")
-            .field("path", &self.path)
+            .field("path", &self.inner.path)
             .finish_non_exhaustive()
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Why an operation on the open database failed: the storage itself (the handle must be
+/// reopened) or the data or request (the handle is fine).
+enum Failure {
+    Storage(redb::Error),
+    Store(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(err: StoreError) -> Self {
+        Failure::Store(err)
+    }
+}
+
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Storage(err) => StoreError::Unavailable(err.to_string()),
+            Failure::Store(err) => err,
+        }
+    }
+}
+
+fn io(err: impl Into<redb::Error>) -> Failure {
+    Failure::Storage(err.into())
+}
+
 impl RedbPromotionStore {
-    /// Opens `path`, creating the file and its missing parent directories. Blocking: call
-    /// it at startup, or from `spawn_blocking`.
+    /// Opens `path`, creating the file and its missing parent directories, and refusing
+    /// an existing empty file. Blocking: call it at startup, or from `spawn_blocking`.
     ///
     /// The integrity of the file is checked on every open (it reads the whole file once),
     /// so a damaged file is refused with an error instead of panicking later in redb.
     pub fn open(path: &Path) -> Result<Self, OpenError> {
+        Self::open_with(path, OpenOptions::default())
+    }
+
+    pub fn open_with(path: &Path, options: OpenOptions) -> Result<Self, OpenError> {
         let storage = |source: Box<dyn std::error::Error + Send + Sync>| OpenError::Storage {
             path: path.to_path_buf(),
             source,
@@ -103,41 +180,194 @@ impl RedbPromotionStore {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| storage(Box::new(e)))?;
         }
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .set_check_integrity_on_open(true)
-            .create(path)
-            .map_err(|err| match err {
-                DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
-                    OpenError::AlreadyOpen {
+        match std::fs::metadata(path) {
+            Ok(meta) if meta.is_file() && meta.len() == 0 => {
+                if !options.init_empty_file {
+                    return Err(OpenError::EmptyFile {
                         path: path.to_path_buf(),
-                    }
+                    });
                 }
-                other => storage(Box::new(other)),
-            })?;
-        init_schema(&db, path)?;
+                tracing::warn!(path = %path.display(), "state file is empty; starting with an empty promotion store as --init-empty-state asks");
+            }
+            _ => {}
+        }
+        let db = open_database(path)?;
         tracing::info!(path = %path.display(), "promotion store opened");
         Ok(Self {
-            db: Arc::new(db),
-            path: Arc::from(path),
+            inner: Arc::new(Inner {
+                path: path.to_path_buf(),
+                db: Mutex::new(Some(Arc::new(db))),
+                fault: Mutex::new(None),
+            }),
         })
     }
 
     /// The file this store was opened on.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.inner.path
     }
 
     /// Runs `work` on the blocking pool: redb does file I/O and fsync synchronously.
     async fn blocking<T, F>(&self, work: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&Database) -> Result<T, Failure> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || work(&db))
-            .await
-            .map_err(join_failed)?
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let db = inner.database()?;
+            let result = work(&db);
+            drop(db);
+            inner.settle(result)
+        })
+        .await
+        .map_err(join_failed)?
+    }
+}
+
+/// Opens (or creates) the database file with our settings and checks its schema.
+fn open_database(path: &Path) -> Result<Database, OpenError> {
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .map_err(|err| match err {
+            DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+                OpenError::AlreadyOpen {
+                    path: path.to_path_buf(),
+                }
+            }
+            other => OpenError::Storage {
+                path: path.to_path_buf(),
+                source: Box::new(other),
+            },
+        })?;
+    init_schema(&db, path)?;
+    Ok(db)
+}
+
+impl Inner {
+    /// The database to work on, reopening the file first when a failure is due for a
+    /// retry. Refuses while a failure stands and its backoff has not passed.
+    fn database(&self) -> Result<Arc<Database>, StoreError> {
+        let mut slot = lock(&self.db);
+        let mut fault = lock(&self.fault);
+        let Some(current) = fault.as_mut() else {
+            return slot
+                .clone()
+                .ok_or_else(|| StoreError::Unavailable("promotion store is closed".into()));
+        };
+        let now = Instant::now();
+        if now < current.retry_at {
+            return Err(current.refusal());
+        }
+        // redb locks the file per handle: the old handle (and any transaction still
+        // holding it) must be gone before the file can be opened again.
+        if let Some(old) = slot.take() {
+            match Arc::try_unwrap(old) {
+                Ok(old) => drop(old),
+                Err(shared) => {
+                    *slot = Some(shared);
+                    current.retry_at = now + MIN_REOPEN_BACKOFF;
+                    return Err(current.refusal());
+                }
+            }
+        }
+        let reopened = open_database(&self.path)
+            .map_err(|err| err.to_string())
+            .and_then(|db| match probe_write(&db) {
+                Ok(()) => Ok(db),
+                Err(err) => {
+                    *slot = Some(Arc::new(db));
+                    Err(err)
+                }
+            });
+        match reopened {
+            Ok(db) => {
+                tracing::info!(
+                    path = %self.path.display(),
+                    after_ms = u64::try_from(current.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "promotion store recovered: the file was reopened and takes writes again"
+                );
+                *fault = None;
+                let db = Arc::new(db);
+                *slot = Some(Arc::clone(&db));
+                Ok(db)
+            }
+            Err(message) => {
+                current.note(message, now);
+                Err(current.refusal())
+            }
+        }
+    }
+
+    /// Turns a work result into the caller's, recording a storage failure.
+    fn settle<T>(&self, result: Result<T, Failure>) -> Result<T, StoreError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(Failure::Store(err)) => Err(err),
+            Err(Failure::Storage(err)) => {
+                let message = err.to_string();
+                let mut fault = lock(&self.fault);
+                let now = Instant::now();
+                let current = fault.get_or_insert_with(|| {
+                    tracing::error!(path = %self.path.display(), error = %message, "promotion store failed; refusing writes and reopening the file with backoff until it takes writes again");
+                    Fault {
+                        message: message.clone(),
+                        since: now,
+                        retry_at: now,
+                        backoff: MIN_REOPEN_BACKOFF / 2,
+                        logged_at: now,
+                        unlogged: 0,
+                    }
+                });
+                current.note(message, now);
+                Err(current.refusal())
+            }
+        }
+    }
+}
+
+/// A durable write into `meta`: proves the file takes writes again.
+fn probe_write(db: &Database) -> Result<(), String> {
+    const PROBE_KEY: &str = "write_probe";
+    let txn = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        let next = meta
+            .get(PROBE_KEY)
+            .map_err(|e| e.to_string())?
+            .map_or(0, |v| v.value())
+            .wrapping_add(1);
+        meta.insert(PROBE_KEY, next).map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+impl Fault {
+    /// Another failure while this one stands: back off further, log once per interval.
+    fn note(&mut self, message: String, now: Instant) {
+        self.backoff = (self.backoff * 2).min(MAX_REOPEN_BACKOFF);
+        self.retry_at = now + self.backoff;
+        self.message = message;
+        self.unlogged += 1;
+        if now.duration_since(self.logged_at) >= FAULT_LOG_INTERVAL {
+            tracing::warn!(
+                error = %self.message,
+                failing_for_s = self.since.elapsed().as_secs(),
+                failures = self.unlogged,
+                "promotion store still failing"
+            );
+            self.logged_at = now;
+            self.unlogged = 0;
+        }
+    }
+
+    fn refusal(&self) -> StoreError {
+        StoreError::Unavailable(format!(
+            "storage failure ({}), retrying in the background",
+            self.message
+        ))
     }
 }
 
@@ -173,14 +403,10 @@ fn init_schema(db: &Database, path: &Path) -> Result<(), OpenError> {
     // Future schema migrations from `found` to SCHEMA_VERSION go here.
     Tables::open(&txn).map_err(|e| OpenError::Storage {
         path: path.to_path_buf(),
-        source: Box::new(e),
+        source: Box::new(StoreError::from(e)),
     })?;
     txn.commit().map_err(|e| storage(e.into()))?;
     Ok(())
-}
-
-fn unavailable(err: impl Into<redb::Error>) -> StoreError {
-    StoreError::Unavailable(err.into().to_string())
 }
 
 fn join_failed(err: tokio::task::JoinError) -> StoreError {
@@ -227,9 +453,9 @@ fn decode(id: &str, bytes: &[u8]) -> Result<PromotionRecord, StoreError> {
 fn load(
     records: &impl ReadableTable<&'static str, &'static [u8]>,
     id: &str,
-) -> Result<Option<PromotionRecord>, StoreError> {
-    match records.get(id).map_err(unavailable)? {
-        Some(bytes) => decode(id, bytes.value()).map(Some),
+) -> Result<Option<PromotionRecord>, Failure> {
+    match records.get(id).map_err(io)? {
+        Some(bytes) => Ok(Some(decode(id, bytes.value())?)),
         None => Ok(None),
     }
 }
@@ -239,12 +465,12 @@ fn load_indexed(
     records: &impl ReadableTable<&'static str, &'static [u8]>,
     index: &str,
     id: &str,
-) -> Result<PromotionRecord, StoreError> {
+) -> Result<PromotionRecord, Failure> {
     load(records, id)?.ok_or_else(|| {
         tracing::error!(promotion = %id, index, "index entry without a record");
-        StoreError::Unavailable(format!(
+        Failure::Store(StoreError::Unavailable(format!(
             "index {index} names promotion {id}, which is not stored"
-        ))
+        )))
     })
 }
 
@@ -257,12 +483,12 @@ struct Tables<'txn> {
 }
 
 impl<'txn> Tables<'txn> {
-    fn open(txn: &'txn WriteTransaction) -> Result<Self, StoreError> {
+    fn open(txn: &'txn WriteTransaction) -> Result<Self, Failure> {
         Ok(Self {
-            records: txn.open_table(RECORDS).map_err(unavailable)?,
-            by_created: txn.open_table(BY_CREATED).map_err(unavailable)?,
-            by_pipeline: txn.open_table(BY_PIPELINE).map_err(unavailable)?,
-            unfinished: txn.open_table(UNFINISHED).map_err(unavailable)?,
+            records: txn.open_table(RECORDS).map_err(io)?,
+            by_created: txn.open_table(BY_CREATED).map_err(io)?,
+            by_pipeline: txn.open_table(BY_PIPELINE).map_err(io)?,
+            unfinished: txn.open_table(UNFINISHED).map_err(io)?,
         })
     }
 
@@ -271,11 +497,11 @@ impl<'txn> Tables<'txn> {
         &mut self,
         old: Option<&PromotionRecord>,
         new: &PromotionRecord,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), Failure> {
         let json = encode(new)?;
         self.records
             .insert(new.id.as_str(), json.as_slice())
-            .map_err(unavailable)?;
+            .map_err(io)?;
 
         let moved =
             old.is_none_or(|old| old.created_at != new.created_at || old.pipeline != new.pipeline);
@@ -284,7 +510,7 @@ impl<'txn> Tables<'txn> {
                 let (seconds, nanos) = newest_first(old.created_at);
                 self.by_created
                     .remove((seconds, nanos, old.id.as_str()))
-                    .map_err(unavailable)?;
+                    .map_err(io)?;
                 self.by_pipeline
                     .remove((
                         old.pipeline.namespace.as_str(),
@@ -293,12 +519,12 @@ impl<'txn> Tables<'txn> {
                         nanos,
                         old.id.as_str(),
                     ))
-                    .map_err(unavailable)?;
+                    .map_err(io)?;
             }
             let (seconds, nanos) = newest_first(new.created_at);
             self.by_created
                 .insert((seconds, nanos, new.id.as_str()), ())
-                .map_err(unavailable)?;
+                .map_err(io)?;
             self.by_pipeline
                 .insert(
                     (
@@ -310,17 +536,17 @@ impl<'txn> Tables<'txn> {
                     ),
                     (),
                 )
-                .map_err(unavailable)?;
+                .map_err(io)?;
         }
 
         if is_unfinished(new.phase) {
             self.unfinished
                 .insert(new.id.as_str(), ())
-                .map_err(unavailable)?;
+                .map_err(io)?;
         } else if old.is_some_and(|old| is_unfinished(old.phase)) {
             self.unfinished
                 .remove(new.id.as_str())
-                .map_err(unavailable)?;
+                .map_err(io)?;
         }
         Ok(())
     }
@@ -335,7 +561,7 @@ impl PromotionStore for RedbPromotionStore {
         // Check and insert in one write transaction: redb runs one writer at a time, so
         // concurrent creators of one id serialize here and exactly one inserts.
         self.blocking(move |db| {
-            let txn = db.begin_write().map_err(unavailable)?;
+            let txn = db.begin_write().map_err(io)?;
             let existing = {
                 let mut tables = Tables::open(&txn)?;
                 let existing = load(&tables.records, &record.id)?;
@@ -346,12 +572,12 @@ impl PromotionStore for RedbPromotionStore {
             };
             match existing {
                 Some(existing) => {
-                    txn.abort().map_err(unavailable)?;
+                    txn.abort().map_err(io)?;
                     Ok((existing, false))
                 }
                 None => {
                     // Durability::Immediate (the default): fsynced before commit returns.
-                    txn.commit().map_err(unavailable)?;
+                    txn.commit().map_err(io)?;
                     tracing::debug!(promotion = %record.id, "promotion record created");
                     Ok((record, true))
                 }
@@ -363,8 +589,8 @@ impl PromotionStore for RedbPromotionStore {
     async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
         let id = id.to_string();
         self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let records = txn.open_table(RECORDS).map_err(unavailable)?;
+            let txn = db.begin_read().map_err(io)?;
+            let records = txn.open_table(RECORDS).map_err(io)?;
             load(&records, &id)
         })
         .await
@@ -373,16 +599,16 @@ impl PromotionStore for RedbPromotionStore {
     async fn list(&self, filter: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
         let filter = filter.clone();
         self.blocking(move |db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let records = txn.open_table(RECORDS).map_err(unavailable)?;
+            let txn = db.begin_read().map_err(io)?;
+            let records = txn.open_table(RECORDS).map_err(io)?;
             let mut out = Vec::new();
             if let Some(pipeline) = &filter.pipeline {
-                let index = txn.open_table(BY_PIPELINE).map_err(unavailable)?;
+                let index = txn.open_table(BY_PIPELINE).map_err(io)?;
                 let namespace = pipeline.namespace.as_str();
                 let name = pipeline.name.as_str();
                 let start = (namespace, name, 0u64, 0u32, "");
-                for entry in index.range(start..).map_err(unavailable)? {
-                    let (key, _) = entry.map_err(unavailable)?;
+                for entry in index.range(start..).map_err(io)? {
+                    let (key, _) = entry.map_err(io)?;
                     let (ns, n, _, _, id) = key.value();
                     if ns != namespace || n != name {
                         break;
@@ -393,9 +619,9 @@ impl PromotionStore for RedbPromotionStore {
                     }
                 }
             } else {
-                let index = txn.open_table(BY_CREATED).map_err(unavailable)?;
-                for entry in index.iter().map_err(unavailable)? {
-                    let (key, _) = entry.map_err(unavailable)?;
+                let index = txn.open_table(BY_CREATED).map_err(io)?;
+                for entry in index.iter().map_err(io)? {
+                    let (key, _) = entry.map_err(io)?;
                     let (_, _, id) = key.value();
                     let record = load_indexed(&records, "by_created", id)?;
                     if filter.matches(&record) {
@@ -420,16 +646,16 @@ impl PromotionStore for RedbPromotionStore {
         let key = id.to_string();
         let (txn, current) = self
             .blocking(move |db| {
-                let txn = db.begin_write().map_err(unavailable)?;
+                let txn = db.begin_write().map_err(io)?;
                 let current = {
-                    let records = txn.open_table(RECORDS).map_err(unavailable)?;
+                    let records = txn.open_table(RECORDS).map_err(io)?;
                     load(&records, &key)?
                 };
                 match current {
                     Some(current) => Ok((txn, current)),
                     None => {
-                        txn.abort().map_err(unavailable)?;
-                        Err(StoreError::NotFound(key))
+                        txn.abort().map_err(io)?;
+                        Err(StoreError::NotFound(key).into())
                     }
                 }
             })
@@ -460,26 +686,36 @@ impl PromotionStore for RedbPromotionStore {
         }
 
         // A write transaction keeps its database open by itself.
+        let inner = Arc::clone(&self.inner);
         tokio::task::spawn_blocking(move || {
-            {
-                let mut tables = Tables::open(&txn)?;
-                tables.put(Some(&current), &next)?;
-            }
-            txn.commit().map_err(unavailable)?;
-            Ok(next)
+            let written = Tables::open(&txn)
+                .and_then(|mut tables| tables.put(Some(&current), &next))
+                .and_then(|()| txn.commit().map_err(io));
+            inner.settle(written.map(|()| next))
         })
         .await
         .map_err(join_failed)?
     }
 
+    /// Ready when the file takes writes: after a storage failure this stays refused until
+    /// the file was reopened and a probe write was durable.
+    async fn ready(&self) -> Result<(), StoreError> {
+        self.blocking(|db| {
+            let txn = db.begin_read().map_err(io)?;
+            txn.open_table(META).map_err(io)?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
         self.blocking(|db| {
-            let txn = db.begin_read().map_err(unavailable)?;
-            let records = txn.open_table(RECORDS).map_err(unavailable)?;
-            let index = txn.open_table(UNFINISHED).map_err(unavailable)?;
-            let mut out = Vec::with_capacity(usize::try_from(index.len().map_err(unavailable)?).unwrap_or(0));
-            for entry in index.iter().map_err(unavailable)? {
-                let (key, _) = entry.map_err(unavailable)?;
+            let txn = db.begin_read().map_err(io)?;
+            let records = txn.open_table(RECORDS).map_err(io)?;
+            let index = txn.open_table(UNFINISHED).map_err(io)?;
+            let mut out = Vec::with_capacity(usize::try_from(index.len().map_err(io)?).unwrap_or(0));
+            for entry in index.iter().map_err(io)? {
+                let (key, _) = entry.map_err(io)?;
                 let id = key.value();
                 let record = load_indexed(&records, "unfinished", id)?;
                 if is_unfinished(record.phase) {

@@ -627,3 +627,32 @@ async fn a_panicking_change_writes_nothing_and_frees_the_writer() {
         .unwrap();
     assert_eq!(started.attempts, 1);
 }
+
+#[tokio::test]
+async fn an_empty_existing_file_is_refused_unless_asked_to_start_fresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("promotions.redb");
+    std::fs::write(&path, b"").unwrap();
+    let err = RedbPromotionStore::open(&path).unwrap_err();
+    assert!(matches!(&err, OpenError::EmptyFile { path: p } if *p == path), "{err}");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("--init-empty-state"), "{text}");
+    // Refusing changed nothing.
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+
+    let store = RedbPromotionStore::open_with(
+        &path,
+        OpenOptions {
+            init_empty_file: true,
+        },
+    )
+    .unwrap();
+    let r = record("ns/app", "dev", "staging", "1", at(0));
+    store.create_if_absent(r.clone()).await.unwrap();
+    store.ready().await.unwrap();
+    drop(store);
+    // Once written, the plain open works again.
+    let store = RedbPromotionStore::open(&path).unwrap();
+    assert_eq!(store.get(&r.id).await.unwrap(), Some(r));
+}
