@@ -102,12 +102,26 @@ pub struct ServeArgs {
         default_value = "pipeline-controller.redb"
     )]
     pub state: PathBuf,
+    /// Start with an empty store when the state file exists but is empty (0 bytes).
+    /// Without it such a file is refused: it usually means the data was lost.
+    #[arg(long)]
+    pub init_empty_state: bool,
     #[arg(
         long,
         env = "PIPELINE_CONTROLLER_LISTEN",
         default_value = "127.0.0.1:8080"
     )]
     pub listen: SocketAddr,
+    /// Close a connection that has not sent complete request headers within this time.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Close a kept-alive connection idle for this long between requests.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Most connections open at once (lowered to fit the open-file limit). When full,
+    /// the oldest connection without a request in progress is closed for a new one.
+    #[arg(long, default_value_t = pipeline_http::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Largest accepted request body.
     #[arg(long, default_value_t = pipeline_http::DEFAULT_MAX_BODY_BYTES)]
     pub max_body_bytes: usize,

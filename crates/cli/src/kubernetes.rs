@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
 use crate::serve::{
-    bind, executor_settings, http_settings, pull_request_settings, serve_http, stop_on_signal,
-    time_window,
+    bind, executor_settings, http_settings, pull_request_settings, serve_http, server_settings,
+    stop_on_signal, time_window,
 };
 
 /// Response header naming the Promotion object a 202 answer recorded.
@@ -203,7 +203,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         },
     ));
-    serve_http(listener, state, &shutdown).await?;
+    serve_http(listener, state, server_settings(&args), &shutdown).await?;
     let _ = election.await;
     let _ = prune.await;
     tracing::info!("stopped");

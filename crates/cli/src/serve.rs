@@ -10,9 +10,9 @@ use pipeline_core::{
     Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock, TimeWindow,
 };
 use pipeline_git::{PullRequestSettings, PullRequestStrategy};
-use pipeline_http::{AppState, HttpSettings, router};
+use pipeline_http::{AppState, HttpSettings, ServerSettings, router};
 use pipeline_manifests::ManifestCatalog;
-use pipeline_store::RedbPromotionStore;
+use pipeline_store::{OpenOptions, RedbPromotionStore};
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -43,8 +43,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let catalog = Arc::new(ManifestCatalog::new(&manifests));
     let store = Arc::new(
-        RedbPromotionStore::open(&args.state)
-            .with_context(|| format!("opening state file {}", args.state.display()))?,
+        RedbPromotionStore::open_with(
+            &args.state,
+            OpenOptions {
+                init_empty_file: args.init_empty_state,
+            },
+        )
+        .with_context(|| format!("opening state file {}", args.state.display()))?,
     );
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
@@ -97,6 +102,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     serve_http(
         listener,
         AppState::new(intake, metrics, http_settings(&args)),
+        server_settings(&args),
         &shutdown,
     )
     .await?;
@@ -132,6 +138,14 @@ pub(crate) fn http_settings(args: &ServeArgs) -> HttpSettings {
     }
 }
 
+pub(crate) fn server_settings(args: &ServeArgs) -> ServerSettings {
+    ServerSettings {
+        header_read_timeout: args.header_read_timeout,
+        idle_timeout: args.idle_timeout,
+        max_connections: pipeline_http::server::fit_connection_cap(args.max_connections),
+    }
+}
+
 pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(TcpListener, SocketAddr)> {
     let listener = TcpListener::bind(args.listen)
         .await
@@ -141,19 +155,15 @@ pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(TcpListener, Socke
 }
 
 /// Serves the webhook and API until `shutdown`, then cancels it for everything else.
-/// Peer addresses reach the router, for rate limiting.
 pub(crate) async fn serve_http(
     listener: TcpListener,
     state: AppState,
+    settings: ServerSettings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-    .await
-    .context("serving HTTP")?;
+    pipeline_http::serve(listener, router(state), settings, shutdown.clone())
+        .await
+        .context("serving HTTP")?;
     shutdown.cancel();
     Ok(())
 }

@@ -136,7 +136,10 @@ impl FluxEvent {
             ("involvedObject.name", object.name.as_str()),
             ("involvedObject.apiVersion", object.api_version.as_str()),
             ("involvedObject.uid", object.uid.as_str()),
-            ("involvedObject.resourceVersion", object.resource_version.as_str()),
+            (
+                "involvedObject.resourceVersion",
+                object.resource_version.as_str(),
+            ),
             ("severity", self.severity.as_str()),
             ("reason", self.reason.as_str()),
             ("reportingController", self.reporting_controller.as_str()),

@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Promotion, StrategyKind};
 use crate::ports::{Clock, PipelineSource, PromotionStore, SecretSource, StoreError};
 use crate::promotion::{PromotionRecord, RetryPolicy};
+use crate::report::Throttle;
 
 /// Everything a strategy may look at for one attempt.
 pub struct PromotionContext<'a> {
@@ -328,13 +329,23 @@ impl Executor {
 }
 
 /// Backoff and quiet logging while the promotion store fails.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct StoreOutage {
     since: Option<std::time::Instant>,
     backoff: Duration,
     retry_at: Option<std::time::Instant>,
-    logged_at: Option<std::time::Instant>,
-    unlogged: u64,
+    warnings: Throttle,
+}
+
+impl Default for StoreOutage {
+    fn default() -> Self {
+        Self {
+            since: None,
+            backoff: Duration::ZERO,
+            retry_at: None,
+            warnings: Throttle::new(Self::LOG_INTERVAL),
+        }
+    }
 }
 
 impl StoreOutage {
@@ -345,23 +356,17 @@ impl StoreOutage {
     /// Notes a failure; returns how long to wait before touching the store again.
     fn failed(&mut self, err: &StoreError) -> Duration {
         let now = std::time::Instant::now();
-        self.since.get_or_insert(now);
+        let since = *self.since.get_or_insert(now);
         self.backoff = (self.backoff * 2).clamp(Self::MIN_BACKOFF, Self::MAX_BACKOFF);
         self.retry_at = Some(now + self.backoff);
-        self.unlogged += 1;
-        if self
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= Self::LOG_INTERVAL)
-        {
+        if let Some(held_back) = self.warnings.admit() {
             tracing::warn!(
                 error = %err,
-                failures = self.unlogged,
-                failing_for_s = self.since.map_or(0, |s| now.duration_since(s).as_secs()),
+                failures_not_logged = held_back,
+                failing_for_s = now.duration_since(since).as_secs(),
                 retry_in_ms = u64::try_from(self.backoff.as_millis()).unwrap_or(u64::MAX),
                 "executor cannot use the promotion store; backing off"
             );
-            self.logged_at = Some(now);
-            self.unlogged = 0;
         }
         self.backoff
     }
@@ -385,7 +390,8 @@ impl StoreOutage {
                 "executor uses the promotion store again"
             );
         }
-        *self = Self::default();
+        self.backoff = Duration::ZERO;
+        self.retry_at = None;
     }
 }
 
@@ -719,7 +725,10 @@ mod tests {
             if record.phase == Phase::Succeeded {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "never recorded: {record:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never recorded: {record:?}"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let _ = stop.send(());

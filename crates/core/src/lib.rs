@@ -30,3 +30,4 @@ pub use ports::{
     SecretSource, StoreError, SystemClock, Unavailable,
 };
 pub use promotion::{Phase, PromotionRecord, RetryPolicy, Trigger, promotion_id};
+pub use report::Throttle;

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub reason: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Close the connection after answering (the request was not read to its end).
+    pub close_connection: bool,
 }
 
 #[derive(Serialize)]
@@ -30,6 +32,7 @@ impl ApiError {
             reason,
             message: message.into(),
             retry_after: None,
+            close_connection: false,
         }
     }
 
@@ -79,6 +82,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.close_connection {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }

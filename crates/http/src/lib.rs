@@ -4,6 +4,7 @@
 
 mod error;
 mod rate_limit;
+pub mod server;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -12,20 +13,23 @@ use std::time::{Duration, Instant};
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 use pipeline_core::{
     ApprovalRequest, Decision, EventRequest, Intake, Metrics, PipelineRef, PromotionFilter,
-    PromotionRecord,
+    PromotionRecord, Throttle,
 };
 use serde::Deserialize;
 
 pub use error::ApiError;
 pub use rate_limit::{PeerRateLimiter, RateLimit};
+pub use server::{ServerSettings, serve};
 
 /// Header carrying the HMAC signature of the body.
 pub const SIGNATURE_HEADER: &str = "x-signature";
@@ -116,7 +120,82 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(unknown_path)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(error_as_json))
         .with_state(state)
+}
+
+/// Longest path segment accepted; names in Kubernetes are at most 253 bytes.
+const MAX_SEGMENT_BYTES: usize = 253;
+
+/// Path parameters, percent-decoded, each valid UTF-8, printable and bounded: they name
+/// pipelines and environments and end up in logs and lookups. Refusals are JSON.
+struct ApiPath<T>(T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    S: Send + Sync,
+    T: serde::de::DeserializeOwned + Send,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let invalid =
+            |message: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", message);
+        let Path(segments) = Path::<Vec<String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection: PathRejection| invalid(rejection.body_text()))?;
+        for segment in &segments {
+            if segment.is_empty() || segment.len() > MAX_SEGMENT_BYTES {
+                return Err(invalid(format!(
+                    "path segments must be 1 to {MAX_SEGMENT_BYTES} bytes long"
+                )));
+            }
+            if segment.chars().any(pipeline_core::event::is_unprintable) {
+                return Err(invalid(
+                    "path segments must not contain control, space or invisible characters".into(),
+                ));
+            }
+        }
+        let Path(value) = Path::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection: PathRejection| invalid(rejection.body_text()))?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// Every error answer has the documented JSON shape, including those that axum's own
+/// extractors produce as plain text.
+async fn error_as_json(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(bytes) if !bytes.is_empty() => String::from_utf8_lossy(&bytes).into_owned(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let reason = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "body_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut rebuilt = ApiError::new(status, reason, text).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rebuilt.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    rebuilt
 }
 
 async fn unknown_path(request: Request) -> ApiError {
@@ -144,6 +223,10 @@ fn peer_ip(request: &Request) -> IpAddr {
         })
 }
 
+/// Most a refused oversized body is read (and discarded) before answering, so a
+/// client still sending gets the 413 instead of a connection reset.
+const DRAIN_LIMIT_BYTES: usize = 8 * 1024 * 1024;
+
 /// Rate limit, then read the body without buffering past the limit.
 async fn admit(state: &AppState, request: Request) -> Result<(HeaderMap, Bytes), ApiError> {
     if let Some(limiter) = &state.limiter {
@@ -156,28 +239,15 @@ async fn admit(state: &AppState, request: Request) -> Result<(HeaderMap, Bytes),
             .with_retry_after(wait)
         })?;
     }
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("request body is larger than {} bytes", state.max_body_bytes),
-        )
-    };
-    let (parts, body) = request.into_parts();
+    let (parts, mut body) = request.into_parts();
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > state.max_body_bytes as u64) {
-        return Err(too_large());
-    }
-    let body = tokio::time::timeout(
-        state.body_timeout,
-        Limited::new(body, state.max_body_bytes).collect(),
-    )
-    .await
-    .map_err(|_| {
+    let limit = state.max_body_bytes;
+    let deadline = tokio::time::Instant::now() + state.body_timeout;
+    let timed_out = || {
         ApiError::new(
             StatusCode::REQUEST_TIMEOUT,
             "body_timeout",
@@ -186,24 +256,66 @@ async fn admit(state: &AppState, request: Request) -> Result<(HeaderMap, Bytes),
                 state.body_timeout.as_secs()
             ),
         )
-    })?
-    .map_err(|err| {
-        if err.downcast_ref::<LengthLimitError>().is_some() {
-            too_large()
+    };
+    let mut received = bytes::BytesMut::new();
+    let mut too_large = declared.is_some_and(|len| len > limit as u64);
+    let mut drained = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) if too_large => break,
+            Err(_) => return Err(timed_out()),
+            Ok(None) => break,
+            Ok(Some(Err(_))) if too_large => break,
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "unreadable_body",
+                    "request body could not be read",
+                ));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if too_large {
+            drained += data.len();
+            if drained > DRAIN_LIMIT_BYTES {
+                break;
+            }
+        } else if received.len() + data.len() > limit {
+            too_large = true;
+            drained = received.len() + data.len();
+            received = bytes::BytesMut::new();
         } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                "request body could not be read",
-            )
+            received.extend_from_slice(&data);
         }
-    })?
-    .to_bytes();
-    Ok((parts.headers, body))
+    }
+    if too_large {
+        let mut error = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("request body is larger than {limit} bytes"),
+        );
+        error.close_connection = true;
+        return Err(error);
+    }
+    Ok((parts.headers, received.freeze()))
 }
 
-fn signature(headers: &HeaderMap) -> Option<&str> {
-    headers.get(SIGNATURE_HEADER).and_then(|v| v.to_str().ok())
+/// The one `X-Signature` value; several are ambiguous and refused outright, since
+/// whichever one a proxy or library picks could differ from the one we check.
+fn signature(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let mut values = headers.get_all(SIGNATURE_HEADER).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthenticated",
+            "request has more than one X-Signature header; send exactly one",
+        ));
+    }
+    Ok(first.and_then(|v| v.to_str().ok()))
 }
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
@@ -214,8 +326,12 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response 
 /// the port cannot flood the logs; `pipeline_controller_requests_total` counts them all.
 /// Our own failures (5xx) are warnings.
 fn log_refusal(what: &str, pipeline: &PipelineRef, environment: &str, err: &ApiError) {
+    static SERVER_ERRORS: Throttle = Throttle::new(std::time::Duration::from_secs(10));
     if err.status.is_server_error() {
-        tracing::warn!(%pipeline, environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "{what}");
+        // An outage answers every request alike; one line per interval tells it.
+        if let Some(held_back) = SERVER_ERRORS.admit() {
+            tracing::warn!(%pipeline, environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, refusals_not_logged = held_back, "{what}");
+        }
     } else {
         tracing::debug!(%pipeline, environment, status = err.status.as_u16(), reason = err.reason, error = %err.message, "{what}");
     }
@@ -223,7 +339,7 @@ fn log_refusal(what: &str, pipeline: &PipelineRef, environment: &str, err: &ApiE
 
 async fn promotion_event(
     State(state): State<AppState>,
-    Path((namespace, name, environment)): Path<(String, String, String)>,
+    ApiPath((namespace, name, environment)): ApiPath<(String, String, String)>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
@@ -254,7 +370,7 @@ async fn handle_event(
         .handle_event(EventRequest {
             pipeline,
             environment,
-            signature: signature(&headers),
+            signature: signature(&headers)?,
             body: &body,
         })
         .await?;
@@ -287,7 +403,7 @@ async fn handle_event(
 
 async fn approval(
     State(state): State<AppState>,
-    Path((namespace, name, environment, revision)): Path<(String, String, String, String)>,
+    ApiPath((namespace, name, environment, revision)): ApiPath<(String, String, String, String)>,
     request: Request,
 ) -> Response {
     let started = Instant::now();
@@ -300,7 +416,7 @@ async fn approval(
                 pipeline: &pipeline,
                 environment: &environment,
                 revision: &revision,
-                signature: signature(&headers),
+                signature: signature(&headers)?,
                 body: &body,
             })
             .await?;
@@ -351,7 +467,7 @@ async fn list_promotions(
 
 async fn get_promotion(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     match state.intake.store().get(&id).await? {
         Some(record) => Ok(json_response(StatusCode::OK, &record)),

@@ -850,3 +850,67 @@ async fn health_readiness_and_metrics() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn hostile_input_is_refused_with_json_and_records_nothing() {
+    let h = harness();
+    // A valid event followed by anything but whitespace.
+    for tail in [&b"{}"[..], b"\0", b"garbage", b"\n{\"a\":1}"] {
+        let mut body = event();
+        body.extend_from_slice(tail);
+        assert_error(
+            &post_signed(&h.app, DEV, body).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+        );
+    }
+    // Revisions that would forge log lines, hide characters or bloat records.
+    let long = "1".repeat(257);
+    for revision in ["1.0\n2.0", "1.0\u{1b}[31m", "1.0\0", "1.0 beta", &long] {
+        let body = event_with(|e| e["metadata"]["revision"] = json!(revision));
+        assert_error(
+            &post_signed(&h.app, DEV, body).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_revision",
+        );
+    }
+    // Invalid UTF-8 and control characters in path segments.
+    for path in [
+        "/pipelines/promotions/flux-system/podinfo/%FF",
+        "/pipelines/promotions/flux-system/pod%0Ainfo/dev",
+        "/pipelines/promotions/flux%00system/podinfo/dev",
+    ] {
+        let answer = post_signed(&h.app, path, event()).await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "invalid_path");
+        assert_eq!(
+            answer.headers[header::CONTENT_TYPE],
+            "application/json",
+            "{path}"
+        );
+    }
+    // Two signatures, one of them valid: ambiguous.
+    let body = event();
+    let response = h
+        .app
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(Method::POST)
+                .uri(DEV)
+                .header("X-Signature", sign(HmacAlgorithm::Sha256, KEY, &body))
+                .header("X-Signature", "sha256=00")
+                .body(Body::from(body))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let json: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(json["reason"], "unauthenticated");
+
+    let listed = send(&h.app, Method::GET, "/api/v1/promotions", vec![], None).await;
+    assert_eq!(listed.json, json!([]), "a refusal left a record");
+}

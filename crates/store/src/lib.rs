@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use pipeline_core::ports::RecordChange;
-use pipeline_core::{Phase, PromotionFilter, PromotionRecord, PromotionStore, StoreError};
+use pipeline_core::{
+    Phase, PromotionFilter, PromotionRecord, PromotionStore, StoreError, Throttle,
+};
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     TableDefinition, WriteTransaction,
@@ -120,8 +122,7 @@ struct Fault {
     since: Instant,
     retry_at: Instant,
     backoff: Duration,
-    logged_at: Instant,
-    unlogged: u64,
+    warnings: Throttle,
 }
 
 impl fmt::Debug for RedbPromotionStore {
@@ -312,13 +313,15 @@ impl Inner {
                 let now = Instant::now();
                 let current = fault.get_or_insert_with(|| {
                     tracing::error!(path = %self.path.display(), error = %message, "promotion store failed; refusing writes and reopening the file with backoff until it takes writes again");
+                    let warnings = Throttle::new(FAULT_LOG_INTERVAL);
+                    // The error above is this interval's line.
+                    warnings.admit();
                     Fault {
                         message: message.clone(),
                         since: now,
                         retry_at: now,
                         backoff: MIN_REOPEN_BACKOFF / 2,
-                        logged_at: now,
-                        unlogged: 0,
+                        warnings,
                     }
                 });
                 current.note(message, now);
@@ -350,16 +353,13 @@ impl Fault {
         self.backoff = (self.backoff * 2).min(MAX_REOPEN_BACKOFF);
         self.retry_at = now + self.backoff;
         self.message = message;
-        self.unlogged += 1;
-        if now.duration_since(self.logged_at) >= FAULT_LOG_INTERVAL {
+        if let Some(held_back) = self.warnings.admit() {
             tracing::warn!(
                 error = %self.message,
                 failing_for_s = self.since.elapsed().as_secs(),
-                failures = self.unlogged,
+                failures_not_logged = held_back,
                 "promotion store still failing"
             );
-            self.logged_at = now;
-            self.unlogged = 0;
         }
     }
 
@@ -493,11 +493,7 @@ impl<'txn> Tables<'txn> {
     }
 
     /// Writes `new` (replacing `old`, if it was stored) and keeps every index in step.
-    fn put(
-        &mut self,
-        old: Option<&PromotionRecord>,
-        new: &PromotionRecord,
-    ) -> Result<(), Failure> {
+    fn put(&mut self, old: Option<&PromotionRecord>, new: &PromotionRecord) -> Result<(), Failure> {
         let json = encode(new)?;
         self.records
             .insert(new.id.as_str(), json.as_slice())
@@ -540,13 +536,9 @@ impl<'txn> Tables<'txn> {
         }
 
         if is_unfinished(new.phase) {
-            self.unfinished
-                .insert(new.id.as_str(), ())
-                .map_err(io)?;
+            self.unfinished.insert(new.id.as_str(), ()).map_err(io)?;
         } else if old.is_some_and(|old| is_unfinished(old.phase)) {
-            self.unfinished
-                .remove(new.id.as_str())
-                .map_err(io)?;
+            self.unfinished.remove(new.id.as_str()).map_err(io)?;
         }
         Ok(())
     }

@@ -634,7 +634,10 @@ async fn an_empty_existing_file_is_refused_unless_asked_to_start_fresh() {
     let path = dir.path().join("promotions.redb");
     std::fs::write(&path, b"").unwrap();
     let err = RedbPromotionStore::open(&path).unwrap_err();
-    assert!(matches!(&err, OpenError::EmptyFile { path: p } if *p == path), "{err}");
+    assert!(
+        matches!(&err, OpenError::EmptyFile { path: p } if *p == path),
+        "{err}"
+    );
     let text = err.to_string();
     assert!(text.contains(&path.display().to_string()), "{text}");
     assert!(text.contains("--init-empty-state"), "{text}");
