@@ -1,16 +1,26 @@
-//! The Helm chart: rendered by the real `helm` (built from tools/helm), it produces the
-//! same objects as deploy/, and its renderings are accepted by a real kube-apiserver.
+//! The Helm chart, rendered by the real `helm` (built from tools/helm): it lints, its
+//! default rendering is deploy/ (up to the chart's documented additions), every value in
+//! values.yaml does something and is declared in values.schema.json, the schema rejects
+//! bad values, several value sets render what they say, two releases in one cluster do
+//! not collide, and the renderings pass a server-side dry run against a real
+//! kube-apiserver (and apply).
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
 use pipeline_testenv::{TestCluster, helm_binary, parse_yaml_documents};
+use serde_json::{Value, json};
+
+/// The test API server's version (tools/envtest pins Kubernetes v1.37.2).
+const KUBE: &str = "v1.37.2";
+const RELEASE: &str = "pipeline-controller";
+const NS: &str = "pipeline-system";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -20,31 +30,47 @@ fn chart_dir() -> PathBuf {
     root().join("charts/pipeline-controller")
 }
 
-/// `helm template` of the chart with `args`, as JSON documents.
-fn render(kube_version: &str, args: &[&str]) -> Vec<serde_json::Value> {
-    let helm = helm_binary().unwrap();
+/// Runs helm with its config, cache and data kept out of the user's home.
+fn helm(args: &[&str]) -> Output {
     let home = tempfile::tempdir().unwrap();
-    let out = Command::new(helm)
-        .arg("template")
-        .arg("pipeline-controller")
-        .arg(chart_dir())
-        .args(["--kube-version", kube_version])
+    Command::new(helm_binary().unwrap())
         .args(args)
-        // Keep helm's config and cache out of the user's home.
         .env("HELM_CACHE_HOME", home.path().join("cache"))
         .env("HELM_CONFIG_HOME", home.path().join("config"))
         .env("HELM_DATA_HOME", home.path().join("data"))
         .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm template {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse_yaml_documents(&String::from_utf8(out.stdout).unwrap()).unwrap()
+        .unwrap()
 }
 
-fn key(doc: &serde_json::Value) -> String {
+/// `helm template <release> <chart> [--kube-version <kube>] <args>`: the documents, or
+/// helm's error.
+fn try_render(release: &str, kube: Option<&str>, args: &[&str]) -> Result<Vec<Value>, String> {
+    let chart = chart_dir();
+    let mut all = vec!["template", release, chart.to_str().unwrap()];
+    if let Some(kube) = kube {
+        all.extend(["--kube-version", kube]);
+    }
+    all.extend(args);
+    let out = helm(&all);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(parse_yaml_documents(&String::from_utf8(out.stdout).unwrap()).unwrap())
+}
+
+/// The release "pipeline-controller" in namespace pipeline-system, for Kubernetes `KUBE`.
+fn render(args: &[&str]) -> Vec<Value> {
+    render_release(RELEASE, KUBE, args)
+}
+
+fn render_release(release: &str, kube: &str, args: &[&str]) -> Vec<Value> {
+    let mut all = vec!["--namespace", NS];
+    all.extend(args);
+    try_render(release, Some(kube), &all)
+        .unwrap_or_else(|e| panic!("helm template {release} {args:?}: {e}"))
+}
+
+fn key(doc: &Value) -> String {
     format!(
         "{} {}/{}",
         doc["kind"].as_str().unwrap_or_default(),
@@ -53,45 +79,221 @@ fn key(doc: &serde_json::Value) -> String {
     )
 }
 
-/// The object without its top-level labels (the chart adds Helm's own).
-fn comparable(doc: &serde_json::Value) -> serde_json::Value {
-    let mut doc = doc.clone();
-    if let Some(meta) = doc["metadata"].as_object_mut() {
-        meta.remove("labels");
-    }
-    doc
+fn keys(docs: &[Value]) -> Vec<String> {
+    docs.iter().map(key).collect()
 }
 
-fn to_yaml_stream(docs: &[serde_json::Value]) -> String {
+fn of_kind<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    docs.iter().filter(|d| d["kind"] == kind).collect()
+}
+
+fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
+    let found = of_kind(docs, kind);
+    assert_eq!(found.len(), 1, "one {kind} in {:?}", keys(docs));
+    found[0]
+}
+
+fn container(docs: &[Value]) -> &Value {
+    &one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+}
+
+fn args_of(docs: &[Value]) -> Vec<String> {
+    container(docs)["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn env_of(docs: &[Value], name: &str) -> Option<String> {
+    container(docs)["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == name)
+        .map(|e| e["value"].as_str().unwrap_or_default().to_owned())
+}
+
+/// Whether every label of `selector` is in `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    let selector = selector.as_object().unwrap();
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+fn to_yaml_stream(docs: &[Value]) -> String {
     docs.iter()
         .map(|d| format!("---\n{}\n", serde_json::to_string(d).unwrap()))
         .collect()
 }
 
+/// The value sets the chart is checked with (lint, render, dry run).
+fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
+    vec![
+        ("defaults", vec![]),
+        (
+            "ingress with TLS",
+            vec![
+                "--set-json",
+                r#"ingress={"enabled":true,"className":"nginx","hosts":["promote.example.com","promote.example.org"],"annotations":{"cert-manager.io/cluster-issuer":"letsencrypt"},"tls":[{"secretName":"promote-tls"}]}"#,
+            ],
+        ),
+        (
+            "ServiceMonitor and NetworkPolicy",
+            vec![
+                "--set",
+                "serviceMonitor.enabled=true,serviceMonitor.labels.release=prometheus,serviceMonitor.interval=30s,serviceMonitor.scrapeTimeout=10s,networkPolicy.enabled=true",
+                "--set-json",
+                r#"networkPolicy.from=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"flux-system"}}},{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]"#,
+                "--set-json",
+                r#"networkPolicy.egress=[{"ports":[{"port":53,"protocol":"UDP"},{"port":443,"protocol":"TCP"}]}]"#,
+            ],
+        ),
+        ("one replica", vec!["--set", "replicas=1"]),
+        ("three replicas", vec!["--set", "replicas=3"]),
+        (
+            "pod settings",
+            vec![
+                "--set",
+                "logLevel=info\\,pipeline_kube=debug,logFormat=text,priorityClassName=system-cluster-critical,image.digest=sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                "--set-json",
+                r#"podLabels={"team":"platform","app.kubernetes.io/instance":"not-this"}"#,
+                "--set-json",
+                r#"podAnnotations={"example.com/scrape":"false"}"#,
+                "--set-json",
+                r#"topologySpreadConstraints=[{"maxSkew":1,"topologyKey":"topology.kubernetes.io/zone","whenUnsatisfiable":"ScheduleAnyway"}]"#,
+                "--set-json",
+                r#"nodeSelector={"kubernetes.io/os":"linux"}"#,
+                "--set-json",
+                r#"tolerations=[{"key":"dedicated","operator":"Equal","value":"platform","effect":"NoSchedule"}]"#,
+                "--set-json",
+                r#"affinity={"nodeAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":{"nodeSelectorTerms":[{"matchExpressions":[{"key":"kubernetes.io/arch","operator":"In","values":["amd64","arm64"]}]}]}}}"#,
+                "--set-json",
+                r#"resources={"requests":{"cpu":"100m","memory":"128Mi"},"limits":{"memory":"512Mi"}}"#,
+                "--set-json",
+                r#"serviceAccount={"create":true,"name":"promoter","annotations":{"iam.example.com/role":"promoter"}}"#,
+            ],
+        ),
+    ]
+}
+
 #[test]
 fn chart_crds_match_the_types() {
     let generated = pipeline_crds::crds_yaml().unwrap();
-    let path = chart_dir().join("crds/crds.yaml");
+    let path = chart_dir().join("files/crds.yaml");
     if std::env::var_os("UPDATE_CRDS").is_some() {
         std::fs::write(&path, &generated).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == generated,
-        "charts/pipeline-controller/crds/crds.yaml is out of date: run `UPDATE_CRDS=1 cargo test -p pipeline-testenv --test chart`"
+        "charts/pipeline-controller/files/crds.yaml is out of date: run `UPDATE_CRDS=1 cargo test -p pipeline-testenv --test chart`"
     );
 }
 
 #[test]
-fn default_rendering_equals_the_deploy_manifests() {
-    let rendered: BTreeMap<String, serde_json::Value> = render(
-        "v1.33.0",
-        &["--namespace", "pipeline-system", "--include-crds"],
-    )
-    .into_iter()
-    .map(|d| (key(&d), d))
-    .collect();
+fn helm_lint_passes_for_every_value_set() {
+    let chart = chart_dir();
+    for (name, args) in value_sets() {
+        let mut all = vec![
+            "lint",
+            "--strict",
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+            "--kube-version",
+            KUBE,
+        ];
+        all.extend(&args);
+        let out = helm(&all);
+        assert!(
+            out.status.success(),
+            "helm lint ({name}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
 
+/// `kubeVersion` in Chart.yaml: `helm template` works with helm's default capabilities
+/// (no cluster, no --kube-version; v1.20.0 for a helm built without the Makefile's
+/// version stamp, like tools/helm's) and with the test API server's version, and refuses
+/// a Kubernetes older than the rendered objects' APIs.
+#[test]
+fn kube_version_constraint_accepts_defaults_and_current_kubernetes() {
+    try_render(RELEASE, None, &[]).unwrap();
+    try_render(RELEASE, Some(KUBE), &[]).unwrap();
+    try_render(RELEASE, Some("v1.37.0-gke.100"), &[]).unwrap();
+    let err = try_render(RELEASE, Some("v1.19.16"), &[]).unwrap_err();
+    assert!(
+        err.contains("kubeVersion") || err.contains("Kubernetes"),
+        "{err}"
+    );
+}
+
+/// Removes what the chart adds to deploy/'s objects (the labels Helm and the chart put on
+/// every object, the release's instance label in the selectors, the explicit
+/// --lease-name and RUST_LOG, the CRDs' keep annotation), so that the rest compares
+/// equal. Applied to both sides: the comparison keeps holding if deploy/ adopts them.
+fn without_chart_additions(doc: &Value) -> Value {
+    fn strip_instance(v: &mut Value) {
+        match v {
+            Value::Object(map) => {
+                if map.get("app.kubernetes.io/instance") == Some(&json!(RELEASE)) {
+                    map.remove("app.kubernetes.io/instance");
+                }
+                map.values_mut().for_each(strip_instance);
+            }
+            Value::Array(items) => items.iter_mut().for_each(strip_instance),
+            _ => {}
+        }
+    }
+    let mut doc = doc.clone();
+    if let Some(meta) = doc.pointer_mut("/metadata").and_then(Value::as_object_mut) {
+        meta.remove("labels");
+        if let Some(annotations) = meta.get_mut("annotations").and_then(Value::as_object_mut) {
+            annotations.remove("helm.sh/resource-policy");
+            if annotations.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+    }
+    strip_instance(&mut doc);
+    if let Some(containers) = doc
+        .pointer_mut("/spec/template/spec/containers")
+        .and_then(Value::as_array_mut)
+    {
+        for c in containers {
+            if let Some(args) = c["args"].as_array_mut() {
+                args.retain(|a| a != "--lease-name=pipeline-controller-leader");
+            }
+            if let Some(env) = c["env"].as_array_mut() {
+                env.retain(|e| !(e["name"] == "RUST_LOG" && e["value"] == "info"));
+            }
+        }
+    }
+    doc
+}
+
+#[test]
+fn default_rendering_equals_the_deploy_manifests() {
+    let docs = render(&[]);
+    // The additions are there.
+    for crd in of_kind(&docs, "CustomResourceDefinition") {
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+    }
+    let deployment = one(&docs, "Deployment");
+    assert_eq!(
+        deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        RELEASE
+    );
+    assert!(args_of(&docs).contains(&"--lease-name=pipeline-controller-leader".to_owned()));
+    assert_eq!(env_of(&docs, "RUST_LOG").as_deref(), Some("info"));
+
+    let rendered: BTreeMap<String, Value> = docs.iter().map(|d| (key(d), d.clone())).collect();
     let deploy = root().join("deploy");
     let kustomization =
         parse_yaml_documents(&std::fs::read_to_string(deploy.join("kustomization.yaml")).unwrap())
@@ -112,14 +314,616 @@ fn default_rendering_equals_the_deploy_manifests() {
         "objects of the chart vs deploy/"
     );
     for (k, want) in &expected {
-        let got = &rendered[k];
         assert_eq!(
-            comparable(got),
-            comparable(want),
+            without_chart_additions(&rendered[k]),
+            without_chart_additions(want),
             "{k} differs between the chart and deploy/"
         );
     }
 }
+
+/// Paths of values.yaml: every key, nested maps included (`a`, `a.b`, ...).
+fn value_paths(value: &Value, prefix: &str, out: &mut Vec<String>) {
+    if let Some(map) = value.as_object() {
+        for (k, v) in map {
+            let path = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            out.push(path.clone());
+            value_paths(v, &path, out);
+        }
+    }
+}
+
+/// Whether the templates read `.Values.<path>` or, wholesale, one of its parents
+/// (`toYaml .Values.resources`).
+fn used_in(templates: &str, path: &str) -> bool {
+    let parts: Vec<&str> = path.split('.').collect();
+    (1..=parts.len()).any(|n| {
+        let needle = format!(".Values.{}", parts[..n].join("."));
+        templates.match_indices(&needle).any(|(at, _)| {
+            let next = templates[at + needle.len()..].chars().next();
+            // `.Values.image` inside `.Values.imagePullSecrets` is not a use of `image`;
+            // `.Values.image.tag` uses `image.tag`, not `image` wholesale.
+            let whole = !matches!(next, Some(c) if c.is_alphanumeric() || c == '_' || c == '.');
+            whole || n == parts.len() && next == Some('.')
+        })
+    })
+}
+
+#[test]
+fn every_value_is_used_and_declared_in_the_schema() {
+    let values =
+        parse_yaml_documents(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap())
+            .unwrap()
+            .remove(0);
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut templates = String::new();
+    for entry in std::fs::read_dir(chart_dir().join("templates")).unwrap() {
+        templates.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+    }
+    let mut paths = Vec::new();
+    value_paths(&values, "", &mut paths);
+    assert!(paths.len() > 40, "{paths:?}");
+
+    let unused: Vec<&String> = paths.iter().filter(|p| !used_in(&templates, p)).collect();
+    assert!(
+        unused.is_empty(),
+        "values.yaml keys no template reads: {unused:?}"
+    );
+
+    // Declared: follow `properties` as long as the schema has them (below that, a map is
+    // free-form, e.g. resources.requests or podLabels).
+    let mut undeclared = Vec::new();
+    for path in &paths {
+        let mut node = &schema;
+        for part in path.split('.') {
+            match node.get("properties") {
+                Some(props) => match props.get(part) {
+                    Some(next) => node = next,
+                    None => {
+                        undeclared.push(path.clone());
+                        break;
+                    }
+                },
+                None => break,
+            }
+        }
+    }
+    assert!(
+        undeclared.is_empty(),
+        "not in values.schema.json: {undeclared:?}"
+    );
+
+    // And the other way round: the schema declares nothing values.yaml lacks (but
+    // `global`, which Helm sets for dependencies).
+    fn schema_paths(schema: &Value, prefix: &str, out: &mut Vec<String>) {
+        if let Some(props) = schema.get("properties").and_then(Value::as_object) {
+            for (k, v) in props {
+                let path = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.push(path.clone());
+                schema_paths(v, &path, out);
+            }
+        }
+    }
+    let mut declared = Vec::new();
+    schema_paths(&schema, "", &mut declared);
+    let paths: BTreeSet<&String> = paths.iter().collect();
+    let stale: Vec<&String> = declared
+        .iter()
+        .filter(|p| *p != "global" && !paths.contains(p))
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "in the schema, not in values.yaml: {stale:?}"
+    );
+    assert_eq!(schema["additionalProperties"], false);
+}
+
+#[test]
+fn schema_rejects_bad_values() {
+    let dir = tempfile::tempdir().unwrap();
+    // (values.yaml text, a word helm's error must name)
+    let cases = [
+        ("replicas: \"three\"", "replicas"),
+        ("replicas: -1", "replicas"),
+        ("replicas: 1.5", "replicas"),
+        ("replica: 3", "replica"),
+        ("logFormat: xml", "logFormat"),
+        ("logLevel: \"\"", "logLevel"),
+        ("image: {pullPolicy: Sometimes}", "pullPolicy"),
+        ("image: {digest: latest}", "digest"),
+        ("service: {port: 0}", "port"),
+        ("service: {type: Internal}", "type"),
+        ("ingress: {enabled: yes-please}", "enabled"),
+        ("ingress: {hosts: [Promote.Example.com]}", "hosts"),
+        ("ingress: {tls: [{hosts: [a.example.com]}]}", "secretName"),
+        ("ingress: {path: /}", "path"),
+        ("serviceAccount: {create: false}", "name"),
+        ("podDisruptionBudget: {minAvailable: half}", "minAvailable"),
+        ("notifyUrls: [ftp://receiver]", "notifyUrls"),
+        ("extraArgs: [serve]", "extraArgs"),
+        ("rbac: {secrets: {namespaces: [Flux_System]}}", "namespaces"),
+        ("serviceMonitor: {interval: 30 seconds}", "interval"),
+        ("networkPolicy: {from: {namespace: x}}", "from"),
+        ("podLabels: {team: [a]}", "podLabels"),
+        ("topologySpreadConstraints: [{maxSkew: 1}]", "topologyKey"),
+        ("resources: {requests: {cpu: lots}}", "cpu"),
+        ("crds: {install: \"true\"}", "install"),
+    ];
+    let mut wrong = Vec::new();
+    for (i, (yaml, word)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad-{i}.yaml"));
+        std::fs::write(&file, yaml).unwrap();
+        match try_render(RELEASE, Some(KUBE), &["-f", file.to_str().unwrap()]) {
+            Ok(_) => wrong.push(format!("accepted: {yaml}")),
+            Err(e) if !e.contains(word) => wrong.push(format!(
+                "rejected {yaml}, but the error does not name {word:?}: {e}"
+            )),
+            Err(_) => {}
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+
+    // Checks the schema cannot express: the PDB must leave a pod evictable.
+    let err = try_render(
+        RELEASE,
+        Some(KUBE),
+        &["--set", "replicas=3,podDisruptionBudget.minAvailable=3"],
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("minAvailable (3) must be below replicas (3)"),
+        "{err}"
+    );
+    // --set gives strings where values.yaml gives numbers: still checked.
+    let err = try_render(RELEASE, Some(KUBE), &["--set-string", "replicas=3"]).unwrap_err();
+    assert!(err.contains("replicas"), "{err}");
+}
+
+#[test]
+fn ingress_routes_only_the_webhook_paths_with_tls() {
+    assert!(
+        of_kind(&render(&[]), "Ingress").is_empty(),
+        "off by default"
+    );
+    let sets = value_sets();
+    let docs = render(&sets[1].1);
+    let ingress = one(&docs, "Ingress");
+    let service = one(&docs, "Service");
+    assert_eq!(ingress["metadata"]["name"], RELEASE);
+    assert_eq!(ingress["metadata"]["namespace"], NS);
+    assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
+    assert_eq!(
+        ingress["metadata"]["annotations"]["cert-manager.io/cluster-issuer"],
+        "letsencrypt"
+    );
+    let hosts = json!(["promote.example.com", "promote.example.org"]);
+    assert_eq!(
+        ingress["spec"]["tls"],
+        json!([{"secretName": "promote-tls", "hosts": hosts}])
+    );
+    let rules = ingress["spec"]["rules"].as_array().unwrap();
+    assert_eq!(
+        rules.iter().map(|r| r["host"].clone()).collect::<Vec<_>>(),
+        hosts.as_array().unwrap().clone()
+    );
+    for rule in rules {
+        let paths = rule["http"]["paths"].as_array().unwrap();
+        let prefixes: Vec<&str> = paths.iter().map(|p| p["path"].as_str().unwrap()).collect();
+        // Never /api/v1/..., /metrics or the health endpoints: they are not authenticated.
+        assert_eq!(prefixes, ["/pipelines/", "/promotion/", "/approval/"]);
+        for path in paths {
+            assert_eq!(path["pathType"], "Prefix");
+            assert_eq!(
+                path["backend"]["service"]["name"],
+                service["metadata"]["name"]
+            );
+            assert_eq!(
+                path["backend"]["service"]["port"]["name"],
+                service["spec"]["ports"][0]["name"]
+            );
+        }
+    }
+
+    // Without the Go aliases and without hosts: one rule for any host, /pipelines/ only.
+    let docs = render(&[
+        "--set",
+        "ingress.enabled=true,ingress.goCompatiblePaths=false",
+        "--set-json",
+        r#"ingress.tls=[{"secretName":"t","hosts":["x.example.com"]}]"#,
+    ]);
+    let ingress = one(&docs, "Ingress");
+    assert!(ingress["spec"].get("ingressClassName").is_none());
+    assert_eq!(
+        ingress["spec"]["tls"],
+        json!([{"secretName": "t", "hosts": ["x.example.com"]}])
+    );
+    let rules = ingress["spec"]["rules"].as_array().unwrap();
+    assert_eq!(rules.len(), 1);
+    assert!(rules[0].get("host").is_none(), "{rules:?}");
+    assert_eq!(rules[0]["http"]["paths"].as_array().unwrap().len(), 1);
+    assert_eq!(rules[0]["http"]["paths"][0]["path"], "/pipelines/");
+}
+
+#[test]
+fn service_monitor_and_network_policy_select_the_release() {
+    let defaults = render(&[]);
+    assert!(
+        of_kind(&defaults, "ServiceMonitor").is_empty(),
+        "off by default"
+    );
+    assert!(
+        of_kind(&defaults, "NetworkPolicy").is_empty(),
+        "off by default"
+    );
+
+    let sets = value_sets();
+    let docs = render(&sets[2].1);
+    let service = one(&docs, "Service");
+    let pod_labels = &one(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"];
+
+    let monitor = one(&docs, "ServiceMonitor");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &service["metadata"]["labels"]
+    ));
+    assert_eq!(
+        monitor["spec"]["namespaceSelector"]["matchNames"],
+        json!([NS])
+    );
+    assert_eq!(
+        monitor["spec"]["endpoints"],
+        json!([{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}])
+    );
+    assert_eq!(service["spec"]["ports"][0]["name"], "http");
+
+    let policy = one(&docs, "NetworkPolicy");
+    assert!(selects(
+        &policy["spec"]["podSelector"]["matchLabels"],
+        pod_labels
+    ));
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    let ingress = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(
+        ingress[0]["ports"],
+        json!([{"port": "http", "protocol": "TCP"}])
+    );
+    assert_eq!(ingress[0]["from"].as_array().unwrap().len(), 2);
+    assert_eq!(policy["spec"]["egress"][0]["ports"][1]["port"], 443);
+
+    // Defaults when enabled: from flux-system only, egress not restricted.
+    let docs = render(&["--set", "networkPolicy.enabled=true"]);
+    let policy = one(&docs, "NetworkPolicy");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["spec"]["ingress"][0]["from"],
+        json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flux-system"}}}])
+    );
+}
+
+#[test]
+fn pod_disruption_budget_only_with_more_than_one_replica() {
+    for (replicas, pdb) in [("0", false), ("1", false), ("2", true), ("3", true)] {
+        let docs = render(&["--set", &format!("replicas={replicas}")]);
+        assert_eq!(
+            one(&docs, "Deployment")["spec"]["replicas"],
+            replicas.parse::<u64>().unwrap()
+        );
+        let pdbs = of_kind(&docs, "PodDisruptionBudget");
+        assert_eq!(pdbs.len(), usize::from(pdb), "replicas={replicas}");
+        if let Some(pdb) = pdbs.first() {
+            assert_eq!(pdb["spec"]["minAvailable"], 1);
+            assert_eq!(
+                pdb["spec"]["selector"],
+                one(&docs, "Deployment")["spec"]["selector"]
+            );
+        }
+    }
+    let docs = render(&["--set", "replicas=4,podDisruptionBudget.minAvailable=50%"]);
+    assert_eq!(
+        one(&docs, "PodDisruptionBudget")["spec"]["minAvailable"],
+        "50%"
+    );
+    let docs = render(&["--set", "replicas=3,podDisruptionBudget.enabled=false"]);
+    assert!(of_kind(&docs, "PodDisruptionBudget").is_empty());
+}
+
+#[test]
+fn pod_settings_reach_the_pod() {
+    let sets = value_sets();
+    let docs = render(&sets[5].1);
+    let deployment = one(&docs, "Deployment");
+    let pod = &deployment["spec"]["template"];
+    let spec = &pod["spec"];
+
+    // podLabels are added; the selector labels cannot be overridden.
+    assert_eq!(pod["metadata"]["labels"]["team"], "platform");
+    assert_eq!(
+        pod["metadata"]["labels"]["app.kubernetes.io/instance"],
+        RELEASE
+    );
+    assert!(selects(
+        &deployment["spec"]["selector"]["matchLabels"],
+        &pod["metadata"]["labels"]
+    ));
+    assert_eq!(
+        pod["metadata"]["annotations"]["example.com/scrape"],
+        "false"
+    );
+    assert_eq!(spec["priorityClassName"], "system-cluster-critical");
+    let spread = &spec["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "topology.kubernetes.io/zone");
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"],
+        "a constraint without labelSelector gets the release's pods"
+    );
+    assert_eq!(spec["nodeSelector"], json!({"kubernetes.io/os": "linux"}));
+    assert_eq!(spec["tolerations"][0]["key"], "dedicated");
+    assert!(spec["affinity"].get("podAntiAffinity").is_none());
+    assert!(spec["affinity"]["nodeAffinity"].is_object());
+    let c = container(&docs);
+    assert_eq!(
+        c["resources"],
+        json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
+    );
+    assert_eq!(
+        env_of(&docs, "RUST_LOG").as_deref(),
+        Some("info,pipeline_kube=debug")
+    );
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_LOG_FORMAT").as_deref(),
+        Some("text")
+    );
+    assert_eq!(
+        c["image"],
+        "ghcr.io/pipeline-controller/pipeline-controller@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    );
+
+    // The ServiceAccount's name and annotations, and everything bound to it.
+    let sa = one(&docs, "ServiceAccount");
+    assert_eq!(sa["metadata"]["name"], "promoter");
+    assert_eq!(
+        sa["metadata"]["annotations"]["iam.example.com/role"],
+        "promoter"
+    );
+    assert_eq!(spec["serviceAccountName"], "promoter");
+    for binding in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "promoter", "namespace": NS}]),
+            "{}",
+            key(binding)
+        );
+    }
+
+    // An existing ServiceAccount: not created, still bound.
+    let docs = render(&[
+        "--set",
+        "serviceAccount.create=false,serviceAccount.name=existing",
+    ]);
+    assert!(of_kind(&docs, "ServiceAccount").is_empty());
+    assert_eq!(
+        one(&docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"],
+        "existing"
+    );
+    assert_eq!(
+        one(&docs, "ClusterRoleBinding")["subjects"][0]["name"],
+        "existing"
+    );
+
+    // Defaults: spread over nodes, info logs as JSON, the appVersion's image.
+    let docs = render(&[]);
+    let spec = &one(&docs, "Deployment")["spec"]["template"]["spec"];
+    assert!(spec["affinity"]["podAntiAffinity"].is_object());
+    assert!(spec.get("priorityClassName").is_none());
+    assert!(spec.get("topologySpreadConstraints").is_none());
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_LOG_FORMAT").as_deref(),
+        Some("json")
+    );
+    assert!(
+        container(&docs)["image"]
+            .as_str()
+            .unwrap()
+            .ends_with(":0.1.0")
+    );
+}
+
+#[test]
+fn crds_are_templates_kept_on_uninstall_and_optional() {
+    let docs = render(&[]);
+    let crds = of_kind(&docs, "CustomResourceDefinition");
+    let names: Vec<&str> = crds
+        .iter()
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "pipelines.pipelines.weave.works",
+            "promotions.pipelines.weave.works"
+        ]
+    );
+    // files/crds.yaml verbatim, plus labels and the keep annotation.
+    let file = parse_yaml_documents(
+        &std::fs::read_to_string(chart_dir().join("files/crds.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(crds.len(), file.len());
+    for (crd, want) in crds.iter().zip(&file) {
+        assert_eq!(crd["spec"], want["spec"]);
+        assert_eq!(
+            crd["metadata"]["annotations"]["helm.sh/resource-policy"],
+            "keep"
+        );
+        assert_eq!(
+            crd["metadata"]["labels"]["app.kubernetes.io/instance"],
+            RELEASE
+        );
+    }
+    let docs = render(&["--set", "crds.install=false"]);
+    assert!(of_kind(&docs, "CustomResourceDefinition").is_empty());
+}
+
+const CLUSTER_SCOPED: &[&str] = &[
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Namespace",
+];
+
+/// The Lease a rendering's Deployment uses and the one its leader-election Role allows.
+fn lease_names(docs: &[Value]) -> (String, Vec<String>) {
+    let flag = args_of(docs)
+        .iter()
+        .find_map(|a| a.strip_prefix("--lease-name=").map(str::to_owned))
+        .expect("--lease-name is always passed");
+    let role = of_kind(docs, "Role")
+        .into_iter()
+        .find(|r| r["rules"].to_string().contains("leases"))
+        .unwrap();
+    let allowed = role["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["resourceNames"].as_array())
+        .flatten()
+        .map(|n| n.as_str().unwrap().to_owned())
+        .collect();
+    (flag, allowed)
+}
+
+#[test]
+fn two_releases_do_not_collide() {
+    // Both in one namespace, the second without CRDs (CRDs are cluster-wide: one release
+    // installs them; with crds.install=true in both, they would be the only overlap).
+    let a = render_release(RELEASE, KUBE, &[]);
+    let b = render_release("team-b", KUBE, &["--set", "crds.install=false"]);
+    let b_with_crds = render_release("team-b", KUBE, &[]);
+
+    let keys_a: BTreeSet<String> = keys(&a).into_iter().collect();
+    let common: Vec<String> = keys(&b)
+        .into_iter()
+        .filter(|k| keys_a.contains(k))
+        .collect();
+    assert!(
+        common.is_empty(),
+        "objects both releases render: {common:?}"
+    );
+    let common_with_crds: Vec<String> = keys(&b_with_crds)
+        .into_iter()
+        .filter(|k| keys_a.contains(k))
+        .collect();
+    assert!(
+        common_with_crds
+            .iter()
+            .all(|k| k.starts_with("CustomResourceDefinition ")),
+        "{common_with_crds:?}"
+    );
+
+    // Cluster-scoped names are derived from the release.
+    let cluster_b: BTreeSet<String> = b
+        .iter()
+        .filter(|d| CLUSTER_SCOPED.contains(&d["kind"].as_str().unwrap()))
+        .map(key)
+        .collect();
+    let want: BTreeSet<String> = [
+        "ClusterRole /team-b-pipeline-controller",
+        "ClusterRole /team-b-pipeline-controller-secrets",
+        "ClusterRole /team-b-pipeline-viewer",
+        "ClusterRole /team-b-pipeline-approver",
+        "ClusterRoleBinding /team-b-pipeline-controller",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(cluster_b, want, "cluster-scoped objects of release team-b");
+
+    // Each Deployment uses its own Lease, the one its Role allows.
+    let (lease_a, allowed_a) = lease_names(&a);
+    let (lease_b, allowed_b) = lease_names(&b);
+    assert_eq!(lease_a, "pipeline-controller-leader");
+    assert_eq!(lease_b, "team-b-pipeline-controller-leader");
+    assert_eq!(allowed_a, [lease_a]);
+    assert_eq!(allowed_b, [lease_b]);
+
+    // Selectors do not reach the other release's pods.
+    for (x, y) in [(&a, &b), (&b, &a)] {
+        let pods_y = &one(y, "Deployment")["spec"]["template"]["metadata"]["labels"];
+        assert!(!selects(
+            &one(x, "Deployment")["spec"]["selector"]["matchLabels"],
+            pods_y
+        ));
+        assert!(!selects(&one(x, "Service")["spec"]["selector"], pods_y));
+        assert!(!selects(
+            &one(x, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+            pods_y
+        ));
+    }
+    // Bindings name their own release's ServiceAccount and roles.
+    for binding in of_kind(&b, "ClusterRoleBinding")
+        .into_iter()
+        .chain(of_kind(&b, "RoleBinding"))
+    {
+        assert_eq!(binding["subjects"][0]["name"], "team-b-pipeline-controller");
+        assert!(
+            binding["roleRef"]["name"]
+                .as_str()
+                .unwrap()
+                .starts_with("team-b-"),
+            "{binding}"
+        );
+    }
+
+    // fullnameOverride names everything.
+    let c = render_release(
+        "x",
+        KUBE,
+        &["--set", "fullnameOverride=promoter,crds.install=false"],
+    );
+    for doc in &c {
+        let name = doc["metadata"]["name"].as_str().unwrap();
+        assert!(name.starts_with("promoter"), "{}", key(doc));
+    }
+}
+
+/// A minimal ServiceMonitor CRD (the prometheus-operator's kind, its schema left open),
+/// so that the API server accepts ServiceMonitors in the dry run. It checks the kind and
+/// the object's metadata, not the fields of the real CRD's schema.
+const SERVICE_MONITOR_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: servicemonitors.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: ServiceMonitor, listKind: ServiceMonitorList, plural: servicemonitors, singular: servicemonitor}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
 
 #[tokio::test]
 async fn rendered_chart_passes_server_side_dry_run_and_applies() {
@@ -130,29 +934,28 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
         .await
         .unwrap()
         .git_version;
-    for ns in ["pipeline-system", "flux-system", "apps"] {
+    assert_eq!(version, KUBE, "tools/envtest's Kubernetes");
+    for ns in [NS, "flux-system", "apps"] {
         cluster.ensure_namespace(ns).await.unwrap();
     }
+    cluster.apply_yaml(SERVICE_MONITOR_CRD).await.unwrap();
 
-    // Defaults, into an existing namespace.
-    let defaults = render(
-        &version,
-        &["--namespace", "pipeline-system", "--include-crds"],
-    );
-    cluster
-        .dry_run_yaml(&to_yaml_stream(&defaults))
-        .await
-        .unwrap();
+    // Every value set, dry run, into the existing namespace.
+    for (name, args) in value_sets() {
+        let docs = render_release(RELEASE, &version, &args);
+        cluster
+            .dry_run_yaml(&to_yaml_stream(&docs))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
 
     // Every option switched: own namespace created, cluster-wide Secrets, a custom Lease,
     // notify URLs, extra args and env, no user roles, no PDB. Applied for real (the
     // Namespace comes first in Helm's order).
-    let custom = render(
+    let custom = render_release(
+        RELEASE,
         &version,
         &[
-            "--namespace",
-            "ignored",
-            "--include-crds",
             "--set",
             "namespace=promoter,createNamespace=true,rbac.secrets.clusterWide=true,rbac.userRoles=false,podDisruptionBudget.enabled=false,replicas=3,leaderElection.leaseName=promoter-leader,image.tag=dev,eventsAddr=",
             "--set-json",
@@ -160,17 +963,17 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
             "--set-json",
             r#"extraArgs=["--max-attempts=3"]"#,
             "--set-json",
-            r#"extraEnv=[{"name":"RUST_LOG","value":"debug"}]"#,
+            r#"extraEnv=[{"name":"EXTRA","value":"1"}]"#,
         ],
     );
-    let kinds: Vec<String> = custom.iter().map(key).collect();
+    let kinds = keys(&custom);
     assert_eq!(
         kinds.first().map(String::as_str),
-        Some("CustomResourceDefinition /pipelines.pipelines.weave.works"),
+        Some("Namespace /promoter"),
         "{kinds:?}"
     );
     assert!(
-        kinds.contains(&"Namespace /promoter".to_owned()),
+        kinds.contains(&"CustomResourceDefinition /pipelines.pipelines.weave.works".to_owned()),
         "{kinds:?}"
     );
     assert!(
@@ -189,21 +992,22 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
             .any(|k| k.contains("pipeline-approver") || k.starts_with("PodDisruptionBudget")),
         "{kinds:?}"
     );
-    let deployment = custom.iter().find(|d| d["kind"] == "Deployment").unwrap();
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
-    let args = container["args"].to_string();
+    let args = args_of(&custom);
+    for want in [
+        "--lease-name=promoter-leader",
+        "--notify-url=http://receiver.apps.svc/hook",
+        "--max-attempts=3",
+    ] {
+        assert!(args.contains(&want.to_owned()), "{args:?}");
+    }
+    assert!(env_of(&custom, "PIPELINE_CONTROLLER_EVENTS_ADDR").is_none());
+    assert_eq!(env_of(&custom, "EXTRA").as_deref(), Some("1"));
     assert!(
-        args.contains("--lease-name=promoter-leader")
-            && args.contains("--notify-url=http://receiver.apps.svc/hook")
-            && args.contains("--max-attempts=3"),
-        "{args}"
+        container(&custom)["image"]
+            .as_str()
+            .unwrap()
+            .ends_with(":dev")
     );
-    assert!(
-        !container["env"]
-            .to_string()
-            .contains("PIPELINE_CONTROLLER_EVENTS_ADDR")
-    );
-    assert!(container["image"].as_str().unwrap().ends_with(":dev"));
 
     // Namespace first for real, then the rest dry-run, then the rest for real.
     let (namespaces, rest): (Vec<_>, Vec<_>) =
@@ -215,17 +1019,25 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
     cluster.dry_run_yaml(&to_yaml_stream(&rest)).await.unwrap();
     cluster.apply_yaml(&to_yaml_stream(&rest)).await.unwrap();
 
+    // A second release in the same cluster, applied for real next to the first (which
+    // installed the CRDs): it gets its own Lease and Secrets access, and the first keeps
+    // its own.
+    let b = render_release("team-b", &version, &["--set", "crds.install=false"]);
+    cluster.dry_run_yaml(&to_yaml_stream(&b)).await.unwrap();
+    cluster.apply_yaml(&to_yaml_stream(&b)).await.unwrap();
+
     // The cluster-wide Secrets option does what it says, and the Lease rule follows the name.
     let sa = cluster
         .service_account_client("promoter", "pipeline-controller")
         .await
         .unwrap();
     assert!(allowed(&sa, "list", "", "secrets", "", "").await);
+    let lease = "coordination.k8s.io";
     assert!(
         allowed(
             &sa,
             "update",
-            "coordination.k8s.io",
+            lease,
             "leases",
             "promoter",
             "promoter-leader"
@@ -236,7 +1048,7 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
         !allowed(
             &sa,
             "update",
-            "coordination.k8s.io",
+            lease,
             "leases",
             "promoter",
             "pipeline-controller-leader"
@@ -244,6 +1056,38 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
         .await
     );
     assert!(!allowed(&sa, "create", "", "secrets", "apps", "").await);
+
+    let sa_b = cluster
+        .service_account_client(NS, "team-b-pipeline-controller")
+        .await
+        .unwrap();
+    let lease_b = "team-b-pipeline-controller-leader";
+    assert!(allowed(&sa_b, "update", lease, "leases", NS, lease_b).await);
+    assert!(
+        !allowed(
+            &sa_b,
+            "update",
+            lease,
+            "leases",
+            "promoter",
+            "promoter-leader"
+        )
+        .await
+    );
+    assert!(
+        !allowed(
+            &sa_b,
+            "update",
+            lease,
+            "leases",
+            NS,
+            "pipeline-controller-leader"
+        )
+        .await
+    );
+    assert!(allowed(&sa_b, "list", "", "secrets", "flux-system", "").await);
+    assert!(!allowed(&sa_b, "list", "", "secrets", "apps", "").await);
+    assert!(allowed(&sa_b, "list", "pipelines.weave.works", "pipelines", "", "").await);
 }
 
 async fn allowed(
