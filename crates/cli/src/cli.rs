@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use pipeline_core::signature::{HmacAlgorithm, sign};
+use pipeline_core::{PipelineRef, Verdict};
 use pipeline_http::RateLimit;
 
 use crate::{client, keyfile, kubernetes, serve, validate};
@@ -39,16 +40,16 @@ pub enum Command {
     },
     /// Approve a promotion waiting in ENVIRONMENT: through the Kubernetes API
     /// (KUBECONFIG; Kubernetes RBAC decides), or with --server and --key-file through
-    /// the signed HTTP approval endpoint.
-    Approve {
-        /// NAMESPACE/NAME of the pipeline.
-        pipeline: String,
-        environment: String,
-        revision: String,
-        #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", requires = "key_file")]
-        server: Option<String>,
-        #[arg(long, requires = "server")]
-        key_file: Option<PathBuf>,
+    /// the signed HTTP endpoint. An approval of a revision older than one already
+    /// waiting, running or promoted there is refused (the older one is superseded).
+    Approve(DecisionArgs),
+    /// Reject a promotion waiting in ENVIRONMENT, for good, with a reason.
+    Reject {
+        #[command(flatten)]
+        target: DecisionArgs,
+        /// Why, recorded in the promotion's history.
+        #[arg(long)]
+        reason: String,
     },
     /// Print the CustomResourceDefinitions (Pipeline, Promotion) as YAML.
     Crds,
@@ -59,8 +60,50 @@ pub enum Command {
     },
 }
 
+/// Which promotion a decision is about, and where it is sent.
+#[derive(Debug, Args)]
+pub struct DecisionArgs {
+    /// NAMESPACE/NAME of the pipeline.
+    pub pipeline: String,
+    /// The environment the promotion goes to (the one waiting for approval).
+    pub environment: String,
+    /// The revision being promoted.
+    pub revision: String,
+    #[command(flatten)]
+    pub via: DecisionChannel,
+}
+
+/// Where a decision goes: a service over HTTP, signed with the approval key, or else the
+/// Kubernetes API with your own credentials.
+#[derive(Debug, Args)]
+pub struct DecisionChannel {
+    /// Send the decision to this pipeline-controller over HTTP, signed with --key-file
+    /// (embedded mode, or Kubernetes mode started with --enable-hmac-approvals). Without
+    /// it the decision goes through the Kubernetes API (KUBECONFIG) and RBAC decides.
+    #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", requires = "key_file")]
+    pub server: Option<String>,
+    /// File holding the environment's approval key (Secret key `approval-key`, which
+    /// must differ from the webhook's `hmac-key` that leaf clusters hold).
+    #[arg(long, requires = "server")]
+    pub key_file: Option<PathBuf>,
+    /// Your name, recorded with a decision sent over HTTP (through the Kubernetes API
+    /// your username is recorded instead).
+    #[arg(long, requires = "server")]
+    pub by: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum PromotionsCommand {
+    /// Re-queue a Failed promotion for a fresh set of attempts (recorded in its history).
+    Retry {
+        /// The promotion's id (its Promotion's name in Kubernetes mode).
+        id: String,
+        /// Kubernetes mode: the Promotion's namespace [default: search all namespaces].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        via: DecisionChannel,
+    },
     /// List promotions, newest first: from the service at --server, else from the
     /// cluster (KUBECONFIG).
     List {
@@ -208,20 +251,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", sign(algo, key.expose(), &body));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Approve {
-            pipeline,
-            environment,
-            revision,
-            server,
-            key_file,
+        Command::Approve(target) => {
+            decide(target, Verdict::Approve).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reject { target, reason } => {
+            decide(target, Verdict::Reject { reason }).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Promotions {
+            command: PromotionsCommand::Retry { id, namespace, via },
         } => {
-            match (server, key_file) {
-                (Some(server), Some(key_file)) => {
-                    let key = keyfile::read(&key_file)?;
-                    client::approve(&server, &pipeline, &environment, &revision, &key).await?;
-                }
-                _ => kubernetes::approve(&pipeline, &environment, &revision).await?,
-            }
+            let record = match &via.server {
+                Some(server) => client::get(server, &id).await?,
+                None => kubernetes::find(namespace.as_deref(), &id).await?,
+            };
+            decide(
+                DecisionArgs {
+                    pipeline: record.pipeline.to_string(),
+                    environment: record.target_environment,
+                    revision: record.revision,
+                    via,
+                },
+                Verdict::Retry,
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Promotions {
@@ -247,4 +301,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Sends a decision over the channel `target` names and says what came of it.
+async fn decide(target: DecisionArgs, verdict: Verdict) -> anyhow::Result<()> {
+    let pipeline = PipelineRef::parse(&target.pipeline).with_context(|| {
+        format!(
+            "pipeline {:?} is not of the form NAMESPACE/NAME",
+            target.pipeline
+        )
+    })?;
+    let record = match (&target.via.server, &target.via.key_file) {
+        (Some(server), Some(key_file)) => {
+            let key = keyfile::read(key_file)?;
+            client::decide(
+                server,
+                &pipeline,
+                &target.environment,
+                &target.revision,
+                &verdict,
+                target.via.by.as_deref(),
+                &key,
+            )
+            .await?
+        }
+        _ => kubernetes::decide(&pipeline, &target.environment, &target.revision, &verdict).await?,
+    };
+    let done = match verdict {
+        Verdict::Approve => "approved",
+        Verdict::Reject { .. } => "rejected",
+        Verdict::Retry => "re-queued",
+    };
+    println!(
+        "{done} {} of {} to {}: {} ({})",
+        record.revision, record.pipeline, record.target_environment, record.phase, record.id
+    );
+    Ok(())
 }

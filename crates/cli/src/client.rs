@@ -4,7 +4,7 @@ use anyhow::Context;
 use chrono::Utc;
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use pipeline_core::signature::{HmacAlgorithm, sign};
-use pipeline_core::{ApprovalBody, PipelineRef, PromotionRecord, SecretBytes};
+use pipeline_core::{ApprovalBody, PipelineRef, PromotionRecord, SecretBytes, Verdict};
 
 use crate::cli::OutputFormat;
 
@@ -34,27 +34,40 @@ async fn failure(response: reqwest::Response) -> anyhow::Error {
     anyhow::anyhow!("server answered {status}: {detail}")
 }
 
-pub async fn approve(
+/// Sends an approver's decision about the promotion of `revision` into `environment`,
+/// signed with the environment's approval key. Returns the record as it stands after.
+pub async fn decide(
     server: &str,
-    pipeline: &str,
+    pipeline: &PipelineRef,
     environment: &str,
     revision: &str,
+    verdict: &Verdict,
+    by: Option<&str>,
     key: &SecretBytes,
-) -> anyhow::Result<()> {
-    let reference = PipelineRef::parse(pipeline)
-        .with_context(|| format!("pipeline {pipeline:?} is not of the form NAMESPACE/NAME"))?;
+) -> anyhow::Result<PromotionRecord> {
     let body = serde_json::to_vec(&ApprovalBody {
-        pipeline: reference.to_string(),
+        pipeline: pipeline.to_string(),
         environment: environment.to_string(),
         revision: revision.to_string(),
         timestamp: Utc::now(),
+        action: Some(verdict.action().to_string()),
+        by: by.map(str::to_string),
+        reason: match verdict {
+            Verdict::Reject { reason } => Some(reason.clone()),
+            _ => None,
+        },
     })?;
+    let route = match verdict {
+        Verdict::Approve => "approvals",
+        Verdict::Reject { .. } => "rejections",
+        Verdict::Retry => "retries",
+    };
     let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
     let url = format!(
-        "{}/pipelines/approvals/{}/{}/{}/{}",
+        "{}/pipelines/{route}/{}/{}/{}/{}",
         base(server),
-        encode(&reference.namespace),
-        encode(&reference.name),
+        encode(&pipeline.namespace),
+        encode(&pipeline.name),
         encode(environment),
         encode(revision)
     );
@@ -68,16 +81,25 @@ pub async fn approve(
         .body(body)
         .send()
         .await
-        .with_context(|| format!("sending the approval to {}", base(server)))?;
+        .with_context(|| format!("sending the decision to {}", base(server)))?;
     if !response.status().is_success() {
         return Err(failure(response).await);
     }
-    let record: PromotionRecord = response.json().await.context("decoding the answer")?;
-    println!(
-        "approved {} of {} to {}: {} ({})",
-        record.revision, record.pipeline, record.target_environment, record.phase, record.id
-    );
-    Ok(())
+    response.json().await.context("decoding the answer")
+}
+
+/// One promotion by id, from the service at `server`.
+pub async fn get(server: &str, id: &str) -> anyhow::Result<PromotionRecord> {
+    let encode = |s: &str| utf8_percent_encode(s, NON_ALPHANUMERIC).to_string();
+    let response = http()?
+        .get(format!("{}/api/v1/promotions/{}", base(server), encode(id)))
+        .send()
+        .await
+        .with_context(|| format!("reading promotion {id} from {}", base(server)))?;
+    if !response.status().is_success() {
+        return Err(failure(response).await);
+    }
+    response.json().await.context("decoding the answer")
 }
 
 pub async fn list(

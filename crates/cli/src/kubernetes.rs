@@ -18,7 +18,7 @@ use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
 use pipeline_core::{
     Executor, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet,
-    SystemClock,
+    SystemClock, Verdict,
 };
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
@@ -47,6 +47,11 @@ pub struct KubernetesArgs {
     /// --events-addr.
     #[arg(long, env = "PIPELINE_CONTROLLER_EVENTS_ADDR")]
     pub events_addr: Option<reqwest::Url>,
+    /// Kubernetes mode: also take approvals, rejections and retries over HTTP signed
+    /// with an environment's approval key. Off by default: approving is then only an
+    /// RBAC-checked action on the Promotion through the Kubernetes API.
+    #[arg(long, env = "PIPELINE_CONTROLLER_ENABLE_HMAC_APPROVALS")]
+    pub enable_hmac_approvals: bool,
     /// Kubernetes mode: name of the leader-election Lease.
     #[arg(long, default_value = "pipeline-controller-leader")]
     pub lease_name: String,
@@ -104,15 +109,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
     let clock = Arc::new(SystemClock);
-    let intake = Arc::new(Intake::new(
-        Arc::new(pipelines.clone()),
-        Arc::new(secrets.clone()),
-        Arc::new(store.clone()),
-        clock.clone(),
-        time_window(&args),
-        metrics.clone(),
-        wake.clone(),
-    ));
+    let intake = Arc::new(
+        Intake::new(
+            Arc::new(pipelines.clone()),
+            Arc::new(secrets.clone()),
+            Arc::new(store.clone()),
+            clock.clone(),
+            time_window(&args),
+            metrics.clone(),
+            wake.clone(),
+        )
+        .with_hmac_approvals(k8s.enable_hmac_approvals),
+    );
     let http = NotificationWebhook::client().context("building the notification HTTP client")?;
     let webhook = (!args.notify_urls.is_empty()).then(|| {
         NotificationWebhook::new(
@@ -210,18 +218,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `approve` without `--server`: sets `spec.approval` on the Promotion with the caller's
-/// own Kubernetes credentials.
-pub async fn approve(pipeline: &str, environment: &str, revision: &str) -> anyhow::Result<()> {
-    let reference = PipelineRef::parse(pipeline)
-        .with_context(|| format!("pipeline {pipeline:?} is not of the form NAMESPACE/NAME"))?;
+/// A decision without `--server`: recorded on the Promotion with the caller's own
+/// Kubernetes credentials; the leader applies it.
+pub async fn decide(
+    pipeline: &PipelineRef,
+    environment: &str,
+    revision: &str,
+    verdict: &Verdict,
+) -> anyhow::Result<PromotionRecord> {
     let client = kube_client().await?;
-    let record = pipeline_kube::approve(client, &reference, environment, revision).await?;
-    println!(
-        "approved {} of {} to {} (Promotion {}/{}); the controller runs it next",
-        record.revision, record.pipeline, record.target_environment, reference.namespace, record.id
-    );
-    Ok(())
+    Ok(pipeline_kube::decide(client, pipeline, environment, revision, verdict).await?)
+}
+
+/// The promotion with `id`, from the cluster.
+pub async fn find(namespace: Option<&str>, id: &str) -> anyhow::Result<PromotionRecord> {
+    let client = kube_client().await?;
+    pipeline_kube::find_promotion(client, namespace, id)
+        .await?
+        .with_context(|| match namespace {
+            Some(namespace) => format!("no Promotion {namespace}/{id}"),
+            None => format!("no Promotion named {id} in any namespace"),
+        })
 }
 
 /// `promotions list` without `--server`: Promotions from the cluster.

@@ -10,6 +10,9 @@ use pipeline_core::signature::{HmacAlgorithm, verify};
 use serde_json::Value;
 use support::*;
 
+/// The quickstart Secret's `approval-key`.
+const APPROVAL_KEY: &str = "quickstart-approval-key-9876543210";
+
 #[tokio::test]
 async fn event_to_notification_to_succeeded() {
     let dir = tempfile::tempdir().unwrap();
@@ -178,10 +181,11 @@ async fn manual_approval_through_the_cli() {
     assert_eq!(receiver.count(), 0, "nothing runs before approval");
 
     let key_file = dir.path().join("key");
-    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    std::fs::write(&key_file, format!("{APPROVAL_KEY}\n")).unwrap();
     let server = service.url("");
-    let wrong_key = dir.path().join("wrong");
-    std::fs::write(&wrong_key, "not the key").unwrap();
+    // The webhook key every leaf cluster holds must not approve anything.
+    let leaf_key = dir.path().join("leaf");
+    std::fs::write(&leaf_key, KEY).unwrap();
     let approve = |key: std::path::PathBuf| {
         let server = server.clone();
         tokio::task::spawn_blocking(move || {
@@ -194,15 +198,19 @@ async fn manual_approval_through_the_cli() {
                 &server,
                 "--key-file",
                 key.to_str().unwrap(),
+                "--by",
+                "alice",
             ])
         })
     };
-    let (code, _, stderr) = approve(wrong_key).await.unwrap();
+    let (code, _, stderr) = approve(leaf_key).await.unwrap();
     assert_ne!(code, 0);
     assert!(
         stderr.contains("401") && stderr.contains("unauthenticated"),
         "{stderr}"
     );
+    let still = get_json(&service, &format!("/api/v1/promotions/{id}")).await;
+    assert_eq!(still["phase"], "WaitingApproval");
 
     let (code, stdout, stderr) = approve(key_file).await.unwrap();
     assert_eq!(code, 0, "{stderr}");
@@ -210,7 +218,8 @@ async fn manual_approval_through_the_cli() {
         stdout.contains("approved 6.5.1 of flux-system/podinfo to prod"),
         "{stdout}"
     );
-    wait_for(&service, id, "Succeeded", |r| r["phase"] == "Succeeded").await;
+    let done = wait_for(&service, id, "Succeeded", |r| r["phase"] == "Succeeded").await;
+    assert_eq!(done["decidedBy"], "alice (approval key)");
     assert_eq!(receiver.count(), 1);
 
     let server = service.url("");
@@ -392,4 +401,119 @@ fn sign_prints_the_header_for_stdin() {
         String::from_utf8(out.stdout).unwrap().trim(),
         "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
     );
+}
+
+/// Runs the CLI off the async runtime.
+async fn cli(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_cli(&args)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn older_waiting_promotions_are_superseded_rejections_and_retries_are_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    // The receiver refuses the first delivery: one attempt allowed, so it fails.
+    let receiver = Receiver::start(vec![500], Duration::ZERO).await;
+    let service = Service::start(
+        &manifests,
+        &dir.path().join("state.redb"),
+        &["--notify-url", &receiver.url(), "--max-attempts", "1"],
+    );
+    let key_file = dir.path().join("approval-key");
+    std::fs::write(&key_file, APPROVAL_KEY).unwrap();
+    let server = service.url("");
+    let decision = |words: &[&str]| {
+        let mut args: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        args.extend(["--server".into(), server.clone()]);
+        args.extend(["--key-file".into(), key_file.to_str().unwrap().to_string()]);
+        args
+    };
+
+    let (_, old) = post_event(&service, "staging", event("podinfo-staging", "1.0.0")).await;
+    let (_, new) = post_event(&service, "staging", event("podinfo-staging", "1.1.0")).await;
+    assert_eq!(new["phase"], "WaitingApproval");
+    let old_id = old["id"].as_str().unwrap();
+    let superseded = get_json(&service, &format!("/api/v1/promotions/{old_id}")).await;
+    assert_eq!(superseded["phase"], "Superseded", "{superseded}");
+    assert!(
+        superseded["message"].as_str().unwrap().contains("1.1.0"),
+        "{superseded}"
+    );
+    // Approving the older revision would roll prod back: refused, nothing runs.
+    let (code, _, stderr) = cli(decision(&[
+        "approve",
+        "flux-system/podinfo",
+        "prod",
+        "1.0.0",
+    ]))
+    .await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("409"), "{stderr}");
+
+    // A late event for an even older revision is superseded on arrival.
+    let (status, late) = post_event(&service, "staging", event("podinfo-staging", "0.9.0")).await;
+    assert_eq!(status, 202);
+    assert_eq!(late["phase"], "Superseded", "{late}");
+
+    // Rejecting the newest: final, with the reason and who.
+    let mut reject = decision(&["reject", "flux-system/podinfo", "prod", "1.1.0"]);
+    reject.extend([
+        "--reason".into(),
+        "change freeze".into(),
+        "--by".into(),
+        "bob".into(),
+    ]);
+    let (code, stdout, stderr) = cli(reject).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("rejected 1.1.0"), "{stdout}");
+    let new_id = new["id"].as_str().unwrap();
+    let rejected = get_json(&service, &format!("/api/v1/promotions/{new_id}")).await;
+    assert_eq!(rejected["phase"], "Rejected");
+    assert_eq!(rejected["decidedBy"], "bob (approval key)");
+    assert!(
+        rejected["message"]
+            .as_str()
+            .unwrap()
+            .contains("change freeze")
+    );
+    let (code, _, _) = cli(decision(&[
+        "approve",
+        "flux-system/podinfo",
+        "prod",
+        "1.1.0",
+    ]))
+    .await;
+    assert_ne!(code, 0, "a rejected promotion cannot be approved");
+
+    // A promotion that failed is re-queued by `promotions retry` and then succeeds.
+    let (_, staging) = post_event(&service, "dev", event("podinfo-dev", "2.0.0")).await;
+    let id = staging["id"].as_str().unwrap().to_string();
+    wait_for(&service, &id, "Failed", |r| r["phase"] == "Failed").await;
+    let (code, stdout, stderr) = cli(decision(&["promotions", "retry", &id])).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("re-queued 2.0.0"), "{stdout}");
+    let done = wait_for(&service, &id, "Succeeded", |r| r["phase"] == "Succeeded").await;
+    let reasons: Vec<&str> = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            "Recorded",
+            "Started",
+            "Failed",
+            "Retried",
+            "Started",
+            "Succeeded"
+        ]
+    );
+    assert_eq!(receiver.count(), 2);
 }

@@ -12,14 +12,19 @@ use tokio::sync::Notify;
 use crate::event::{FluxEvent, Outcome};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineRef, api_group_of};
+use crate::ports::PromotionFilter;
 use crate::ports::{
     Clock, PipelineSource, PromotionStore, SecretBytes, SecretLookupError, SecretSource, StoreError,
 };
-use crate::promotion::{PromotionRecord, Trigger, promotion_id};
+use crate::promotion::{Phase, PromotionRecord, Trigger, promotion_id};
 use crate::signature::{self, SignatureError};
 
 /// Key of the webhook HMAC key in the pipeline's Secret.
 pub const HMAC_KEY: &str = "hmac-key";
+
+/// Key of the approval key: signs HTTP approvals, rejections and retries. Kept apart
+/// from [`HMAC_KEY`], which every leaf cluster holds to send events.
+pub const APPROVAL_KEY: &str = "approval-key";
 
 /// How far event and approval timestamps may be from now.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +76,7 @@ impl TimeWindow {
 pub enum RefusalClass {
     NotFound,
     Unauthorized,
+    Forbidden,
     BadRequest,
     Unprocessable,
     Conflict,
@@ -125,6 +131,16 @@ pub enum Refusal {
     NotWaitingApproval(String),
     #[error("approval does not match the request path: {0}")]
     ApprovalMismatch(String),
+    #[error(
+        "signed HTTP approvals are disabled: approve through the Kubernetes API (`pipeline-controller approve NAMESPACE/NAME ENVIRONMENT REVISION`, allowed by RBAC), or start the controller with --enable-hmac-approvals"
+    )]
+    ApprovalsDisabled,
+    #[error(
+        "an approval signed over an empty body (the Go pipeline-controller's protocol) is refused: that one signature would approve any revision at any time; sign the JSON body {{pipeline, environment, revision, timestamp, action}} with the environment's approval-key, as `pipeline-controller approve --server` does"
+    )]
+    LegacyApproval,
+    #[error("{0}")]
+    Superseded(String),
     #[error("{0}")]
     Unavailable(String),
 }
@@ -147,6 +163,9 @@ impl Refusal {
             Refusal::PromotionNotFound { .. } => "promotion_not_found",
             Refusal::NotWaitingApproval(_) => "not_waiting_approval",
             Refusal::ApprovalMismatch(_) => "approval_mismatch",
+            Refusal::ApprovalsDisabled => "hmac_approvals_disabled",
+            Refusal::LegacyApproval => "legacy_approval",
+            Refusal::Superseded(_) => "superseded",
             Refusal::Unavailable(_) => "unavailable",
         }
     }
@@ -157,8 +176,9 @@ impl Refusal {
                 RefusalClass::NotFound
             }
             Refusal::Unauthenticated(_) => RefusalClass::Unauthorized,
-            Refusal::BadBody { .. } => RefusalClass::BadRequest,
-            Refusal::NotWaitingApproval(_) => RefusalClass::Conflict,
+            Refusal::ApprovalsDisabled => RefusalClass::Forbidden,
+            Refusal::BadBody { .. } | Refusal::LegacyApproval => RefusalClass::BadRequest,
+            Refusal::NotWaitingApproval(_) | Refusal::Superseded(_) => RefusalClass::Conflict,
             Refusal::Unavailable(_) => RefusalClass::Unavailable,
             _ => RefusalClass::Unprocessable,
         }
@@ -195,28 +215,68 @@ pub enum Decision {
     },
 }
 
-/// A signed approval of one waiting promotion. Every field must match the request path
-/// and the timestamp must be fresh, so a captured approval approves nothing else.
+/// What an approver decides about one promotion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let a promotion waiting for approval run.
+    Approve,
+    /// Refuse a promotion waiting for approval, for good.
+    Reject { reason: String },
+    /// Re-queue a `Failed` promotion.
+    Retry,
+}
+
+impl Verdict {
+    /// The `action` an HTTP body states, so a signed body for one verdict cannot be
+    /// replayed as another.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Verdict::Approve => "approve",
+            Verdict::Reject { .. } => "reject",
+            Verdict::Retry => "retry",
+        }
+    }
+}
+
+/// A signed decision about one promotion. Every field must match the request path and
+/// the timestamp must be fresh, so a captured body decides nothing else.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApprovalBody {
     pub pipeline: String,
     pub environment: String,
     pub revision: String,
     pub timestamp: DateTime<Utc>,
+    /// `approve` (the default, as bodies before rejections had none), `reject`, `retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// Who decides, as the approval-key holder states it; recorded, not trusted further.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    /// Why, for a rejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// Longest `by` and `reason` an approval body may carry.
+const MAX_DECISION_TEXT: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
 pub struct ApprovalRequest<'a> {
     pub pipeline: &'a PipelineRef,
-    /// The environment waiting for approval (the promotion's target).
+    /// The environment of the promotion's target.
     pub environment: &'a str,
     pub revision: &'a str,
+    /// The action the path names (`approve`, `reject`, `retry`).
+    pub action: &'a str,
     pub signature: Option<&'a str>,
     pub body: &'a [u8],
 }
 
 /// The webhook's decision maker.
 pub struct Intake {
+    /// Whether decisions signed with an approval key are taken over HTTP. Kubernetes
+    /// mode turns them off by default: there, approving is an RBAC-checked API action.
+    hmac_approvals: bool,
     pipelines: Arc<dyn PipelineSource>,
     secrets: Arc<dyn SecretSource>,
     store: Arc<dyn PromotionStore>,
@@ -237,6 +297,7 @@ impl Intake {
         executor_wake: Arc<Notify>,
     ) -> Self {
         Self {
+            hmac_approvals: true,
             pipelines,
             secrets,
             store,
@@ -245,6 +306,12 @@ impl Intake {
             metrics,
             executor_wake,
         }
+    }
+
+    /// Takes (or refuses) HTTP decisions signed with an approval key.
+    pub fn with_hmac_approvals(mut self, enabled: bool) -> Self {
+        self.hmac_approvals = enabled;
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn PromotionStore> {
@@ -267,13 +334,66 @@ impl Intake {
         body: &[u8],
     ) -> Result<(), Refusal> {
         let key = self.hmac_key(pipeline).await?;
-        signature::verify(signature, key.expose(), body).map_err(|err| {
-            let hint = match err {
-                SignatureError::Mismatch => " for this pipeline's key",
-                _ => "",
-            };
-            Refusal::Unauthenticated(format!("{err}{hint}"))
-        })
+        check_signature(&key, signature, body)
+    }
+
+    /// The approval key for promotions into `environment`: key [`APPROVAL_KEY`] of the
+    /// environment's Secret (else the pipeline's). Refused when missing, or when equal to
+    /// a webhook key, since every leaf cluster holds those.
+    pub async fn approval_key(
+        &self,
+        pipeline: &Pipeline,
+        environment: &str,
+    ) -> Result<SecretBytes, Refusal> {
+        let reference = &pipeline.reference;
+        let Some(secret_name) = pipeline.approval_secret_name(environment) else {
+            return Err(Refusal::Unauthenticated(format!(
+                "pipeline {reference} names no Secret for environment {environment:?} (promotion.strategy.secretRef): signed approvals need its {APPROVAL_KEY:?}"
+            )));
+        };
+        let key = self
+            .secret_key(&reference.namespace, secret_name, APPROVAL_KEY)
+            .await?
+            .ok_or_else(|| {
+                Refusal::Unauthenticated(format!(
+                    "secret {}/{secret_name} has no {APPROVAL_KEY:?} key: signed approvals need a key of their own that no leaf cluster holds",
+                    reference.namespace
+                ))
+            })?;
+        let mut webhook_keys = vec![self.hmac_key(pipeline).await.ok()];
+        webhook_keys.push(
+            self.secret_key(&reference.namespace, secret_name, HMAC_KEY)
+                .await
+                .ok()
+                .flatten(),
+        );
+        if webhook_keys
+            .iter()
+            .flatten()
+            .any(|webhook| same_key(webhook, &key))
+        {
+            return Err(Refusal::Unauthenticated(format!(
+                "the {APPROVAL_KEY:?} of secret {}/{secret_name} equals a webhook {HMAC_KEY:?}, which every leaf cluster holds; give approvals a different key",
+                reference.namespace
+            )));
+        }
+        Ok(key)
+    }
+
+    /// A non-empty value of `key` in Secret `namespace/name`, if there is one.
+    async fn secret_key(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+    ) -> Result<Option<SecretBytes>, Refusal> {
+        match self.secrets.secret_value(namespace, name, key).await {
+            Ok(value) => Ok(value.filter(|v| !v.expose().is_empty())),
+            Err(SecretLookupError::SecretNotFound { namespace, name }) => Err(
+                Refusal::Unauthenticated(format!("secret {namespace}/{name} not found")),
+            ),
+            Err(SecretLookupError::Unavailable(e)) => Err(Refusal::Unavailable(e.to_string())),
+        }
     }
 
     /// The pipeline's webhook key. Unsigned promotions are never accepted, so a pipeline
@@ -368,6 +488,20 @@ impl Intake {
         );
         let (stored, created) = self.store.create_if_absent(record).await?;
         if created {
+            // Only waiting promotions take part: those that run are not held back.
+            let stored = if stored.phase == Phase::WaitingApproval {
+                match supersede_around(self.store.as_ref(), &stored, self.clock.now()).await {
+                    Ok(updated) => updated,
+                    Err(err) => {
+                        // The record is durable; older approvals stay possible until the
+                        // next approval checks again, which refuses them then.
+                        tracing::warn!(promotion = %stored.id, error = %err, "could not supersede older waiting promotions");
+                        stored
+                    }
+                }
+            } else {
+                stored
+            };
             self.metrics.record_phase(stored.phase);
             self.executor_wake.notify_one();
             Ok(Decision::Recorded(stored))
@@ -376,20 +510,27 @@ impl Intake {
         }
     }
 
-    /// Approves a promotion waiting in `WaitingApproval`.
+    /// Takes an approver's signed decision (approve, reject, retry) about one promotion.
     pub async fn handle_approval(
         &self,
         request: ApprovalRequest<'_>,
     ) -> Result<PromotionRecord, Refusal> {
+        if !self.hmac_approvals {
+            return Err(Refusal::ApprovalsDisabled);
+        }
         let pipeline = self.pipeline(request.pipeline).await?;
-        self.authenticate(&pipeline, request.signature, request.body)
-            .await?;
+        if request.body.trim_ascii().is_empty() {
+            return Err(Refusal::LegacyApproval);
+        }
+        let key = self.approval_key(&pipeline, request.environment).await?;
+        check_signature(&key, request.signature, request.body)?;
         let body: ApprovalBody =
             crate::event::decode_exactly_one(request.body).map_err(|detail| Refusal::BadBody {
                 what: "approval",
                 detail,
             })?;
         let expected_pipeline = request.pipeline.to_string();
+        let action = body.action.as_deref().unwrap_or("approve");
         for (field, got, want) in [
             (
                 "pipeline",
@@ -402,6 +543,7 @@ impl Intake {
                 request.environment,
             ),
             ("revision", body.revision.as_str(), request.revision),
+            ("action", action, request.action),
         ] {
             if got != want {
                 return Err(Refusal::ApprovalMismatch(format!(
@@ -409,25 +551,170 @@ impl Intake {
                 )));
             }
         }
+        for (field, text) in [("by", &body.by), ("reason", &body.reason)] {
+            if let Some(text) = text
+                && (text.len() > MAX_DECISION_TEXT || text.chars().any(char::is_control))
+            {
+                return Err(Refusal::BadBody {
+                    what: "approval",
+                    detail: format!(
+                        "{field}: at most {MAX_DECISION_TEXT} bytes without control characters"
+                    ),
+                });
+            }
+        }
         self.window
             .check(body.timestamp, self.clock.now(), "approval")?;
-
-        let id = promotion_id(request.pipeline, request.environment, request.revision);
-        let now = self.clock.now();
-        match self.store.modify(&id, &|r| r.approve(now)).await {
-            Ok(record) => {
-                self.metrics.record_phase(record.phase);
-                self.executor_wake.notify_one();
-                Ok(record)
+        let verdict = match action {
+            "approve" => Verdict::Approve,
+            "reject" => Verdict::Reject {
+                reason: body.reason.clone().unwrap_or_default(),
+            },
+            "retry" => Verdict::Retry,
+            other => {
+                return Err(Refusal::BadBody {
+                    what: "approval",
+                    detail: format!("action {other:?} is not approve, reject or retry"),
+                });
             }
-            Err(StoreError::NotFound(_)) => Err(Refusal::PromotionNotFound {
-                pipeline: request.pipeline.clone(),
-                environment: request.environment.to_string(),
-                revision: request.revision.to_string(),
-            }),
-            Err(other) => Err(other.into()),
+        };
+        let by = match body.by.as_deref().filter(|b| !b.trim().is_empty()) {
+            Some(name) => format!("{name} (approval key)"),
+            None => "the approval-key holder".to_string(),
+        };
+        let record = decide(
+            self.store.as_ref(),
+            request.pipeline,
+            request.environment,
+            request.revision,
+            &verdict,
+            &by,
+            self.clock.now(),
+        )
+        .await?;
+        self.metrics.record_phase(record.phase);
+        if record.phase == Phase::Pending {
+            self.executor_wake.notify_one();
+        }
+        Ok(record)
+    }
+}
+
+/// Applies an approver's verdict to the promotion of `revision` into `environment`,
+/// whoever vouched for the approver (an approval key, Kubernetes RBAC). An approval of
+/// a revision older than one already waiting, running or promoted there supersedes it
+/// instead, so approving never rolls an environment back.
+pub async fn decide(
+    store: &dyn PromotionStore,
+    pipeline: &PipelineRef,
+    environment: &str,
+    revision: &str,
+    verdict: &Verdict,
+    by: &str,
+    now: DateTime<Utc>,
+) -> Result<PromotionRecord, Refusal> {
+    let id = promotion_id(pipeline, environment, revision);
+    let not_found = || Refusal::PromotionNotFound {
+        pipeline: pipeline.clone(),
+        environment: environment.to_string(),
+        revision: revision.to_string(),
+    };
+    if *verdict == Verdict::Approve {
+        let record = store.get(&id).await?.ok_or_else(not_found)?;
+        if let Some(newer) = newer_in_environment(store, &record).await? {
+            let superseded = store
+                .modify(&id, &|r| r.supersede(&newer.revision, now))
+                .await;
+            if let Err(err) = superseded
+                && !matches!(err, StoreError::Transition(_))
+            {
+                return Err(err.into());
+            }
+            return Err(Refusal::Superseded(format!(
+                "promotion of {revision} to {environment} is superseded by {} ({}): approving it would roll {environment} back",
+                newer.revision, newer.phase
+            )));
         }
     }
+    let change = |r: &mut PromotionRecord| match verdict {
+        Verdict::Approve => r.approve(by, now),
+        Verdict::Reject { reason } => r.reject(by, reason, now),
+        Verdict::Retry => r.retry(by, now),
+    };
+    match store.modify(&id, &change).await {
+        Ok(record) => Ok(record),
+        Err(StoreError::NotFound(_)) => Err(not_found()),
+        Err(other) => Err(other.into()),
+    }
+}
+
+/// A record for the same pipeline and target environment, newer than `record`, that is
+/// waiting, under way or done: the one that makes `record` obsolete, if any.
+async fn newer_in_environment(
+    store: &dyn PromotionStore,
+    record: &PromotionRecord,
+) -> Result<Option<PromotionRecord>, StoreError> {
+    let others = store
+        .list(&PromotionFilter {
+            pipeline: Some(record.pipeline.clone()),
+            environment: Some(record.target_environment.clone()),
+        })
+        .await?;
+    Ok(others.into_iter().find(|other| {
+        other.id != record.id
+            && other.target_environment == record.target_environment
+            && matches!(
+                other.phase,
+                Phase::WaitingApproval | Phase::Pending | Phase::Running | Phase::Succeeded
+            )
+            && other.is_newer_than(record)
+    }))
+}
+
+/// After `record` was recorded: older promotions into its environment still waiting for
+/// approval are superseded by it; if it is itself older than one there, it is.
+async fn supersede_around(
+    store: &dyn PromotionStore,
+    record: &PromotionRecord,
+    now: DateTime<Utc>,
+) -> Result<PromotionRecord, StoreError> {
+    let others = store
+        .list(&PromotionFilter {
+            pipeline: Some(record.pipeline.clone()),
+            environment: Some(record.target_environment.clone()),
+        })
+        .await?;
+    let mut current = record.clone();
+    for other in others
+        .iter()
+        .filter(|o| o.id != record.id && o.target_environment == record.target_environment)
+    {
+        if other.phase == Phase::WaitingApproval && record.is_newer_than(other) {
+            match store
+                .modify(&other.id, &|r| r.supersede(&record.revision, now))
+                .await
+            {
+                Ok(_) | Err(StoreError::Transition(_)) => {}
+                Err(err) => return Err(err),
+            }
+        } else if current.phase == Phase::WaitingApproval
+            && matches!(
+                other.phase,
+                Phase::WaitingApproval | Phase::Pending | Phase::Running | Phase::Succeeded
+            )
+            && other.is_newer_than(record)
+        {
+            match store
+                .modify(&record.id, &|r| r.supersede(&other.revision, now))
+                .await
+            {
+                Ok(updated) => current = updated,
+                Err(StoreError::Transition(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(current)
 }
 
 /// The event must come from the pipeline's app, in a namespace targeted by the
@@ -469,4 +756,19 @@ fn check_involved_object(
         )));
     }
     Ok(())
+}
+
+/// Keys compare equal the way Flux would sign with them: surrounding whitespace aside.
+fn same_key(a: &SecretBytes, b: &SecretBytes) -> bool {
+    a.expose().trim_ascii() == b.expose().trim_ascii()
+}
+
+fn check_signature(key: &SecretBytes, signature: Option<&str>, body: &[u8]) -> Result<(), Refusal> {
+    signature::verify(signature, key.expose(), body).map_err(|err| {
+        let hint = match err {
+            SignatureError::Mismatch => " for this key",
+            _ => "",
+        };
+        Refusal::Unauthenticated(format!("{err}{hint}"))
+    })
 }

@@ -21,7 +21,7 @@ pub use executor::{
 };
 pub use intake::{
     ApprovalBody, ApprovalRequest, Decision, EventRequest, Intake, Refusal, RefusalClass,
-    TimeWindow,
+    TimeWindow, Verdict, decide,
 };
 pub use metrics::Metrics;
 pub use pipeline::{Pipeline, PipelineRef, PipelineSpec};
@@ -29,5 +29,7 @@ pub use ports::{
     Clock, PipelineSource, PromotionFilter, PromotionStore, SecretBytes, SecretLookupError,
     SecretSource, StoreError, SystemClock, Unavailable,
 };
-pub use promotion::{Phase, PromotionRecord, RetryPolicy, Trigger, promotion_id};
+pub use promotion::{
+    ChangeReason, Phase, PromotionRecord, RetryPolicy, Trigger, parse_version, promotion_id,
+};
 pub use report::Throttle;

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -29,6 +30,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<EndpointLabels, Histogram>,
     phases: Family<PhaseLabels, Counter>,
+    manifest_files_invalid: Gauge,
+    manifest_files_last_good: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,11 +78,27 @@ impl Metrics {
                 })
                 .get();
         }
+        // Embedded mode's manifests folder (always 0 in Kubernetes mode). Counts only, so
+        // the label set stays bounded; /readyz names the files.
+        let manifest_files_invalid = Gauge::default();
+        registry.register(
+            "manifest_files_invalid",
+            "Manifest files that currently fail to load (embedded mode)",
+            manifest_files_invalid.clone(),
+        );
+        let manifest_files_last_good = Gauge::default();
+        registry.register(
+            "manifest_files_last_good",
+            "Invalid manifest files whose last good version is served instead (embedded mode)",
+            manifest_files_last_good.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             phases,
+            manifest_files_invalid,
+            manifest_files_last_good,
         }
     }
 
@@ -103,6 +122,15 @@ impl Metrics {
                 phase: phase.as_str().to_string(),
             })
             .inc();
+    }
+
+    /// Embedded mode: how many manifest files fail to load now, and how many of those are
+    /// served from their last good version.
+    pub fn set_manifest_files(&self, invalid: usize, last_good: usize) {
+        self.manifest_files_invalid
+            .set(i64::try_from(invalid).unwrap_or(i64::MAX));
+        self.manifest_files_last_good
+            .set(i64::try_from(last_good).unwrap_or(i64::MAX));
     }
 
     /// Renders the OpenMetrics text exposition.

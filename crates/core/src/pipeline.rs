@@ -448,6 +448,21 @@ impl Pipeline {
             .or(self.spec.promotion.as_ref())
     }
 
+    /// Name of the Secret holding the `approval-key` for promotions into
+    /// `target_environment`: the environment's own `promotion.strategy.secretRef`, else
+    /// the pipeline's.
+    pub fn approval_secret_name(&self, target_environment: &str) -> Option<&str> {
+        self.spec
+            .environments
+            .iter()
+            .find(|e| e.name == target_environment)
+            .and_then(|e| e.promotion.as_ref())
+            .and_then(|p| p.strategy.secret_ref.as_ref())
+            .map(|s| s.name.as_str())
+            .filter(|n| !n.is_empty())
+            .or_else(|| self.hmac_secret_name())
+    }
+
     /// Name of the Secret holding the webhook's `hmac-key`, if any.
     pub fn hmac_secret_name(&self) -> Option<&str> {
         self.spec

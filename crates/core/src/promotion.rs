@@ -19,15 +19,22 @@ pub enum Phase {
     Running,
     Succeeded,
     Failed,
+    /// An approver said no; final.
+    Rejected,
+    /// A newer revision for the same environment was recorded or promoted while this one
+    /// waited for approval; approving this one would roll the environment back. Final.
+    Superseded,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Pending,
         Phase::WaitingApproval,
         Phase::Running,
         Phase::Succeeded,
         Phase::Failed,
+        Phase::Rejected,
+        Phase::Superseded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -37,11 +44,102 @@ impl Phase {
             Phase::Running => "Running",
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
+            Phase::Rejected => "Rejected",
+            Phase::Superseded => "Superseded",
         }
     }
 
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
+        matches!(
+            self,
+            Phase::Succeeded | Phase::Failed | Phase::Rejected | Phase::Superseded
+        )
+    }
+}
+
+/// Why a record changed phase. Stored by name in the history; Kubernetes Events and
+/// metrics are derived from it, so renaming one is a visible change made here only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub enum ChangeReason {
+    Recorded,
+    AwaitingApproval,
+    Approved,
+    Rejected,
+    Superseded,
+    Retried,
+    Started,
+    Resumed,
+    RetryScheduled,
+    Succeeded,
+    Failed,
+    /// A reason this build does not know (written by a newer one).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ChangeReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeReason::Recorded => "Recorded",
+            ChangeReason::AwaitingApproval => "AwaitingApproval",
+            ChangeReason::Approved => "Approved",
+            ChangeReason::Rejected => "Rejected",
+            ChangeReason::Superseded => "Superseded",
+            ChangeReason::Retried => "Retried",
+            ChangeReason::Started => "Started",
+            ChangeReason::Resumed => "Resumed",
+            ChangeReason::RetryScheduled => "RetryScheduled",
+            ChangeReason::Succeeded => "Succeeded",
+            ChangeReason::Failed => "Failed",
+            ChangeReason::Unknown => "Unknown",
+        }
+    }
+
+    /// The reason of the Kubernetes Event announcing this change.
+    pub fn event_reason(self) -> &'static str {
+        match self {
+            ChangeReason::Recorded => "PromotionRecorded",
+            ChangeReason::AwaitingApproval => "WaitingApproval",
+            ChangeReason::Approved => "PromotionApproved",
+            ChangeReason::Rejected => "PromotionRejected",
+            ChangeReason::Superseded => "PromotionSuperseded",
+            ChangeReason::Retried => "PromotionRetried",
+            ChangeReason::Started => "PromotionStarted",
+            ChangeReason::Resumed => "PromotionResumed",
+            ChangeReason::RetryScheduled => "PromotionRetrying",
+            ChangeReason::Succeeded => "PromotionSucceeded",
+            ChangeReason::Failed => "PromotionFailed",
+            ChangeReason::Unknown => "PromotionUpdated",
+        }
+    }
+
+    /// Whether the change calls for attention (a Warning Event).
+    pub fn is_warning(self) -> bool {
+        matches!(
+            self,
+            ChangeReason::RetryScheduled | ChangeReason::Failed | ChangeReason::Rejected
+        )
+    }
+
+    /// Whether people watching the pipeline (not only the promotion) should hear of it:
+    /// what they act on, and outcomes.
+    pub fn concerns_pipeline(self) -> bool {
+        matches!(
+            self,
+            ChangeReason::AwaitingApproval
+                | ChangeReason::Approved
+                | ChangeReason::Rejected
+                | ChangeReason::Superseded
+                | ChangeReason::Succeeded
+                | ChangeReason::Failed
+        )
+    }
+}
+
+impl fmt::Display for ChangeReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -58,7 +156,7 @@ impl fmt::Display for Phase {
 pub struct PhaseChange {
     pub phase: Phase,
     pub at: DateTime<Utc>,
-    pub reason: String,
+    pub reason: ChangeReason,
     pub message: String,
 }
 
@@ -104,6 +202,10 @@ pub struct PromotionRecord {
     /// notification), so a retry does not repeat it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, String>,
+    /// Who approved, rejected or retried it last (the approver's identity as the
+    /// channel used vouches for it: Kubernetes username, or the approval-key holder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
 }
 
 /// The deterministic identity of a promotion. Readable prefix, hashed suffix over the
@@ -145,6 +247,12 @@ fn dns_label(text: &str, max: usize) -> String {
         out.pop();
     }
     out
+}
+
+/// A revision as a semantic version, if it is one (`1.2.3`, `v1.2.3-rc.1`, `1.2.3+build`).
+pub fn parse_version(revision: &str) -> Option<semver::Version> {
+    let text = revision.strip_prefix('v').unwrap_or(revision);
+    semver::Version::parse(text).ok()
 }
 
 /// Asked for a phase change the record's current phase does not allow.
@@ -199,13 +307,13 @@ impl PromotionRecord {
         let (phase, reason, message) = if manual {
             (
                 Phase::WaitingApproval,
-                "AwaitingApproval",
+                ChangeReason::AwaitingApproval,
                 format!("promotion of {revision} to {target_environment} waits for approval"),
             )
         } else {
             (
                 Phase::Pending,
-                "Recorded",
+                ChangeReason::Recorded,
                 format!("promotion of {revision} to {target_environment} recorded"),
             )
         };
@@ -226,21 +334,22 @@ impl PromotionRecord {
             history: vec![PhaseChange {
                 phase,
                 at: now,
-                reason: reason.to_string(),
+                reason,
                 message,
             }],
             checkpoints: BTreeMap::new(),
+            decided_by: None,
         }
     }
 
-    fn change(&mut self, phase: Phase, reason: &str, message: String, now: DateTime<Utc>) {
+    fn change(&mut self, phase: Phase, reason: ChangeReason, message: String, now: DateTime<Utc>) {
         self.phase = phase;
         self.message = message.clone();
         self.updated_at = now;
         self.history.push(PhaseChange {
             phase,
             at: now,
-            reason: reason.to_string(),
+            reason,
             message,
         });
     }
@@ -263,17 +372,86 @@ impl PromotionRecord {
         }
     }
 
-    pub fn approve(&mut self, now: DateTime<Utc>) -> Result<(), TransitionError> {
+    pub fn approve(&mut self, by: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
         if self.phase != Phase::WaitingApproval {
             return Err(self.refuse("approve"));
         }
         self.next_attempt_at = None;
+        self.decided_by = Some(by.to_string());
         let message = format!(
-            "promotion of {} to {} approved",
+            "promotion of {} to {} approved by {by}",
             self.revision, self.target_environment
         );
-        self.change(Phase::Pending, "Approved", message, now);
+        self.change(Phase::Pending, ChangeReason::Approved, message, now);
         Ok(())
+    }
+
+    /// An approver refuses the promotion; it never runs.
+    pub fn reject(
+        &mut self,
+        by: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), TransitionError> {
+        if self.phase != Phase::WaitingApproval {
+            return Err(self.refuse("reject"));
+        }
+        self.next_attempt_at = None;
+        self.decided_by = Some(by.to_string());
+        let because = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        };
+        let message = format!(
+            "promotion of {} to {} rejected by {by}{because}",
+            self.revision, self.target_environment
+        );
+        self.change(Phase::Rejected, ChangeReason::Rejected, message, now);
+        Ok(())
+    }
+
+    /// A newer revision for the same environment makes this waiting one obsolete.
+    pub fn supersede(&mut self, newer: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        if self.phase != Phase::WaitingApproval {
+            return Err(self.refuse("supersede"));
+        }
+        self.next_attempt_at = None;
+        let message = format!(
+            "superseded by {newer}: approving {} would roll {} back",
+            self.revision, self.target_environment
+        );
+        self.change(Phase::Superseded, ChangeReason::Superseded, message, now);
+        Ok(())
+    }
+
+    /// Re-queues a `Failed` promotion for a fresh set of attempts. What earlier attempts
+    /// already did (checkpoints) is kept, so it is not repeated.
+    pub fn retry(&mut self, by: &str, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        if self.phase != Phase::Failed {
+            return Err(self.refuse("retry"));
+        }
+        self.attempts = 0;
+        self.next_attempt_at = None;
+        self.decided_by = Some(by.to_string());
+        let message = format!(
+            "promotion of {} to {} re-queued by {by}",
+            self.revision, self.target_environment
+        );
+        self.change(Phase::Pending, ChangeReason::Retried, message, now);
+        Ok(())
+    }
+
+    /// Whether this record's revision is newer than `other`'s: by version where both
+    /// are semantic versions (a leading `v` allowed), else by when they were recorded.
+    pub fn is_newer_than(&self, other: &PromotionRecord) -> bool {
+        match (
+            parse_version(&self.revision),
+            parse_version(&other.revision),
+        ) {
+            (Some(mine), Some(theirs)) => mine > theirs,
+            _ => self.created_at > other.created_at,
+        }
     }
 
     /// Marks the start of an attempt; persisted before the strategy runs so a crash
@@ -287,7 +465,11 @@ impl PromotionRecord {
         self.attempts += 1;
         self.next_attempt_at = None;
         let message = format!("attempt {} started", self.attempts);
-        let reason = if resumed { "Resumed" } else { "Started" };
+        let reason = if resumed {
+            ChangeReason::Resumed
+        } else {
+            ChangeReason::Started
+        };
         self.change(Phase::Running, reason, message, now);
         Ok(())
     }
@@ -302,7 +484,7 @@ impl PromotionRecord {
             return Err(self.refuse("succeed"));
         }
         self.result = result;
-        self.change(Phase::Succeeded, "Succeeded", message, now);
+        self.change(Phase::Succeeded, ChangeReason::Succeeded, message, now);
         Ok(())
     }
 
@@ -328,7 +510,7 @@ impl PromotionRecord {
                 self.attempts,
                 next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
-            self.change(Phase::Pending, "RetryScheduled", message, now);
+            self.change(Phase::Pending, ChangeReason::RetryScheduled, message, now);
         } else {
             let message = if retryable {
                 format!("gave up after {} attempts: {message}", self.attempts)
@@ -336,7 +518,7 @@ impl PromotionRecord {
                 message
             };
             self.next_attempt_at = None;
-            self.change(Phase::Failed, "Failed", message, now);
+            self.change(Phase::Failed, ChangeReason::Failed, message, now);
         }
         Ok(())
     }
@@ -421,8 +603,9 @@ mod tests {
         assert_eq!(r.phase, Phase::WaitingApproval);
         assert!(!r.is_due(now));
         assert!(r.start_attempt(now).is_err());
-        r.approve(now).unwrap();
-        assert!(r.approve(now).is_err());
+        r.approve("alice", now).unwrap();
+        assert!(r.approve("alice", now).is_err());
+        assert_eq!(r.decided_by.as_deref(), Some("alice"));
         r.start_attempt(now).unwrap();
         r.succeed("done".into(), Some("https://x/pr/1".into()), now)
             .unwrap();
@@ -438,5 +621,75 @@ mod tests {
                 Phase::Succeeded
             ]
         );
+    }
+
+    #[test]
+    fn reject_supersede_and_retry_are_recorded_with_who() {
+        let now = Utc::now();
+        let mut r = record(true);
+        r.reject("bob", "not during the freeze", now).unwrap();
+        assert_eq!(r.phase, Phase::Rejected);
+        assert!(r.phase.is_terminal());
+        assert!(
+            r.message.contains("rejected by bob: not during the freeze"),
+            "{}",
+            r.message
+        );
+        assert!(r.approve("bob", now).is_err());
+
+        let mut r = record(true);
+        r.supersede("6.5.2", now).unwrap();
+        assert_eq!(r.phase, Phase::Superseded);
+        assert_eq!(r.history.last().unwrap().reason, ChangeReason::Superseded);
+        assert!(r.approve("alice", now).is_err());
+
+        let policy = RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        };
+        let mut r = record(false);
+        assert!(r.retry("carol", now).is_err());
+        r.start_attempt(now).unwrap();
+        r.fail_attempt("boom".into(), true, &policy, now).unwrap();
+        assert_eq!(r.phase, Phase::Failed);
+        r.retry("carol", now).unwrap();
+        assert_eq!((r.phase, r.attempts), (Phase::Pending, 0));
+        assert_eq!(r.history.last().unwrap().reason, ChangeReason::Retried);
+        assert!(r.is_due(now));
+    }
+
+    #[test]
+    fn newer_means_higher_version_else_later_record() {
+        let now = Utc::now();
+        let at = |revision: &str, seconds: i64| {
+            PromotionRecord::new(
+                PipelineRef::new("ns", "p"),
+                "dev",
+                "prod",
+                revision,
+                true,
+                Trigger::default(),
+                now + chrono::Duration::seconds(seconds),
+            )
+        };
+        assert!(at("1.10.0", 0).is_newer_than(&at("1.9.0", 5)));
+        assert!(at("v2.0.0", 0).is_newer_than(&at("1.9.9", 5)));
+        assert!(!at("1.0.0-rc.1", 5).is_newer_than(&at("1.0.0", 0)));
+        assert!(at("main@sha1:bbb", 5).is_newer_than(&at("main@sha1:aaa", 0)));
+        assert!(!at("main@sha1:bbb", 0).is_newer_than(&at("main@sha1:aaa", 5)));
+    }
+
+    #[test]
+    fn history_reasons_read_back_and_unknown_ones_survive() {
+        let change: PhaseChange = serde_json::from_value(serde_json::json!({
+            "phase": "Pending", "at": "2026-01-01T00:00:00Z", "reason": "Approved", "message": "m"
+        }))
+        .unwrap();
+        assert_eq!(change.reason, ChangeReason::Approved);
+        let change: PhaseChange = serde_json::from_value(serde_json::json!({
+            "phase": "Pending", "at": "2026-01-01T00:00:00Z", "reason": "FromTheFuture", "message": "m"
+        }))
+        .unwrap();
+        assert_eq!(change.reason, ChangeReason::Unknown);
     }
 }

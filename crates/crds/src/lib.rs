@@ -135,13 +135,29 @@ pub struct PromotionSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Approval {
+    /// Let the promotion run.
+    #[serde(default)]
     pub approved: bool,
-    /// Who approved, as the approver's client reported it (audit logs are authoritative).
+    /// Refuse the promotion for good (wins over `approved`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rejected: bool,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Who decided: the approver's Kubernetes username. The admission policy shipped with
+    /// the controller refuses any other value, so it can be trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at: Option<DateTime<Utc>>,
 }
+
+/// Annotation asking the controller to re-queue a `Failed` Promotion; any new value is a
+/// new request. [`RETRIED_BY_ANNOTATION`] names who asks.
+pub const RETRY_ANNOTATION: &str = "pipelines.weave.works/retry";
+/// Who asked for the retry: the requester's Kubernetes username (checked by the shipped
+/// admission policy).
+pub const RETRIED_BY_ANNOTATION: &str = "pipelines.weave.works/retried-by";
 
 /// The pipeline a Promotion belongs to; it lives in the Promotion's namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -174,6 +190,9 @@ pub struct PromotionStatus {
     /// What strategies already did in earlier attempts, so retries do not repeat it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checkpoints: BTreeMap<String, String>,
+    /// Who approved, rejected or retried it last, as the controller verified it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
 }
 
 /// Every CRD this controller owns.

@@ -51,6 +51,7 @@ impl From<Refusal> for ApiError {
         let status = match refusal.class() {
             RefusalClass::NotFound => StatusCode::NOT_FOUND,
             RefusalClass::Unauthorized => StatusCode::UNAUTHORIZED,
+            RefusalClass::Forbidden => StatusCode::FORBIDDEN,
             RefusalClass::BadRequest => StatusCode::BAD_REQUEST,
             RefusalClass::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             RefusalClass::Conflict => StatusCode::CONFLICT,

@@ -58,6 +58,9 @@ impl Default for HttpSettings {
     }
 }
 
+/// Lines describing what works in a degraded way, for `/readyz`; empty when all is well.
+pub type ReadinessDetail = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// Extra response headers for a newly recorded promotion, e.g. where a mode keeps it.
 pub type RecordHeaders =
     Arc<dyn Fn(&PromotionRecord) -> Vec<(HeaderName, HeaderValue)> + Send + Sync>;
@@ -70,6 +73,7 @@ pub struct AppState {
     body_timeout: Duration,
     limiter: Option<Arc<PeerRateLimiter>>,
     record_headers: Option<RecordHeaders>,
+    readiness_detail: Option<ReadinessDetail>,
 }
 
 impl AppState {
@@ -83,12 +87,21 @@ impl AppState {
                 .rate_limit
                 .map(|limit| Arc::new(PeerRateLimiter::new(limit))),
             record_headers: None,
+            readiness_detail: None,
         }
     }
 
     /// Adds headers to every 202 answer, computed from the recorded promotion.
     pub fn with_record_headers(mut self, headers: RecordHeaders) -> Self {
         self.record_headers = Some(headers);
+        self
+    }
+
+    /// Adds degradations that do not stop the service to `/readyz`'s answer (still 200,
+    /// with `"detail": [...]` when the list is not empty), e.g. configuration files
+    /// served from their last good version.
+    pub fn with_readiness_detail(mut self, detail: ReadinessDetail) -> Self {
+        self.readiness_detail = Some(detail);
         self
     }
 }
@@ -107,11 +120,19 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/pipelines/approvals/{namespace}/{name}/{environment}/{revision}",
-            post(approval),
+            post(|state, path, request| decision(state, path, request, "approve")),
         )
         .route(
             "/approval/{namespace}/{name}/{environment}/{revision}",
-            post(approval),
+            post(|state, path, request| decision(state, path, request, "approve")),
+        )
+        .route(
+            "/pipelines/rejections/{namespace}/{name}/{environment}/{revision}",
+            post(|state, path, request| decision(state, path, request, "reject")),
+        )
+        .route(
+            "/pipelines/retries/{namespace}/{name}/{environment}/{revision}",
+            post(|state, path, request| decision(state, path, request, "retry")),
         )
         .route("/api/v1/promotions", get(list_promotions))
         .route("/api/v1/promotions/{id}", get(get_promotion))
@@ -401,10 +422,12 @@ async fn handle_event(
     })
 }
 
-async fn approval(
+/// An approver's signed decision: `action` is what the path asks for.
+async fn decision(
     State(state): State<AppState>,
     ApiPath((namespace, name, environment, revision)): ApiPath<(String, String, String, String)>,
     request: Request,
+    action: &'static str,
 ) -> Response {
     let started = Instant::now();
     let pipeline = PipelineRef::new(namespace, name);
@@ -416,18 +439,19 @@ async fn approval(
                 pipeline: &pipeline,
                 environment: &environment,
                 revision: &revision,
+                action,
                 signature: signature(&headers)?,
                 body: &body,
             })
             .await?;
-        tracing::info!(promotion = %record.id, pipeline = %pipeline, environment = %environment, revision = %revision, "promotion approved");
+        tracing::info!(promotion = %record.id, pipeline = %pipeline, environment = %environment, revision = %revision, action, phase = %record.phase, by = ?record.decided_by, "promotion decided");
         Ok::<_, ApiError>(json_response(StatusCode::OK, &record))
     }
     .await;
     let (outcome, response) = match result {
-        Ok(response) => ("approved", response),
+        Ok(response) => (action, response),
         Err(err) => {
-            log_refusal("approval refused", &pipeline, &environment, &err);
+            log_refusal("decision refused", &pipeline, &environment, &err);
             (err.reason, err.into_response())
         }
     };
@@ -486,10 +510,17 @@ async fn healthz() -> Response {
 /// Ready when the promotion store answers: without it no event can be recorded.
 async fn readyz(State(state): State<AppState>) -> Result<Response, ApiError> {
     state.intake.store().ready().await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({"status": "ready"}),
-    ))
+    let detail = state
+        .readiness_detail
+        .as_ref()
+        .map(|detail| detail())
+        .unwrap_or_default();
+    let body = if detail.is_empty() {
+        serde_json::json!({"status": "ready"})
+    } else {
+        serde_json::json!({"status": "ready", "detail": detail})
+    };
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {

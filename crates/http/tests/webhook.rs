@@ -29,6 +29,10 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 
 const KEY: &[u8] = b"s3cret-key";
+/// The approval key of the pipeline's Secret; no leaf cluster holds it.
+const APPROVER: &[u8] = b"approver-key";
+/// The approval key of prod's own Secret (environment-level secretRef).
+const PROD_APPROVER: &[u8] = b"prod-approver-key";
 
 #[derive(Default)]
 struct Catalog {
@@ -130,7 +134,31 @@ fn catalog() -> Catalog {
     add("hollow", serde_json::from_value(hollow).unwrap());
     c.secrets.insert(
         ("flux-system".into(), "hmac".into()),
-        HashMap::from([("hmac-key".to_string(), KEY.to_vec())]),
+        HashMap::from([
+            ("hmac-key".to_string(), KEY.to_vec()),
+            ("approval-key".to_string(), APPROVER.to_vec()),
+        ]),
+    );
+    // Prod names its own Secret: only its approval key decides about prod.
+    let mut gated = podinfo_spec(Some("hmac"));
+    gated["environments"][2]["promotion"]["strategy"]["secretRef"] =
+        json!({"name": "prod-approvers"});
+    add("gated", parse_pipeline_spec(gated).unwrap());
+    c.secrets.insert(
+        ("flux-system".into(), "prod-approvers".into()),
+        HashMap::from([("approval-key".to_string(), PROD_APPROVER.to_vec())]),
+    );
+    // An approval key equal to the webhook key would let every leaf cluster approve.
+    add(
+        "samekey",
+        parse_pipeline_spec(podinfo_spec(Some("samekey"))).unwrap(),
+    );
+    c.secrets.insert(
+        ("flux-system".into(), "samekey".into()),
+        HashMap::from([
+            ("hmac-key".to_string(), KEY.to_vec()),
+            ("approval-key".to_string(), [KEY, b"\n"].concat()),
+        ]),
     );
     c.secrets.insert(
         ("flux-system".into(), "other".into()),
@@ -596,13 +624,31 @@ fn approval_body(
     revision: &str,
     at: chrono::DateTime<Utc>,
 ) -> Vec<u8> {
+    decision_body(pipeline, environment, revision, at, None)
+}
+
+fn decision_body(
+    pipeline: &str,
+    environment: &str,
+    revision: &str,
+    at: chrono::DateTime<Utc>,
+    action: Option<&str>,
+) -> Vec<u8> {
     serde_json::to_vec(&ApprovalBody {
         pipeline: pipeline.into(),
         environment: environment.into(),
         revision: revision.into(),
         timestamp: at,
+        action: action.map(str::to_string),
+        by: None,
+        reason: None,
     })
     .unwrap()
+}
+
+async fn post_approval(app: &Router, path: &str, body: Vec<u8>) -> Answer {
+    let sig = sign(HmacAlgorithm::Sha256, APPROVER, &body);
+    send(app, Method::POST, path, body, Some(sig)).await
 }
 
 #[tokio::test]
@@ -626,7 +672,7 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
     let unsigned = send(&h.app, Method::POST, path, body.clone(), None).await;
     assert_error(&unsigned, StatusCode::UNAUTHORIZED, "unauthenticated");
     // A body for another revision cannot approve this one.
-    let other = post_signed(
+    let other = post_approval(
         &h.app,
         path,
         approval_body("flux-system/podinfo", "prod", "9.9.9", now),
@@ -637,7 +683,7 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "approval_mismatch",
     );
-    let other = post_signed(
+    let other = post_approval(
         &h.app,
         path,
         approval_body("flux-system/other", "prod", "6.5.1", now),
@@ -648,7 +694,7 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
         StatusCode::UNPROCESSABLE_ENTITY,
         "approval_mismatch",
     );
-    let stale = post_signed(
+    let stale = post_approval(
         &h.app,
         path,
         approval_body(
@@ -660,7 +706,7 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
     )
     .await;
     assert_error(&stale, StatusCode::UNPROCESSABLE_ENTITY, "stale_timestamp");
-    let nothing = post_signed(
+    let nothing = post_approval(
         &h.app,
         "/pipelines/approvals/flux-system/podinfo/prod/1.0.0",
         approval_body("flux-system/podinfo", "prod", "1.0.0", now),
@@ -668,7 +714,10 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
     .await;
     assert_error(&nothing, StatusCode::NOT_FOUND, "promotion_not_found");
 
-    let approved = post_signed(
+    // The webhook key every leaf cluster holds approves nothing.
+    let leaf = post_signed(&h.app, path, body.clone()).await;
+    assert_error(&leaf, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let approved = post_approval(
         &h.app,
         "/approval/flux-system/podinfo/prod/6.5.1",
         body.clone(),
@@ -677,7 +726,7 @@ async fn manual_promotions_wait_for_a_signed_matching_fresh_approval() {
     assert_eq!(approved.status, StatusCode::OK, "{}", approved.json);
     assert_eq!(approved.json["phase"], "Pending");
     assert_eq!(approved.json["history"][1]["reason"], "Approved");
-    let twice = post_signed(&h.app, path, body).await;
+    let twice = post_approval(&h.app, path, body).await;
     assert_error(&twice, StatusCode::CONFLICT, "not_waiting_approval");
 }
 
@@ -697,7 +746,7 @@ async fn url_encoded_revisions_can_be_approved() {
     .await;
     assert_eq!(recorded.status, StatusCode::ACCEPTED);
     let path = "/pipelines/approvals/flux-system/podinfo/prod/feature%2Fx%40sha1%3A0123abcd";
-    let approved = post_signed(
+    let approved = post_approval(
         &h.app,
         path,
         approval_body("flux-system/podinfo", "prod", revision, Utc::now()),
@@ -913,4 +962,175 @@ async fn hostile_input_is_refused_with_json_and_records_nothing() {
 
     let listed = send(&h.app, Method::GET, "/api/v1/promotions", vec![], None).await;
     assert_eq!(listed.json, json!([]), "a refusal left a record");
+}
+
+async fn record_waiting(app: &Router, pipeline: &str, revision: &str) -> Value {
+    let staging = event_with(|e| {
+        e["involvedObject"]["namespace"] = json!("podinfo-staging");
+        e["metadata"]["revision"] = json!(revision);
+    });
+    let recorded = post_signed(
+        app,
+        &format!("/pipelines/promotions/flux-system/{pipeline}/staging"),
+        staging,
+    )
+    .await;
+    assert_eq!(recorded.status, StatusCode::ACCEPTED, "{}", recorded.json);
+    recorded.json
+}
+
+#[tokio::test]
+async fn approval_keys_are_their_own_and_per_environment() {
+    let h = harness();
+    let now = Utc::now();
+    // An environment's own Secret decides: the pipeline-level approval key does not.
+    record_waiting(&h.app, "gated", "6.5.1").await;
+    let path = "/pipelines/approvals/flux-system/gated/prod/6.5.1";
+    let body = approval_body("flux-system/gated", "prod", "6.5.1", now);
+    let pipeline_level = post_approval(&h.app, path, body.clone()).await;
+    assert_error(&pipeline_level, StatusCode::UNAUTHORIZED, "unauthenticated");
+    let sig = sign(HmacAlgorithm::Sha256, PROD_APPROVER, &body);
+    let approved = send(&h.app, Method::POST, path, body, Some(sig)).await;
+    assert_eq!(approved.status, StatusCode::OK, "{}", approved.json);
+    assert_eq!(approved.json["decidedBy"], "the approval-key holder");
+
+    // An approval key equal to the webhook key (whitespace aside) is refused outright.
+    record_waiting(&h.app, "samekey", "6.5.1").await;
+    let path = "/pipelines/approvals/flux-system/samekey/prod/6.5.1";
+    let body = approval_body("flux-system/samekey", "prod", "6.5.1", now);
+    let refused = post_signed(&h.app, path, body).await;
+    assert_error(&refused, StatusCode::UNAUTHORIZED, "unauthenticated");
+    assert!(
+        refused.json["error"]
+            .as_str()
+            .unwrap()
+            .contains("equals a webhook"),
+        "{}",
+        refused.json
+    );
+}
+
+#[tokio::test]
+async fn the_go_originals_empty_body_approval_is_refused_with_what_changed() {
+    let h = harness();
+    record_waiting(&h.app, "podinfo", "6.5.1").await;
+    for key in [KEY, APPROVER] {
+        let sig = sign(HmacAlgorithm::Sha256, key, b"");
+        let answer = send(
+            &h.app,
+            Method::POST,
+            "/pipelines/approvals/flux-system/podinfo/prod/6.5.1",
+            vec![],
+            Some(sig),
+        )
+        .await;
+        assert_error(&answer, StatusCode::BAD_REQUEST, "legacy_approval");
+        assert!(
+            answer.json["error"]
+                .as_str()
+                .unwrap()
+                .contains("approval-key"),
+            "{}",
+            answer.json
+        );
+    }
+}
+
+#[tokio::test]
+async fn rejections_and_actions_cannot_be_swapped() {
+    let h = harness();
+    let now = Utc::now();
+    let waiting = record_waiting(&h.app, "podinfo", "6.5.1").await;
+    // A signed approval replayed against the rejection endpoint is not a rejection.
+    let approve = approval_body("flux-system/podinfo", "prod", "6.5.1", now);
+    let swapped = post_approval(
+        &h.app,
+        "/pipelines/rejections/flux-system/podinfo/prod/6.5.1",
+        approve,
+    )
+    .await;
+    assert_error(
+        &swapped,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "approval_mismatch",
+    );
+    let reject = decision_body("flux-system/podinfo", "prod", "6.5.1", now, Some("reject"));
+    let rejected = post_approval(
+        &h.app,
+        "/pipelines/rejections/flux-system/podinfo/prod/6.5.1",
+        reject,
+    )
+    .await;
+    assert_eq!(rejected.status, StatusCode::OK, "{}", rejected.json);
+    assert_eq!(rejected.json["phase"], "Rejected");
+    assert_eq!(rejected.json["id"], waiting["id"]);
+    // Retrying is for failed promotions only.
+    let retry = decision_body("flux-system/podinfo", "prod", "6.5.1", now, Some("retry"));
+    let refused = post_approval(
+        &h.app,
+        "/pipelines/retries/flux-system/podinfo/prod/6.5.1",
+        retry,
+    )
+    .await;
+    assert_error(&refused, StatusCode::CONFLICT, "not_waiting_approval");
+}
+
+#[tokio::test]
+async fn newer_revisions_supersede_older_waiting_ones() {
+    let h = harness();
+    let older = record_waiting(&h.app, "podinfo", "1.9.0").await;
+    let newer = record_waiting(&h.app, "podinfo", "1.10.0").await;
+    assert_eq!(newer["phase"], "WaitingApproval");
+    let id = older["id"].as_str().unwrap();
+    let old = send(
+        &h.app,
+        Method::GET,
+        &format!("/api/v1/promotions/{id}"),
+        vec![],
+        None,
+    )
+    .await;
+    assert_eq!(old.json["phase"], "Superseded", "{}", old.json);
+    let approve = post_approval(
+        &h.app,
+        "/pipelines/approvals/flux-system/podinfo/prod/1.9.0",
+        approval_body("flux-system/podinfo", "prod", "1.9.0", Utc::now()),
+    )
+    .await;
+    assert_error(&approve, StatusCode::CONFLICT, "superseded");
+    // An older revision arriving late is superseded at once and cannot be approved.
+    let late = record_waiting(&h.app, "podinfo", "1.2.0").await;
+    assert_eq!(late["phase"], "Superseded", "{late}");
+}
+
+#[tokio::test]
+async fn signed_approvals_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap());
+    let catalog = Arc::new(catalog());
+    let metrics = Arc::new(Metrics::new());
+    let intake = Intake::new(
+        catalog.clone(),
+        catalog,
+        store,
+        Arc::new(SystemClock),
+        TimeWindow::default(),
+        metrics.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    )
+    .with_hmac_approvals(false);
+    let app = router(AppState::new(
+        Arc::new(intake),
+        metrics,
+        HttpSettings::default(),
+    ))
+    .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
+    record_waiting(&app, "podinfo", "6.5.1").await;
+    let answer = post_approval(
+        &app,
+        "/pipelines/approvals/flux-system/podinfo/prod/6.5.1",
+        approval_body("flux-system/podinfo", "prod", "6.5.1", Utc::now()),
+    )
+    .await;
+    assert_error(&answer, StatusCode::FORBIDDEN, "hmac_approvals_disabled");
 }

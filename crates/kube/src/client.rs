@@ -1,5 +1,5 @@
-//! Client-side operations of the CLI in Kubernetes mode: approving a waiting promotion
-//! and listing promotions, through the Kubernetes API with the caller's own credentials,
+//! Client-side operations of the CLI in Kubernetes mode: approving, rejecting and
+//! retrying promotions, and listing them, through the Kubernetes API with the caller's own credentials,
 //! so Kubernetes RBAC decides who may.
 
 use chrono::Utc;
@@ -7,9 +7,9 @@ use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use pipeline_core::{
-    Phase, PipelineRef, PromotionFilter, PromotionRecord, PromotionStore, promotion_id,
+    Phase, PipelineRef, PromotionFilter, PromotionRecord, PromotionStore, Verdict, promotion_id,
 };
-use pipeline_crds::Promotion;
+use pipeline_crds::{Promotion, RETRIED_BY_ANNOTATION, RETRY_ANNOTATION};
 
 use crate::convert;
 use crate::store::{KubePromotionStore, describe};
@@ -23,8 +23,12 @@ pub enum ApproveError {
         revision: String,
         name: String,
     },
-    #[error("promotion {name} is {phase}, not waiting for approval")]
-    NotWaiting { name: String, phase: Phase },
+    #[error("promotion {name} is {phase}; cannot {action} it")]
+    NotWaiting {
+        name: String,
+        phase: Phase,
+        action: &'static str,
+    },
     #[error("{0}")]
     Forbidden(String),
     #[error("Kubernetes API: {0}")]
@@ -51,50 +55,88 @@ async fn whoami(client: &Client) -> Option<String> {
     review.status?.user_info?.username
 }
 
-/// Approves the promotion of `revision` waiting in `environment` by setting
-/// `spec.approval` on its Promotion; the leader moves it on. Returns the Promotion's name.
-pub async fn approve(
+/// Records an approver's verdict on the Promotion of `revision` into `environment`, with
+/// the caller's own credentials: `spec.approval` for an approval or a rejection, the
+/// retry annotations for a retry. The leader applies it; the shipped admission policy
+/// makes sure `by` is the caller's username. Returns the record as it stands.
+pub async fn decide(
     client: Client,
     pipeline: &PipelineRef,
     environment: &str,
     revision: &str,
+    verdict: &Verdict,
 ) -> Result<PromotionRecord, ApproveError> {
     let name = promotion_id(pipeline, environment, revision);
     let api: Api<Promotion> = Api::namespaced(client.clone(), &pipeline.namespace);
-    let current = api
-        .get_opt(&name)
-        .await
-        .map_err(|e| api_error(e, "get", &pipeline.namespace))?
-        .ok_or_else(|| ApproveError::NotFound {
-            pipeline: pipeline.clone(),
-            environment: environment.to_string(),
-            revision: revision.to_string(),
-            name: name.clone(),
-        })?;
-    let record = convert::record_of(&current).ok_or_else(|| ApproveError::NotFound {
+    let not_found = || ApproveError::NotFound {
         pipeline: pipeline.clone(),
         environment: environment.to_string(),
         revision: revision.to_string(),
         name: name.clone(),
-    })?;
-    if record.phase != Phase::WaitingApproval {
+    };
+    let current = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| api_error(e, "get", &pipeline.namespace))?
+        .ok_or_else(not_found)?;
+    let record = convert::record_of(&current).ok_or_else(not_found)?;
+    let wanted = match verdict {
+        Verdict::Approve | Verdict::Reject { .. } => Phase::WaitingApproval,
+        Verdict::Retry => Phase::Failed,
+    };
+    if record.phase != wanted {
         return Err(ApproveError::NotWaiting {
             name,
             phase: record.phase,
+            action: verdict.action(),
         });
     }
     let by = whoami(&client).await;
-    let patch = serde_json::json!({
-        "spec": {"approval": {"approved": true, "by": by, "at": Utc::now()}}
-    });
+    let now = Utc::now();
+    let patch = match verdict {
+        Verdict::Approve => serde_json::json!({
+            "spec": {"approval": {"approved": true, "by": by, "at": now}}
+        }),
+        Verdict::Reject { reason } => serde_json::json!({
+            "spec": {"approval": {"approved": false, "rejected": true, "reason": reason, "by": by, "at": now}}
+        }),
+        Verdict::Retry => serde_json::json!({
+            "metadata": {"annotations": {
+                RETRY_ANNOTATION: now.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+                RETRIED_BY_ANNOTATION: by,
+            }}
+        }),
+    };
     let patched = api
         .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map_err(|e| api_error(e, "patch", &pipeline.namespace))?;
-    convert::record_of(&patched).ok_or(ApproveError::NotWaiting {
-        name,
-        phase: record.phase,
-    })
+    convert::record_of(&patched).ok_or_else(not_found)
+}
+
+/// The Promotion named `id`, from `namespace` or, without one, from any namespace.
+pub async fn find_promotion(
+    client: Client,
+    namespace: Option<&str>,
+    id: &str,
+) -> Result<Option<PromotionRecord>, ApproveError> {
+    let promotion = match namespace {
+        Some(namespace) => Api::<Promotion>::namespaced(client, namespace)
+            .get_opt(id)
+            .await
+            .map_err(|e| api_error(e, "get", namespace))?,
+        None => {
+            let params = kube::api::ListParams::default().fields(&format!("metadata.name={id}"));
+            Api::<Promotion>::all(client)
+                .list(&params)
+                .await
+                .map_err(|e| api_error(e, "list", "(all)"))?
+                .items
+                .into_iter()
+                .next()
+        }
+    };
+    Ok(promotion.as_ref().and_then(convert::record_of))
 }
 
 /// Promotions from the cluster, newest first.

@@ -99,6 +99,7 @@ pub fn record_of(promotion: &Promotion) -> Option<PromotionRecord> {
         record.updated_at = status.updated_at.unwrap_or(record.created_at);
         record.history = status.history.clone();
         record.checkpoints = status.checkpoints.clone();
+        record.decided_by = status.decided_by.clone();
     }
     Some(record)
 }
@@ -114,23 +115,22 @@ pub fn status_of(
     let reason = record
         .history
         .last()
-        .map(|h| h.reason.clone())
-        .unwrap_or_else(|| record.phase.to_string());
+        .map_or_else(|| record.phase.as_str(), |h| h.reason.as_str());
     let message = record.message.clone();
     let (ready, reconciling, stalled) = match record.phase {
         Phase::Pending | Phase::Running => ("False", true, false),
         Phase::WaitingApproval => ("False", false, false),
         Phase::Succeeded => ("True", false, false),
         Phase::Failed => ("False", false, true),
+        // Final and nothing to fix: decided by people, not a fault.
+        Phase::Rejected | Phase::Superseded => ("False", false, false),
     };
-    let mut wanted = vec![condition(
-        "Ready", ready, &reason, &message, now, generation,
-    )];
+    let mut wanted = vec![condition("Ready", ready, reason, &message, now, generation)];
     if reconciling {
         wanted.push(condition(
             "Reconciling",
             "True",
-            &reason,
+            reason,
             &message,
             now,
             generation,
@@ -138,7 +138,7 @@ pub fn status_of(
     }
     if stalled {
         wanted.push(condition(
-            "Stalled", "True", &reason, &message, now, generation,
+            "Stalled", "True", reason, &message, now, generation,
         ));
     }
     let old = previous
@@ -163,6 +163,7 @@ pub fn status_of(
         conditions: wanted,
         history: record.history.clone(),
         checkpoints: record.checkpoints.clone(),
+        decided_by: record.decided_by.clone(),
     }
 }
 

@@ -19,7 +19,7 @@ pub mod reconciler;
 pub mod sources;
 pub mod store;
 
-pub use client::{ApproveError, approve, list_promotions};
+pub use client::{ApproveError, decide, find_promotion, list_promotions};
 pub use events::EventPublisher;
 pub use leader::{LeaderElector, LeaseSettings};
 pub use notification::KubeNotification;

@@ -1,7 +1,8 @@
 //! Leader-only housekeeping, driven by a watch on Promotions and the Pipeline cache:
 //!
-//! - approvals given through the Kubernetes API (`spec.approval.approved` on a
-//!   Promotion in `WaitingApproval`) move it to `Pending` and wake the executor;
+//! - decisions given through the Kubernetes API (`spec.approval.approved` or `.rejected`
+//!   on a Promotion in `WaitingApproval`, the retry annotation on a `Failed` one) are
+//!   applied through the core's `decide`, so an outdated approval is superseded;
 //! - each Pipeline's `status.environments[env].waitingApproval.revision` names the
 //!   revision waiting for approval in `env` (empty when none), as the Go original kept it;
 //! - each Pipeline's `Ready` condition says whether its spec is valid, and why not.
@@ -16,14 +17,20 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use pipeline_core::{Phase, PromotionRecord, PromotionStore, StoreError};
-use pipeline_crds::{Pipeline as PipelineObject, Promotion};
+use pipeline_core::PromotionStore;
+use pipeline_core::{Phase, PromotionRecord, Refusal, StoreError, Verdict, decide};
+use pipeline_crds::{
+    Pipeline as PipelineObject, Promotion, RETRIED_BY_ANNOTATION, RETRY_ANNOTATION,
+};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert;
 use crate::sources::{KubePipelineSource, validate};
 use crate::store::{KubePromotionStore, describe};
+
+/// Checkpoint holding the retry request (annotation value) already taken.
+const RETRY_CHECKPOINT: &str = "retry-request";
 
 /// Full passes happen at least this often, watch events or not.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -101,30 +108,108 @@ impl Reconciler {
             .collect();
         let mut waiting: Vec<&PromotionRecord> = Vec::new();
         for (object, record) in &records {
-            if record.phase != Phase::WaitingApproval {
-                continue;
-            }
-            let approved = object.spec.approval.as_ref().is_some_and(|a| a.approved);
-            if !approved {
-                waiting.push(record);
-                continue;
-            }
-            let now = Utc::now();
-            match self.store.modify(&record.id, &|r| r.approve(now)).await {
-                Ok(_) => {
-                    tracing::info!(promotion = %record.id, by = ?object.spec.approval.as_ref().and_then(|a| a.by.clone()), "promotion approved through the Kubernetes API");
-                    self.wake.notify_one();
+            match record.phase {
+                Phase::WaitingApproval => {
+                    if !self.take_decision(object, record).await {
+                        waiting.push(record);
+                    }
                 }
-                Err(StoreError::Transition(_)) => {}
-                Err(err) => {
-                    tracing::warn!(promotion = %record.id, error = %err, "cannot record an approval");
-                    waiting.push(record);
-                }
+                Phase::Failed => self.take_retry_request(object, record).await,
+                _ => {}
             }
         }
         for pipeline in self.pipelines.cache().state() {
             if let Err(err) = self.update_pipeline(&pipeline, &waiting).await {
                 tracing::warn!(pipeline = %format!("{}/{}", pipeline.namespace().unwrap_or_default(), pipeline.name_any()), error = %describe(&err), "cannot update the Pipeline status");
+            }
+        }
+    }
+
+    /// Applies `spec.approval` of a waiting Promotion, if it holds a decision. Returns
+    /// whether the promotion stopped waiting.
+    async fn take_decision(&self, object: &Promotion, record: &PromotionRecord) -> bool {
+        let Some(approval) = object
+            .spec
+            .approval
+            .as_ref()
+            .filter(|a| a.approved || a.rejected)
+        else {
+            return false;
+        };
+        let by = approval
+            .by
+            .clone()
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| "an unnamed Kubernetes user".to_string());
+        let verdict = if approval.rejected {
+            Verdict::Reject {
+                reason: approval.reason.clone().unwrap_or_default(),
+            }
+        } else {
+            Verdict::Approve
+        };
+        match decide(
+            &self.store,
+            &record.pipeline,
+            &record.target_environment,
+            &record.revision,
+            &verdict,
+            &by,
+            Utc::now(),
+        )
+        .await
+        {
+            Ok(decided) => {
+                tracing::info!(promotion = %record.id, by = %by, action = verdict.action(), phase = %decided.phase, "promotion decided through the Kubernetes API");
+                if decided.phase == Phase::Pending {
+                    self.wake.notify_one();
+                }
+                true
+            }
+            Err(Refusal::Superseded(message)) => {
+                tracing::info!(promotion = %record.id, by = %by, %message, "approval refused: superseded");
+                true
+            }
+            Err(Refusal::NotWaitingApproval(_)) => true,
+            Err(err) => {
+                tracing::warn!(promotion = %record.id, error = %err, "cannot record a decision");
+                false
+            }
+        }
+    }
+
+    /// Re-queues a `Failed` Promotion whose retry annotation holds a request not taken
+    /// yet; the request's value is kept in the record so it is taken once.
+    async fn take_retry_request(&self, object: &Promotion, record: &PromotionRecord) {
+        let annotations = object.metadata.annotations.as_ref();
+        let Some(request) = annotations
+            .and_then(|a| a.get(RETRY_ANNOTATION))
+            .filter(|v| !v.is_empty())
+        else {
+            return;
+        };
+        if record.checkpoints.get(RETRY_CHECKPOINT) == Some(request) {
+            return;
+        }
+        let by = annotations
+            .and_then(|a| a.get(RETRIED_BY_ANNOTATION))
+            .cloned()
+            .unwrap_or_else(|| "an unnamed Kubernetes user".to_string());
+        let now = Utc::now();
+        let change = |r: &mut PromotionRecord| {
+            r.retry(&by, now)?;
+            r.checkpoints
+                .insert(RETRY_CHECKPOINT.to_string(), request.clone());
+            Ok(())
+        };
+        match self.store.modify(&record.id, &change).await {
+            Ok(_) => {
+                tracing::info!(promotion = %record.id, by = %by, "failed promotion re-queued through the Kubernetes API");
+                self.wake.notify_one();
+            }
+            Err(StoreError::Transition(_)) => {}
+            Err(err) => {
+                tracing::warn!(promotion = %record.id, error = %err, "cannot re-queue a failed promotion");
             }
         }
     }

@@ -114,28 +114,19 @@ impl KubePromotionStore {
         };
         let ns = &after.pipeline.namespace;
         for change in changes {
-            let (type_, reason) = match change.reason.as_str() {
-                "Recorded" => (EventType::Normal, "PromotionRecorded"),
-                "AwaitingApproval" => (EventType::Normal, "WaitingApproval"),
-                "Approved" => (EventType::Normal, "PromotionApproved"),
-                "Started" => (EventType::Normal, "PromotionStarted"),
-                "Resumed" => (EventType::Normal, "PromotionResumed"),
-                "RetryScheduled" => (EventType::Warning, "PromotionRetrying"),
-                "Succeeded" => (EventType::Normal, "PromotionSucceeded"),
-                "Failed" => (EventType::Warning, "PromotionFailed"),
-                _ => (EventType::Normal, "PromotionUpdated"),
+            let type_ = if change.reason.is_warning() {
+                EventType::Warning
+            } else {
+                EventType::Normal
             };
+            let reason = change.reason.event_reason();
             publisher.spawn(
                 promotion_reference(ns, &after.id, promotion.metadata.uid.clone()),
                 type_,
                 reason,
                 change.message.clone(),
             );
-            // The Pipeline hears about what people act on: approvals and outcomes.
-            if matches!(
-                reason,
-                "WaitingApproval" | "PromotionApproved" | "PromotionSucceeded" | "PromotionFailed"
-            ) {
+            if change.reason.concerns_pipeline() {
                 publisher.spawn(
                     pipeline_reference(ns, &after.pipeline.name, pipelines.uid(&after.pipeline)),
                     type_,
