@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Event;
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::{Pipeline, Promotion};
 use serde_json::Value;
@@ -316,7 +316,12 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     assert!(b.is_leader());
     let status = done.status.unwrap();
     assert_eq!(status.attempts, 2);
-    assert!(status.history.iter().any(|h| h.reason == "Resumed"));
+    assert!(
+        status
+            .history
+            .iter()
+            .any(|h| h.reason == pipeline_core::ChangeReason::Resumed)
+    );
     // Bounded by the Lease (3 s) plus a renew period or two.
     assert!(took < Duration::from_secs(15), "failover took {took:?}");
 
@@ -346,8 +351,12 @@ async fn manual_approval_through_the_kubernetes_api() {
         .unwrap();
     cluster
         .apply_yaml(
-            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: approvers\n  namespace: flux-system\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: pipeline-approver\nsubjects:\n  - kind: User\n    name: alice\n    apiGroup: rbac.authorization.k8s.io\n",
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: approvers\n  namespace: flux-system\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: pipeline-approver\nsubjects:\n  - kind: User\n    name: alice\n    apiGroup: rbac.authorization.k8s.io\n  - kind: User\n    name: mallory\n    apiGroup: rbac.authorization.k8s.io\n",
         )
+        .await
+        .unwrap();
+    cluster
+        .apply_yaml(include_str!("../../../deploy/admission-policy.yaml"))
         .await
         .unwrap();
     let receiver = Receiver::start(vec![], Duration::ZERO).await;
@@ -388,6 +397,39 @@ async fn manual_approval_through_the_kubernetes_api() {
         "WaitingApproval"
     );
 
+    // Mallory may patch Promotions, but not approve in someone else's name (the shipped
+    // admission policy), nor change what is promoted (the CRD's immutable spec).
+    let mallory = cluster.user_client("mallory", &[]).await.unwrap();
+    let as_mallory: Api<Promotion> = Api::namespaced(mallory, "flux-system");
+    let forged = serde_json::json!({"spec": {"approval": {"approved": true, "by": "alice"}}});
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        match as_mallory
+            .patch(&id, &PatchParams::default(), &Patch::Merge(&forged))
+            .await
+        {
+            Err(err) => break err.to_string(),
+            // The policy takes effect a moment after it is created.
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "forged approval accepted");
+                let undo = serde_json::json!({"spec": {"approval": null}});
+                kube::Api::<Promotion>::namespaced(kube.clone(), "flux-system")
+                    .patch(&id, &PatchParams::default(), &Patch::Merge(&undo))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(err.contains("must be your own username"), "{err}");
+    let moved = serde_json::json!({"spec": {"revision": "0.0.1"}});
+    let err = as_mallory
+        .patch(&id, &PatchParams::default(), &Patch::Merge(&moved))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("immutable"), "{err}");
+
     // Alice may.
     let alice = cluster.user_kubeconfig("alice", &[]).unwrap();
     let (code, out, err) = run_cli(&alice, &["approve", "flux-system/podinfo", "prod", "3.0.0"]);
@@ -405,9 +447,10 @@ async fn manual_approval_through_the_kubernetes_api() {
     // Approving again is refused with a clear message.
     let (code, _, err) = run_cli(&alice, &["approve", "flux-system/podinfo", "prod", "3.0.0"]);
     assert_ne!(code, 0);
-    assert!(err.contains("not waiting for approval"), "{err}");
+    assert!(err.contains("cannot approve it"), "{err}");
 
-    // The signed HTTP approval endpoint keeps working in Kubernetes mode.
+    // Signed HTTP approvals are off in Kubernetes mode unless enabled, and then take the
+    // approval key only (never the webhook key every leaf cluster holds).
     let response = post(&controller, "staging", event("podinfo-staging", "3.1.0")).await;
     let id = recorded_id(response).await;
     wait_promotion(&kube, &id, "WaitingApproval", |p| {
@@ -415,23 +458,44 @@ async fn manual_approval_through_the_kubernetes_api() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let key_file = dir.path().join("hmac-key");
-    std::fs::write(&key_file, KEY).unwrap();
-    let server = controller.url("");
-    let (code, out, err) = run_cli(
-        &bob,
-        &[
-            "approve",
-            "flux-system/podinfo",
-            "prod",
-            "3.1.0",
-            "--server",
-            &server,
-            "--key-file",
-            key_file.to_str().unwrap(),
-        ],
+    let leaf_key = dir.path().join("hmac-key");
+    std::fs::write(&leaf_key, KEY).unwrap();
+    let approval_key = dir.path().join("approval-key");
+    std::fs::write(&approval_key, "quickstart-approval-key-9876543210").unwrap();
+    let http_approve = |server: &str, key: &std::path::Path| {
+        run_cli(
+            &bob,
+            &[
+                "approve",
+                "flux-system/podinfo",
+                "prod",
+                "3.1.0",
+                "--server",
+                server,
+                "--key-file",
+                key.to_str().unwrap(),
+                "--by",
+                "bob",
+            ],
+        )
+    };
+    let (code, _, err) = http_approve(&controller.url(""), &approval_key);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("403") && err.contains("hmac_approvals_disabled"),
+        "{err}"
     );
+    let with_hmac = Controller::start(&cluster, "hmac-approvals", &["--enable-hmac-approvals"]);
+    let (code, _, err) = http_approve(&with_hmac.url(""), &leaf_key);
+    assert_ne!(code, 0);
+    assert!(err.contains("401"), "{err}");
+    let (code, out, err) = http_approve(&with_hmac.url(""), &approval_key);
     assert_eq!(code, 0, "{out}{err}");
-    wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
+    let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
+    assert_eq!(
+        done.status.unwrap().decided_by.as_deref(),
+        Some("bob (approval key)")
+    );
+    drop(with_hmac);
     drop(controller);
 }

@@ -99,6 +99,7 @@ async fn cluster(rbac: &str) -> (TestCluster, PathBuf) {
         ("namespace.yaml", deploy("namespace.yaml")),
         ("rbac.yaml", rbac.to_string()),
         ("user-roles.yaml", deploy("user-roles.yaml")),
+        ("admission-policy.yaml", deploy("admission-policy.yaml")),
     ] {
         cluster
             .apply_yaml(&yaml)

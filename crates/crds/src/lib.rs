@@ -108,7 +108,8 @@ pub struct WaitingApproval {
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".status.attempts","priority":1}"#,
     printcolumn = r#"{"name":"Result","type":"string","jsonPath":".status.result","priority":1}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = Rule::new("!has(oldSelf.spec) || (self.spec.pipeline == oldSelf.spec.pipeline && self.spec.sourceEnvironment == oldSelf.spec.sourceEnvironment && self.spec.targetEnvironment == oldSelf.spec.targetEnvironment && self.spec.revision == oldSelf.spec.revision && self.spec.manual == oldSelf.spec.manual && self.spec.recordedAt == oldSelf.spec.recordedAt && self.spec.trigger == oldSelf.spec.trigger)").message("a Promotion's spec is immutable, except spec.approval")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct PromotionSpec {
