@@ -12,15 +12,26 @@ use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_core::{PipelineRef, Verdict};
 use pipeline_http::RateLimit;
 
-use crate::{client, keyfile, kubernetes, serve, validate};
+use crate::errors::usage;
+use crate::values::{parse_http_url, parse_listen, parse_server};
+use crate::{client, keyfile, kubernetes, output, serve, validate};
+
+/// `--version`: the crate version and the git commit it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("PIPELINE_CONTROLLER_GIT_COMMIT"),
+    ")"
+);
 
 #[derive(Debug, Parser)]
 #[command(
     name = "pipeline-controller",
-    version,
+    version = VERSION,
     about = "Promotes Flux deployments through the environments of a Pipeline"
 )]
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
@@ -30,11 +41,16 @@ pub enum Command {
     /// Run the promotion service.
     Serve(Box<ServeArgs>),
     /// Check every manifest under DIR; exits non-zero on errors.
-    Validate { dir: PathBuf },
+    Validate {
+        /// Folder of Pipeline and Secret manifests (read recursively, as `serve` does).
+        dir: PathBuf,
+    },
     /// Print the X-Signature header value for the body read from stdin.
     Sign {
+        /// File holding the HMAC key (one trailing newline is ignored).
         #[arg(long)]
         key_file: PathBuf,
+        /// Hash of the HMAC: sha224, sha256, sha384 or sha512.
         #[arg(long, default_value = "sha256", value_parser = parse_algorithm)]
         algo: HmacAlgorithm,
     },
@@ -55,8 +71,15 @@ pub enum Command {
     Crds,
     /// Inspect promotions.
     Promotions {
+        /// What to do with promotions.
         #[command(subcommand)]
         command: PromotionsCommand,
+    },
+    /// Print a shell completion script, e.g.
+    /// `pipeline-controller completion bash > /etc/bash_completion.d/pipeline-controller`.
+    Completion {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -80,7 +103,7 @@ pub struct DecisionChannel {
     /// Send the decision to this pipeline-controller over HTTP, signed with --key-file
     /// (embedded mode, or Kubernetes mode started with --enable-hmac-approvals). Without
     /// it the decision goes through the Kubernetes API (KUBECONFIG) and RBAC decides.
-    #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", requires = "key_file")]
+    #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", requires = "key_file", value_name = "URL", value_parser = parse_server)]
     pub server: Option<String>,
     /// File holding the environment's approval key (Secret key `approval-key`, which
     /// must differ from the webhook's `hmac-key` that leaf clusters hold).
@@ -90,6 +113,27 @@ pub struct DecisionChannel {
     /// your username is recorded instead).
     #[arg(long, requires = "server")]
     pub by: Option<String>,
+    /// Print the changed record as table, json or yaml [default: one line saying what
+    /// was done].
+    #[arg(short = 'o', long, value_enum)]
+    pub output: Option<OutputFormat>,
+}
+
+/// Where records are read from: a service over HTTP, or else the cluster.
+#[derive(Debug, Args)]
+pub struct RecordSource {
+    /// Read from the pipeline-controller at this URL (http://HOST:PORT) instead of the
+    /// cluster (KUBECONFIG).
+    #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", value_name = "URL", value_parser = parse_server)]
+    pub server: Option<String>,
+    /// Only promotions of pipelines in this namespace. From the cluster, only this
+    /// namespace is read, so RBAC on that namespace alone is enough.
+    #[arg(short = 'n', long, conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+    /// Every namespace (the default without -n or --pipeline; needs cluster-wide read
+    /// access to Promotions when reading from the cluster).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -107,28 +151,55 @@ pub enum PromotionsCommand {
     /// List promotions, newest first: from the service at --server, else from the
     /// cluster (KUBECONFIG).
     List {
-        #[arg(long, env = "PIPELINE_CONTROLLER_SERVER")]
-        server: Option<String>,
+        #[command(flatten)]
+        source: RecordSource,
         /// Only this pipeline (NAMESPACE/NAME).
         #[arg(long)]
         pipeline: Option<String>,
         /// Only promotions from or to this environment.
         #[arg(long)]
         environment: Option<String>,
-        #[arg(long, value_enum, default_value = "table")]
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "table")]
+        output: OutputFormat,
+    },
+    /// Show one promotion by id: from the service at --server, else from the cluster
+    /// (the Promotion named ID; its namespace is the pipeline's).
+    Get {
+        /// The promotion's id (as listed, and in the Location header of the webhook's
+        /// 202 answer).
+        id: String,
+        /// Read from the pipeline-controller at this URL (http://HOST:PORT) instead of
+        /// the cluster (KUBECONFIG).
+        #[arg(long, env = "PIPELINE_CONTROLLER_SERVER", value_name = "URL", value_parser = parse_server)]
+        server: Option<String>,
+        /// From the cluster: look in this namespace only [default: search all namespaces,
+        /// then the current context's namespace when that is not allowed].
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short = 'o', long, value_enum, default_value = "yaml")]
         output: OutputFormat,
     },
 }
 
+/// How records are printed.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OutputFormat {
+    /// Aligned columns, one line per record.
     Table,
+    /// Pretty-printed JSON, as the HTTP API answers.
     Json,
+    /// YAML.
+    Yaml,
 }
 
+/// How `serve` writes its logs (to stderr).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
+    /// Human-readable lines.
     Text,
+    /// One JSON object per line, keys never repeated.
     Json,
 }
 
@@ -149,10 +220,13 @@ pub struct ServeArgs {
     /// Without it such a file is refused: it usually means the data was lost.
     #[arg(long)]
     pub init_empty_state: bool,
+    /// Address (IP:PORT) the HTTP service listens on; 0.0.0.0:8080 for every interface.
     #[arg(
         long,
         env = "PIPELINE_CONTROLLER_LISTEN",
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:8080",
+        value_name = "IP:PORT",
+        value_parser = parse_listen
     )]
     pub listen: SocketAddr,
     /// Close a connection that has not sent complete request headers within this time.
@@ -174,8 +248,8 @@ pub struct ServeArgs {
     /// Per peer address, e.g. 20/30s. Unlimited when unset.
     #[arg(long)]
     pub rate_limit: Option<RateLimit>,
-    /// Receiver of notification-strategy events (repeatable).
-    #[arg(long = "notify-url")]
+    /// Receiver of notification-strategy events, an http:// or https:// URL (repeatable).
+    #[arg(long = "notify-url", value_name = "URL", value_parser = parse_http_url)]
     pub notify_urls: Vec<reqwest::Url>,
     /// How often the manifests folder is checked for changes.
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
@@ -189,6 +263,7 @@ pub struct ServeArgs {
     /// Attempts before a promotion is marked Failed.
     #[arg(long, default_value_t = 8)]
     pub max_attempts: u32,
+    /// Log format.
     #[arg(
         long,
         value_enum,
@@ -196,8 +271,20 @@ pub struct ServeArgs {
         env = "PIPELINE_CONTROLLER_LOG_FORMAT"
     )]
     pub log_format: LogFormat,
+    /// Log level: error, warn, info, debug or trace, or filter directives such as
+    /// info,pipeline_git=debug. RUST_LOG, when set, wins.
+    #[arg(
+        long,
+        default_value = "info",
+        env = "PIPELINE_CONTROLLER_LOG_LEVEL",
+        value_name = "LEVEL",
+        value_parser = crate::logging::parse_log_level
+    )]
+    pub log_level: String,
+    /// Kubernetes mode settings.
     #[command(flatten)]
     pub kubernetes: crate::kubernetes::KubernetesArgs,
+    /// Pull-request strategy settings.
     #[command(flatten)]
     pub pull_request: PullRequestArgs,
 }
@@ -281,23 +368,69 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Promotions {
             command:
                 PromotionsCommand::List {
-                    server,
+                    source,
                     pipeline,
                     environment,
                     output,
                 },
         } => {
-            match server {
+            let pipeline = match pipeline.as_deref() {
+                None => None,
+                Some(text) => Some(PipelineRef::parse(text).ok_or_else(|| {
+                    usage(format!(
+                        "--pipeline {text:?} is not of the form NAMESPACE/NAME, e.g. flux-system/podinfo"
+                    ))
+                })?),
+            };
+            if let (Some(pipeline), Some(namespace)) = (&pipeline, &source.namespace)
+                && pipeline.namespace != *namespace
+            {
+                return Err(usage(format!(
+                    "--pipeline {pipeline} is in namespace {}, not -n {namespace}; drop -n or change it",
+                    pipeline.namespace
+                )));
+            }
+            let mut records = match &source.server {
                 Some(server) => {
-                    client::list(&server, pipeline.as_deref(), environment.as_deref(), output)
-                        .await?;
+                    client::list(server, pipeline.as_ref(), environment.as_deref()).await?
                 }
                 None => {
-                    let records =
-                        kubernetes::list(pipeline.as_deref(), environment.as_deref()).await?;
-                    client::print_records(&records, output)?;
+                    let namespace = pipeline
+                        .as_ref()
+                        .map(|p| p.namespace.clone())
+                        .or(source.namespace.clone());
+                    kubernetes::list(namespace.as_deref(), pipeline, environment).await?
                 }
+            };
+            if let Some(namespace) = &source.namespace {
+                records.retain(|r| r.pipeline.namespace == *namespace);
             }
+            output::print_records(&records, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Promotions {
+            command:
+                PromotionsCommand::Get {
+                    id,
+                    server,
+                    namespace,
+                    output,
+                },
+        } => {
+            let record = match &server {
+                Some(server) => client::get(server, &id).await?,
+                None => kubernetes::get(namespace.as_deref(), &id).await?,
+            };
+            output::print_record(&record, output)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "pipeline-controller",
+                &mut std::io::stdout(),
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -305,11 +438,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// Sends a decision over the channel `target` names and says what came of it.
 async fn decide(target: DecisionArgs, verdict: Verdict) -> anyhow::Result<()> {
-    let pipeline = PipelineRef::parse(&target.pipeline).with_context(|| {
-        format!(
-            "pipeline {:?} is not of the form NAMESPACE/NAME",
+    let pipeline = PipelineRef::parse(&target.pipeline).ok_or_else(|| {
+        usage(format!(
+            "pipeline {:?} is not of the form NAMESPACE/NAME, e.g. flux-system/podinfo",
             target.pipeline
-        )
+        ))
     })?;
     let record = match (&target.via.server, &target.via.key_file) {
         (Some(server), Some(key_file)) => {
@@ -327,6 +460,9 @@ async fn decide(target: DecisionArgs, verdict: Verdict) -> anyhow::Result<()> {
         }
         _ => kubernetes::decide(&pipeline, &target.environment, &target.revision, &verdict).await?,
     };
+    if let Some(format) = target.via.output {
+        return output::print_record(&record, format);
+    }
     let done = match verdict {
         Verdict::Approve => "approved",
         Verdict::Reject { .. } => "rejected",
@@ -337,4 +473,46 @@ async fn decide(target: DecisionArgs, verdict: Verdict) -> anyhow::Result<()> {
         record.revision, record.pipeline, record.target_environment, record.phase, record.id
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every flag and argument of every subcommand says what it is for.
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                if arg.is_hide_set() || matches!(arg.get_id().as_str(), "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                if sub.get_name() == "help" {
+                    continue;
+                }
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} {} (no about)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let command = Cli::command();
+        command.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&command, "pipeline-controller", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+    }
+
+    #[test]
+    fn version_names_the_commit() {
+        let version = Cli::command().render_version();
+        assert!(version.contains("(commit "), "{version}");
+    }
 }

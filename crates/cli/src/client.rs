@@ -6,8 +6,6 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_core::{ApprovalBody, PipelineRef, PromotionRecord, SecretBytes, Verdict};
 
-use crate::cli::OutputFormat;
-
 fn http() -> anyhow::Result<reqwest::Client> {
     reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
@@ -81,7 +79,7 @@ pub async fn decide(
         .body(body)
         .send()
         .await
-        .with_context(|| format!("sending the decision to {}", base(server)))?;
+        .map_err(|e| unreachable(e, server))?;
     if !response.status().is_success() {
         return Err(failure(response).await);
     }
@@ -95,22 +93,23 @@ pub async fn get(server: &str, id: &str) -> anyhow::Result<PromotionRecord> {
         .get(format!("{}/api/v1/promotions/{}", base(server), encode(id)))
         .send()
         .await
-        .with_context(|| format!("reading promotion {id} from {}", base(server)))?;
+        .map_err(|e| unreachable(e, server))?;
     if !response.status().is_success() {
         return Err(failure(response).await);
     }
     response.json().await.context("decoding the answer")
 }
 
+/// Promotions from the service at `server`, newest first.
 pub async fn list(
     server: &str,
-    pipeline: Option<&str>,
+    pipeline: Option<&PipelineRef>,
     environment: Option<&str>,
-    output: OutputFormat,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<PromotionRecord>> {
+    let pipeline = pipeline.map(ToString::to_string);
     let mut query = Vec::new();
-    if let Some(p) = pipeline {
-        query.push(("pipeline", p));
+    if let Some(p) = &pipeline {
+        query.push(("pipeline", p.as_str()));
     }
     if let Some(e) = environment {
         query.push(("environment", e));
@@ -120,66 +119,31 @@ pub async fn list(
         .query(&query)
         .send()
         .await
-        .with_context(|| format!("listing promotions from {}", base(server)))?;
+        .map_err(|e| unreachable(e, server))?;
     if !response.status().is_success() {
         return Err(failure(response).await);
     }
-    let records: Vec<PromotionRecord> = response.json().await.context("decoding the answer")?;
-    print_records(&records, output)
+    response.json().await.context("decoding the answer")
 }
 
-pub fn print_records(records: &[PromotionRecord], output: OutputFormat) -> anyhow::Result<()> {
-    match output {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&records)?),
-        OutputFormat::Table => print!("{}", table(records)),
+/// A request that got no answer, as one line saying what to check.
+fn unreachable(err: reqwest::Error, server: &str) -> anyhow::Error {
+    if err.is_connect() {
+        anyhow::anyhow!(
+            "cannot connect to {} ({}); is pipeline-controller serving there? Check --server",
+            base(server),
+            pipeline_core::report::error_chain(&err)
+                .rsplit(": ")
+                .next()
+                .unwrap_or("connection failed")
+        )
+    } else if err.is_timeout() {
+        anyhow::anyhow!("{} did not answer within 30s", base(server))
+    } else {
+        anyhow::anyhow!(
+            "asking {}: {}",
+            base(server),
+            pipeline_core::report::error_chain(&err)
+        )
     }
-    Ok(())
-}
-
-fn table(records: &[PromotionRecord]) -> String {
-    let header = [
-        "PIPELINE", "FROM", "TO", "REVISION", "PHASE", "ATTEMPTS", "AGE", "MESSAGE",
-    ];
-    let now = Utc::now();
-    let rows: Vec<[String; 8]> = records
-        .iter()
-        .map(|r| {
-            let age = (now - r.created_at).to_std().unwrap_or_default();
-            let age = humantime::format_duration(std::time::Duration::from_secs(age.as_secs()));
-            [
-                r.pipeline.to_string(),
-                r.source_environment.clone(),
-                r.target_environment.clone(),
-                r.revision.clone(),
-                r.phase.to_string(),
-                r.attempts.to_string(),
-                age.to_string(),
-                r.result.clone().unwrap_or_else(|| r.message.clone()),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let text: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(text.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    if records.is_empty() {
-        out.push_str("(no promotions)\n");
-    }
-    out
 }

@@ -16,10 +16,13 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
+use kube::Api;
+use kube::api::ListParams;
 use pipeline_core::{
     Executor, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet,
     SystemClock, Verdict,
 };
+use pipeline_crds::Promotion;
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
 use pipeline_kube::{
@@ -45,7 +48,7 @@ pub struct KubernetesArgs {
     /// Kubernetes mode: where the Flux-format event of each notification promotion is
     /// POSTed (notification-controller's event receiver), as Flux controllers'
     /// --events-addr.
-    #[arg(long, env = "PIPELINE_CONTROLLER_EVENTS_ADDR")]
+    #[arg(long, env = "PIPELINE_CONTROLLER_EVENTS_ADDR", value_name = "URL", value_parser = crate::values::parse_http_url)]
     pub events_addr: Option<reqwest::Url>,
     /// Kubernetes mode: also take approvals, rejections and retries over HTTP signed
     /// with an environment's approval key. Off by default: approving is then only an
@@ -83,18 +86,27 @@ fn default_identity() -> String {
     format!("{base}-{}-{nanos:08x}", std::process::id())
 }
 
-async fn kube_client() -> anyhow::Result<kube::Client> {
-    kube::Client::try_default()
-        .await
-        .context("configuring the Kubernetes client (in-cluster, or KUBECONFIG)")
+/// Without a cluster, what to do instead of reading records from it.
+const READ_INSTEAD: &str = "pass --server URL to read from a running pipeline-controller";
+
+/// Without a cluster, what to do instead of deciding through it.
+const DECIDE_INSTEAD: &str =
+    "pass --server URL --key-file FILE to send the decision to a running pipeline-controller";
+
+async fn kube_client(instead: &str) -> anyhow::Result<kube::Client> {
+    crate::kubeconfig::client(instead).await
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let client = kube_client().await?;
     let k8s = &args.kubernetes;
     if k8s.lease_renew.is_zero() || k8s.lease_renew >= k8s.lease_duration {
-        anyhow::bail!("--lease-renew must be shorter than --lease-duration");
+        return Err(crate::errors::usage(format!(
+            "--lease-renew ({}) must be shorter than --lease-duration ({}), e.g. a third of it",
+            humantime::format_duration(k8s.lease_renew),
+            humantime::format_duration(k8s.lease_duration)
+        )));
     }
+    let client = kube_client("pass --manifests DIR for embedded mode").await?;
     let identity = k8s.identity.clone().unwrap_or_else(default_identity);
     let lease_namespace = k8s
         .lease_namespace
@@ -226,13 +238,13 @@ pub async fn decide(
     revision: &str,
     verdict: &Verdict,
 ) -> anyhow::Result<PromotionRecord> {
-    let client = kube_client().await?;
+    let client = kube_client(DECIDE_INSTEAD).await?;
     Ok(pipeline_kube::decide(client, pipeline, environment, revision, verdict).await?)
 }
 
 /// The promotion with `id`, from the cluster.
 pub async fn find(namespace: Option<&str>, id: &str) -> anyhow::Result<PromotionRecord> {
-    let client = kube_client().await?;
+    let client = kube_client(DECIDE_INSTEAD).await?;
     pipeline_kube::find_promotion(client, namespace, id)
         .await?
         .with_context(|| match namespace {
@@ -241,24 +253,106 @@ pub async fn find(namespace: Option<&str>, id: &str) -> anyhow::Result<Promotion
         })
 }
 
-/// `promotions list` without `--server`: Promotions from the cluster.
+/// Reads Promotions in `namespace` (all namespaces when `None`), explaining a refusal.
+async fn list_in(
+    client: kube::Client,
+    namespace: Option<&str>,
+    params: &ListParams,
+) -> anyhow::Result<Vec<Promotion>> {
+    let api: Api<Promotion> = match namespace {
+        Some(namespace) => Api::namespaced(client, namespace),
+        None => Api::all(client),
+    };
+    match api.list(params).await {
+        Ok(list) => Ok(list.items),
+        Err(kube::Error::Api(status)) if status.is_forbidden() => Err(match namespace {
+            None => crate::errors::usage(
+                "you may not list Promotions in all namespaces; pass -n NAMESPACE (or --pipeline NAMESPACE/NAME) for a namespace you may read",
+            ),
+            Some(namespace) => anyhow::anyhow!(
+                "you may not list Promotions in namespace {namespace}; ask for a RoleBinding to the pipeline-viewer ClusterRole there"
+            ),
+        }),
+        Err(err) => Err(anyhow::anyhow!(
+            "listing Promotions: {}",
+            pipeline_core::report::error_chain(&err)
+        )),
+    }
+}
+
+/// `promotions list` without `--server`: Promotions from the cluster, newest first; from
+/// `namespace` only when given (so RBAC on that namespace is enough), else from all.
 pub async fn list(
-    pipeline: Option<&str>,
-    environment: Option<&str>,
+    namespace: Option<&str>,
+    pipeline: Option<PipelineRef>,
+    environment: Option<String>,
 ) -> anyhow::Result<Vec<PromotionRecord>> {
-    let pipeline =
-        match pipeline {
-            None => None,
-            Some(text) => Some(PipelineRef::parse(text).with_context(|| {
-                format!("--pipeline {text:?} is not of the form NAMESPACE/NAME")
-            })?),
-        };
     let filter = PromotionFilter {
         pipeline,
-        environment: environment.map(str::to_string),
+        environment,
     };
-    let client = kube_client().await?;
-    pipeline_kube::list_promotions(client, &filter)
-        .await
-        .map_err(|e| anyhow::anyhow!(e))
+    let client = kube_client(READ_INSTEAD).await?;
+    let items = list_in(client, namespace, &ListParams::default()).await?;
+    let mut records: Vec<PromotionRecord> = items
+        .iter()
+        .filter_map(pipeline_kube::convert::record_of)
+        .filter(|r| filter.matches(r))
+        .collect();
+    records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+    Ok(records)
+}
+
+/// `promotions get ID` without `--server`: the Promotion named `id`, in `namespace` or
+/// else in any namespace; when listing all namespaces is not allowed, in the current
+/// context's namespace.
+pub async fn get(namespace: Option<&str>, id: &str) -> anyhow::Result<PromotionRecord> {
+    let is_name = !id.is_empty()
+        && id.len() <= 253
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !is_name {
+        return Err(crate::errors::usage(format!(
+            "{id:?} is not a promotion id (ids are lowercase names such as podinfo-staging-1a2b3c4d5e6f7a8b); see `promotions list`"
+        )));
+    }
+    let client = kube_client(READ_INSTEAD).await?;
+    let by_name = ListParams::default().fields(&format!("metadata.name={id}"));
+    let (items, searched) = match namespace {
+        Some(namespace) => (
+            list_in(client, Some(namespace), &by_name).await?,
+            format!("namespace {namespace}"),
+        ),
+        None => match list_in(client.clone(), None, &by_name).await {
+            Ok(items) => (items, "any namespace".to_string()),
+            Err(err) if err.is::<crate::errors::UsageError>() => {
+                let namespace = client.default_namespace().to_string();
+                let items = match list_in(client, Some(&namespace), &by_name).await {
+                    Ok(items) => items,
+                    Err(_) => {
+                        return Err(crate::errors::usage(format!(
+                            "you may not search Promotions in all namespaces, nor in {namespace} (the current context's); pass -n NAMESPACE"
+                        )));
+                    }
+                };
+                if items.is_empty() {
+                    return Err(crate::errors::usage(format!(
+                        "no promotion {id} in namespace {namespace} (you may not search all namespaces); pass -n NAMESPACE"
+                    )));
+                }
+                (items, format!("namespace {namespace}"))
+            }
+            Err(err) => return Err(err),
+        },
+    };
+    items
+        .iter()
+        .filter_map(pipeline_kube::convert::record_of)
+        // Ids hash the pipeline's namespace: a same-named object elsewhere is not ours.
+        .find(|r| {
+            r.id == id
+                && r.id
+                    == pipeline_core::promotion_id(&r.pipeline, &r.target_environment, &r.revision)
+        })
+        .with_context(|| format!("no promotion {id} in {searched}"))
 }

@@ -32,14 +32,14 @@ const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 /// nothing).
 pub fn parse_log_level(text: &str) -> Result<String, String> {
     let text = text.trim();
-    let hint = "expected error, warn, info, debug or trace, or directives like info,pipeline_git=debug";
+    let hint =
+        "expected error, warn, info, debug or trace, or directives like info,pipeline_git=debug";
     if text.is_empty() {
         return Err(hint.to_string());
     }
     for directive in text.split(',') {
         let directive = directive.trim();
-        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
-        {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
             return Err(format!("{directive:?} is not a level; {hint}"));
         }
     }
@@ -65,9 +65,7 @@ pub fn init(format: LogFormat, level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
@@ -176,11 +174,13 @@ impl Visit for Fields<'_> {
         self.add(field, Value::from(value));
     }
     fn record_i128(&mut self, field: &Field, value: i128) {
-        let value = i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        let value =
+            i64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
         self.add(field, value);
     }
     fn record_u128(&mut self, field: &Field, value: u128) {
-        let value = u64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
+        let value =
+            u64::try_from(value).map_or_else(|_| Value::from(value.to_string()), Value::from);
         self.add(field, value);
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
@@ -190,7 +190,10 @@ impl Visit for Fields<'_> {
         self.add(field, Value::from(value));
     }
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.add(field, Value::from(pipeline_core::report::error_chain(value)));
+        self.add(
+            field,
+            Value::from(pipeline_core::report::error_chain(value)),
+        );
     }
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
         self.add(field, Value::from(format!("{value:?}")));
@@ -212,9 +215,7 @@ where
         let mut line = Object::reserving(&RESERVED);
         line.put(
             "timestamp",
-            Value::from(
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
+            Value::from(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         );
         line.put("level", Value::from(metadata.level().as_str()));
         let mut fields = Fields {
@@ -355,7 +356,11 @@ mod tests {
     fn log_levels_are_checked() {
         assert_eq!(parse_log_level("debug").unwrap(), "debug");
         assert!(parse_log_level("info,pipeline_git=debug").is_ok());
-        assert!(parse_log_level("verbose").unwrap_err().contains("not a level"));
+        assert!(
+            parse_log_level("verbose")
+                .unwrap_err()
+                .contains("not a level")
+        );
         assert!(parse_log_level("").is_err());
     }
 }

@@ -3,21 +3,26 @@
 
 mod cli;
 mod client;
+mod errors;
 mod keyfile;
+mod kubeconfig;
 mod kubernetes;
+mod logging;
+mod output;
 mod serve;
 mod validate;
+mod values;
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return errors::clap_failure(&err),
+    };
     match cli::run(cli).await {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(err) => errors::report(&err),
     }
 }

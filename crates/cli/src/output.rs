@@ -12,7 +12,7 @@ pub const MESSAGE_WIDTH: usize = 60;
 pub fn print_records(records: &[PromotionRecord], output: OutputFormat) -> anyhow::Result<()> {
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(records)?),
-        OutputFormat::Yaml => print!("{}", yaml(&records)?),
+        OutputFormat::Yaml => print!("{}", lines(serde_saphyr::to_string(&records)?)),
         OutputFormat::Table => print!("{}", table(records, Utc::now())),
     }
     Ok(())
@@ -22,18 +22,18 @@ pub fn print_records(records: &[PromotionRecord], output: OutputFormat) -> anyho
 pub fn print_record(record: &PromotionRecord, output: OutputFormat) -> anyhow::Result<()> {
     match output {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(record)?),
-        OutputFormat::Yaml => print!("{}", yaml(record)?),
+        OutputFormat::Yaml => print!("{}", lines(serde_saphyr::to_string(record)?)),
         OutputFormat::Table => print!("{}", table(std::slice::from_ref(record), Utc::now())),
     }
     Ok(())
 }
 
-fn yaml(value: &impl serde::Serialize) -> anyhow::Result<String> {
-    let mut text = serde_saphyr::to_string(value)?;
+/// `text` ending with a newline.
+fn lines(mut text: String) -> String {
     if !text.ends_with('\n') {
         text.push('\n');
     }
-    Ok(text)
+    text
 }
 
 /// One line of at most `width` characters: control characters (newlines in error
@@ -126,7 +126,10 @@ mod tests {
     #[test]
     fn cells_are_one_bounded_line() {
         assert_eq!(cell("short", 60), "short");
-        assert_eq!(cell("git push failed:\n  fatal:\tdenied\n", 60), "git push failed: fatal: denied");
+        assert_eq!(
+            cell("git push failed:\n  fatal:\tdenied\n", 60),
+            "git push failed: fatal: denied"
+        );
         let long = "x".repeat(100);
         let cut = cell(&long, 60);
         assert_eq!(cut.chars().count(), 60);
@@ -158,7 +161,10 @@ mod tests {
         assert_eq!(lines.len(), 2, "{text}");
         assert!(lines[0].starts_with("ID  "), "{text}");
         assert!(lines[0].contains("TRIGGER"), "{text}");
-        assert!(lines[1].starts_with("podinfo-staging-0123456789abcdef  flux-system/podinfo"), "{text}");
+        assert!(
+            lines[1].starts_with("podinfo-staging-0123456789abcdef  flux-system/podinfo"),
+            "{text}"
+        );
         assert!(lines[1].contains("webhook"), "{text}");
         assert!(lines[1].contains("1m 30s"), "{text}");
         let message = &lines[1][lines[0].find("MESSAGE").unwrap()..];

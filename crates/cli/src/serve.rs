@@ -1,11 +1,10 @@
 //! `serve`: wires the embedded adapters (manifests folder, redb store, HTTP notification)
 //! around the core and runs until SIGINT or SIGTERM.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use pipeline_core::{
     Executor, ExecutorSettings, Intake, Metrics, RetryPolicy, StrategySet, SystemClock, TimeWindow,
 };
@@ -18,30 +17,29 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{LogFormat, PullRequestArgs, ServeArgs};
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-}
+use crate::cli::{PullRequestArgs, ServeArgs};
+use crate::errors::usage;
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format);
     let Some(manifests) = args.manifests.clone() else {
+        // Checked before logging starts, so a mistaken invocation is one line.
+        if !crate::kubeconfig::present() {
+            return Err(crate::kubeconfig::missing(
+                "pass --manifests DIR for embedded mode",
+            ));
+        }
+        crate::logging::init(args.log_format, &args.log_level);
         return crate::kubernetes::serve(args).await;
     };
     if !manifests.is_dir() {
-        bail!("--manifests {} is not a directory", manifests.display());
+        return Err(usage(format!(
+            "--manifests {} is not a directory; pass the folder holding the Pipeline and Secret manifests",
+            manifests.display()
+        )));
     }
-    let catalog = Arc::new(ManifestCatalog::new(&manifests));
+    crate::logging::init(args.log_format, &args.log_level);
+    let metrics = Arc::new(Metrics::new());
+    let catalog = Arc::new(ManifestCatalog::new(&manifests).with_metrics(metrics.clone()));
     let store = Arc::new(
         RedbPromotionStore::open_with(
             &args.state,
@@ -51,7 +49,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )
         .with_context(|| format!("opening state file {}", args.state.display()))?,
     );
-    let metrics = Arc::new(Metrics::new());
     let wake = Arc::new(Notify::new());
     let clock = Arc::new(SystemClock);
 
@@ -99,9 +96,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .clone()
             .watch(args.reload_interval, shutdown.clone().cancelled_owned()),
     );
+    // Files served from their last good version: /readyz stays 200 and names them.
+    let readiness = {
+        let catalog = catalog.clone();
+        Arc::new(move || {
+            catalog
+                .last_good_files()
+                .iter()
+                .map(|file| format!("manifests: {file}"))
+                .collect()
+        })
+    };
     serve_http(
         listener,
-        AppState::new(intake, metrics, http_settings(&args)),
+        AppState::new(intake, metrics, http_settings(&args)).with_readiness_detail(readiness),
         server_settings(&args),
         &shutdown,
     )
@@ -147,9 +155,18 @@ pub(crate) fn server_settings(args: &ServeArgs) -> ServerSettings {
 }
 
 pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = match TcpListener::bind(args.listen).await {
+        Ok(listener) => listener,
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::bail!(
+                "cannot listen on {}: the address is in use; stop what listens there or pass another --listen",
+                args.listen
+            )
+        }
+        Err(err) => {
+            return Err(err).with_context(|| format!("listening on {}", args.listen));
+        }
+    };
     let address = listener.local_addr().context("reading the bound address")?;
     Ok((listener, address))
 }
@@ -173,7 +190,9 @@ pub(crate) fn pull_request_settings(args: &PullRequestArgs) -> anyhow::Result<Pu
     let mut api_overrides = Vec::new();
     for entry in &args.forge_api {
         let Some((prefix, base)) = entry.split_once('=') else {
-            bail!("--forge-api {entry:?}: expected REPOSITORY_URL_PREFIX=API_BASE_URL");
+            return Err(usage(format!(
+                "--forge-api {entry:?} has no '='; expected REPOSITORY_URL_PREFIX=API_BASE_URL, e.g. https://git.example/gitlab/=https://git.example/gitlab/api/v4"
+            )));
         };
         api_overrides.push((prefix.to_string(), base.to_string()));
     }

@@ -236,7 +236,7 @@ async fn manual_approval_through_the_cli() {
     .await
     .unwrap();
     assert_eq!(code, 0);
-    assert!(stdout.starts_with("PIPELINE"), "{stdout}");
+    assert!(stdout.starts_with("ID "), "{stdout}");
     assert!(
         stdout.contains("flux-system/podinfo") && stdout.contains("Succeeded"),
         "{stdout}"
@@ -318,6 +318,61 @@ async fn manifest_changes_are_picked_up_without_restart() {
     }
     let (status, _) = post_event(&service, "dev", event("podinfo-dev", "1.2.4")).await;
     assert_eq!(status, 202);
+    // The broken file was valid before: its last good version (podinfo-two) keeps
+    // serving, and /readyz (still 200) and the metrics say so.
+    let body = event("podinfo-dev", "1.2.5");
+    let signature = pipeline_core::signature::sign(HmacAlgorithm::Sha256, KEY.as_bytes(), &body);
+    let response = client()
+        .post(service.url("/pipelines/promotions/flux-system/podinfo-two/dev"))
+        .header("x-signature", signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let warnings = service
+        .logs()
+        .lines()
+        .filter(|l| l.contains("manifest file invalid, serving its last good version"))
+        .count();
+    assert_eq!(warnings, 1, "{}", service.logs());
+    let ready = client().get(service.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "ready");
+    let detail = ready["detail"].as_array().unwrap();
+    assert_eq!(detail.len(), 1, "{ready}");
+    let detail = detail[0].as_str().unwrap();
+    assert!(
+        detail.starts_with("manifests: more/two.yaml is invalid, serving its last good version")
+            && detail.contains(expected),
+        "{detail}"
+    );
+    let metrics = client()
+        .get(service.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pipeline_controller_manifest_files_invalid 1\n")
+            && metrics.contains("pipeline_controller_manifest_files_last_good 1\n"),
+        "{metrics}"
+    );
+    // Deleting the file takes its pipeline away, and readiness detail with it.
+    std::fs::remove_file(manifests.join("more/two.yaml")).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = get_json(&service, "/readyz").await;
+        if ready.get("detail").is_none() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(post().await.unwrap().status().as_u16(), 404);
 }
 
 #[tokio::test]
@@ -516,4 +571,415 @@ async fn older_waiting_promotions_are_superseded_rejections_and_retries_are_reco
         ]
     );
     assert_eq!(receiver.count(), 2);
+}
+
+/// Any JSON value; deserializing fails on an object with a repeated key, at any depth.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = NoDuplicateKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key.clone()) {
+                        return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+                    }
+                    map.next_value::<NoDuplicateKeys>()?;
+                }
+                Ok(NoDuplicateKeys)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+/// A `serve --log-format json` in embedded mode: its stderr lines, and its address.
+struct JsonService {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    address: std::net::SocketAddr,
+}
+
+impl JsonService {
+    fn start(manifests: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> JsonService {
+        let mut child = std::process::Command::new(BIN)
+            .args(serve_args(manifests, state, extra))
+            .args(["--log-format", "json", "--log-level", "debug"])
+            .env_remove("RUST_LOG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Ok(value) = serde_json::from_str::<Value>(&line)
+                    && value["message"] == "listening"
+                    && let Some(address) = value["address"].as_str()
+                {
+                    let _ = tx.send(address.parse::<std::net::SocketAddr>().unwrap());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let address = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(address) => address,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no listening line: {:#?}", lines.lock().unwrap());
+            }
+        };
+        JsonService {
+            child,
+            lines,
+            address,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    /// SIGTERM, then waits (at most 10 s) for the process to end and its output to be read.
+    fn stop(&mut self) -> Vec<String> {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "serve did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        self.lines.lock().unwrap().clone()
+    }
+}
+
+impl Drop for JsonService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn json_logs_never_repeat_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    let receiver = Receiver::start(vec![500], Duration::ZERO).await;
+    let mut service = JsonService::start(
+        &manifests,
+        &dir.path().join("state.redb"),
+        &["--notify-url", &receiver.url(), "--retry-base", "50ms"],
+    );
+    let post = |environment: &str, body: Vec<u8>, key: &str| {
+        let signature =
+            pipeline_core::signature::sign(HmacAlgorithm::Sha256, key.as_bytes(), &body);
+        client()
+            .post(service.url(&format!(
+                "/pipelines/promotions/flux-system/podinfo/{environment}"
+            )))
+            .header("x-signature", signature)
+            .body(body)
+            .send()
+    };
+    // Recorded, then executed: a refused delivery, a retry, success ("promotion attempt
+    // finished" has a `message` field besides its own message).
+    let response = post("dev", event("podinfo-dev", "1.0.0"), KEY)
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    let id = response.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Ignored: "event ignored" carries the event's own `message`.
+    let mut ignored: Value = serde_json::from_slice(&event("podinfo-dev", "1.0.1")).unwrap();
+    ignored["reason"] = "Progressing".into();
+    let response = post("dev", serde_json::to_vec(&ignored).unwrap(), KEY)
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    // Refused (debug), and a broken manifest (warnings).
+    let response = post("dev", event("podinfo-dev", "1.0.2"), "wrong")
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 401);
+    std::fs::write(
+        manifests.join("secret.yaml"),
+        "apiVersion: v1\nkind: Secret\n: [\n",
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let record: Value = client()
+            .get(service.url(&format!("/api/v1/promotions/{id}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let served_last_good = service
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("serving its last good version"));
+        if record["phase"] == "Succeeded" && served_last_good {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{record}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines = service.stop();
+    assert!(lines.len() > 10, "{lines:#?}");
+    let mut messages = std::collections::BTreeSet::new();
+    for line in &lines {
+        if let Err(err) = serde_json::from_str::<NoDuplicateKeys>(line) {
+            panic!("log line is not JSON with unique keys ({err}): {line}");
+        }
+        let value: Value = serde_json::from_str(line).unwrap();
+        for key in ["timestamp", "level", "target"] {
+            assert!(value[key].is_string(), "no {key}: {line}");
+        }
+        if let Some(message) = value["message"].as_str() {
+            messages.insert(message.to_string());
+        }
+    }
+    for expected in [
+        "listening",
+        "promotion recorded",
+        "event ignored",
+        "promotion attempt finished",
+        "stopped",
+    ] {
+        assert!(
+            messages.contains(expected),
+            "no {expected:?} in {messages:#?}"
+        );
+    }
+    // The fields that share a name with the line's keys are kept, renamed.
+    let ignored = lines
+        .iter()
+        .find(|l| l.contains("\"event ignored\""))
+        .unwrap();
+    let ignored: Value = serde_json::from_str(ignored).unwrap();
+    assert!(
+        ignored["fields.message"]
+            .as_str()
+            .unwrap()
+            .contains("Progressing"),
+        "{ignored}"
+    );
+}
+
+#[tokio::test]
+async fn promotions_get_and_output_formats() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    let service = Service::start(&manifests, &dir.path().join("state.redb"), &[]);
+    let (status, record) = post_event(&service, "staging", event("podinfo-staging", "6.5.1")).await;
+    assert_eq!(status, 202, "{record}");
+    let id = record["id"].as_str().unwrap().to_string();
+    let server = service.url("");
+    let run = |args: &[&str]| {
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        args.extend(["--server".to_string(), server.clone()]);
+        cli(args)
+    };
+
+    // get: YAML by default, JSON and a table on request.
+    let (code, stdout, stderr) = run(&["promotions", "get", &id]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains(&format!("id: {id}")), "{stdout}");
+    assert!(stdout.contains("phase: WaitingApproval"), "{stdout}");
+    let (code, stdout, _) = run(&["promotions", "get", &id, "-o", "json"]).await;
+    assert_eq!(code, 0);
+    let got: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(got["id"], id.as_str());
+    let (code, stdout, _) = run(&["promotions", "get", &id, "-o", "table"]).await;
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines[0].starts_with("ID ")
+            && lines[0].contains("TRIGGER")
+            && lines[0].ends_with("MESSAGE"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].starts_with(&id) && lines[1].contains("webhook"),
+        "{stdout}"
+    );
+    let (code, _, stderr) = run(&["promotions", "get", "no-such-promotion"]).await;
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("404") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+
+    // list: YAML, and -n filters by the pipeline's namespace.
+    let (code, stdout, _) = run(&["promotions", "list", "-o", "yaml"]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.starts_with("- id: "), "{stdout}");
+    let (code, stdout, _) = run(&["promotions", "list", "-n", "flux-system", "-o", "json"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let (code, stdout, _) = run(&["promotions", "list", "-n", "elsewhere"]).await;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("(no promotions)"), "{stdout}");
+    let (code, _, stderr) = run(&[
+        "promotions",
+        "list",
+        "-n",
+        "elsewhere",
+        "--pipeline",
+        "flux-system/podinfo",
+    ])
+    .await;
+    assert_eq!(code, 2, "{stderr}");
+
+    // approve -o json prints the record it changed.
+    let key_file = dir.path().join("approval-key");
+    std::fs::write(&key_file, APPROVAL_KEY).unwrap();
+    let (code, stdout, stderr) = run(&[
+        "approve",
+        "flux-system/podinfo",
+        "prod",
+        "6.5.1",
+        "--key-file",
+        key_file.to_str().unwrap(),
+        "-o",
+        "json",
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let approved: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(approved["id"], id.as_str());
+    assert_ne!(approved["phase"], "WaitingApproval");
+}
+
+#[tokio::test]
+async fn mistaken_invocations_get_one_line_and_exit_code_2() {
+    let home = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("KUBECONFIG")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("PIPELINE_CONTROLLER_SERVER")
+            .env_remove("PIPELINE_CONTROLLER_MANIFESTS")
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["serve"],
+            "no Kubernetes configuration found (KUBECONFIG, ~/.kube/config or in-cluster); pass --manifests DIR for embedded mode",
+        ),
+        (&["promotions", "list"], "pass --server URL"),
+        (&["serve", "--listen", ":9000"], "use 0.0.0.0:9000"),
+        (
+            &["promotions", "list", "--server", "127.0.0.1:8080"],
+            "needs a scheme: http://127.0.0.1:8080",
+        ),
+        (
+            &[
+                "serve",
+                "--manifests",
+                ".",
+                "--notify-url",
+                "127.0.0.1:9099",
+            ],
+            "needs a scheme: http://127.0.0.1:9099",
+        ),
+        (&["serv"], "a similar subcommand exists: 'serve'"),
+    ];
+    for (args, expected) in cases {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(expected),
+            "{args:?}: {stderr}"
+        );
+    }
+    // A runtime failure is exit code 1, one line too.
+    let (code, stderr) = run(&["promotions", "list", "--server", "http://127.0.0.1:9"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot connect to http://127.0.0.1:9"),
+        "{stderr}"
+    );
+
+    let (code, stdout, _) = run_cli(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.starts_with("pipeline-controller ") && stdout.contains("(commit "),
+        "{stdout}"
+    );
+    let (code, stdout, _) = run_cli(&["completion", "bash"]);
+    assert_eq!(code, 0);
+    assert!(
+        stdout.contains("complete -F _pipeline__controller"),
+        "{}",
+        &stdout[..stdout.len().min(300)]
+    );
 }

@@ -69,7 +69,7 @@ pub fn fit_connection_cap(wanted: usize) -> usize {
         && current < hard
     {
         limit.current = Some(hard);
-        if setrlimit(Resource::Nofile, limit.clone()).is_err() {
+        if setrlimit(Resource::Nofile, limit).is_err() {
             limit = getrlimit(Resource::Nofile);
         }
     }

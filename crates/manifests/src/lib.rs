@@ -14,6 +14,6 @@ mod load;
 mod source;
 mod walk;
 
-pub use load::{Catalog, LoadError, SecretData, load_dir};
+pub use load::{Catalog, LastGoodFile, LoadError, SecretData, load_dir};
 pub use source::{ManifestCatalog, ReloadReport};
 pub use walk::Fingerprint;

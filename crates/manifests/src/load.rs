@@ -37,6 +37,39 @@ pub struct Catalog {
     pub files: usize,
     /// Documents of other kinds (and documents that are not Kubernetes objects), skipped.
     pub ignored: usize,
+    /// Files that have problems now but loaded cleanly before: their objects are loaded
+    /// from that last good version (only [`ManifestCatalog`](crate::ManifestCatalog)
+    /// remembers one; [`load_dir`] never fills this).
+    pub last_good: Vec<LastGoodFile>,
+}
+
+/// A manifest file that is invalid now and served from its last good version.
+///
+/// Displays as `team/pipe.yaml is invalid, serving its last good version: <first error>`
+/// (`(and N more)` when there are several).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastGoodFile {
+    /// Relative to the folder.
+    pub file: PathBuf,
+    /// Its current problems (at least one).
+    pub errors: Vec<LoadError>,
+}
+
+impl fmt::Display for LastGoodFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is invalid, serving its last good version",
+            self.file.display()
+        )?;
+        if let Some(first) = self.errors.first() {
+            write!(f, ": {first}")?;
+        }
+        if self.errors.len() > 1 {
+            write!(f, " (and {} more)", self.errors.len() - 1)?;
+        }
+        Ok(())
+    }
 }
 
 /// One problem with one document (or a whole file, when `document` is 0).
@@ -140,9 +173,75 @@ pub fn load_dir(dir: &Path) -> Catalog {
 }
 
 pub(crate) fn load_walk(walk: &Walk) -> Catalog {
+    load_walk_keeping(walk, &mut HashMap::new())
+}
+
+/// The parsed documents of one file, before files are combined.
+#[derive(Default)]
+struct FileDocs {
+    pipelines: Vec<PipelineDoc>,
+    secrets: Vec<SecretDoc>,
+    /// Problems of the file itself (YAML, object metadata, other problems not tied to a
+    /// loaded document); invalid specs and Secret data stay in the docs.
+    errors: Vec<LoadError>,
+    ignored: usize,
+}
+
+impl FileDocs {
+    /// Whether the file loads without a problem of its own: every document parses, every
+    /// object is valid, and no object is defined twice within the file. (Objects defined
+    /// in other files too are a problem of the folder, not of the file.)
+    fn is_valid(&self) -> bool {
+        self.errors.is_empty()
+            && self.pipelines.iter().all(|p| p.spec.is_ok())
+            && self.secrets.iter().all(|s| s.data.is_ok())
+            && duplicates(
+                self.pipelines
+                    .iter()
+                    .map(|d| (d.reference.clone(), d.location.clone())),
+            )
+            .is_empty()
+            && duplicates(
+                self.secrets
+                    .iter()
+                    .map(|d| ((d.namespace.clone(), d.name.clone()), d.location.clone())),
+            )
+            .is_empty()
+    }
+
+    /// The problems this file would report if it were the only one in the folder.
+    fn own_errors(rel: &Path, text: &str) -> Vec<LoadError> {
+        let mut alone = Catalog::default();
+        assemble(vec![parse_file(rel, text)], &mut alone);
+        alone.errors
+    }
+}
+
+fn parse_file(rel: &Path, text: &str) -> FileDocs {
+    let mut docs = FileDocs::default();
+    for Document { number, value } in parse_documents(text) {
+        let location = Location {
+            file: rel.to_path_buf(),
+            document: number,
+        };
+        match value {
+            Err(message) => docs.errors.push(location.error(None, None, message)),
+            Ok(value) => classify(value, location, &mut docs),
+        }
+    }
+    docs
+}
+
+/// Like [`load_walk`], but a file that loaded without problems before (its text is in
+/// `last_good`, by path) and has problems now is served from that last good text: its
+/// objects stay loaded, its current problems are in [`Catalog::errors`] and it is listed
+/// in [`Catalog::last_good`]. Files that load cleanly replace their entry in `last_good`;
+/// files gone from the folder lose theirs. A file that never loaded cleanly is loaded as
+/// it is (its valid documents load, the others are reported).
+pub(crate) fn load_walk_keeping(walk: &Walk, last_good: &mut HashMap<PathBuf, String>) -> Catalog {
     let mut catalog = Catalog::default();
-    let mut pipelines = Vec::new();
-    let mut secrets = Vec::new();
+    let mut files: Vec<FileDocs> = Vec::new();
+    let mut held: Vec<LastGoodFile> = Vec::new();
 
     for error in &walk.errors {
         catalog.errors.push(LoadError {
@@ -154,7 +253,9 @@ pub(crate) fn load_walk(walk: &Walk) -> Catalog {
         });
     }
 
+    let mut seen: std::collections::HashSet<&Path> = std::collections::HashSet::new();
     for file in &walk.files {
+        seen.insert(&file.rel);
         let whole_file = |message: String| LoadError {
             file: file.rel.clone(),
             document: 0,
@@ -162,56 +263,106 @@ pub(crate) fn load_walk(walk: &Walk) -> Catalog {
             field: None,
             message,
         };
-        let bytes = match std::fs::read(&file.abs) {
-            Ok(bytes) => bytes,
-            Err(err) => {
-                catalog
-                    .errors
-                    .push(whole_file(format!("cannot read file: {err}")));
-                continue;
+        let text = match std::fs::read(&file.abs) {
+            Err(err) => Err(whole_file(format!("cannot read file: {err}"))),
+            Ok(bytes) => {
+                catalog.files += 1;
+                String::from_utf8(bytes).map_err(|_| whole_file("not valid UTF-8".to_string()))
             }
         };
-        catalog.files += 1;
-        let Ok(text) = String::from_utf8(bytes) else {
-            catalog
-                .errors
-                .push(whole_file("not valid UTF-8".to_string()));
-            continue;
-        };
-        for Document { number, value } in parse_documents(&text) {
-            let location = Location {
-                file: file.rel.clone(),
-                document: number,
-            };
-            match value {
-                Err(message) => catalog.errors.push(location.error(None, None, message)),
-                Ok(value) => classify(value, location, &mut catalog, &mut pipelines, &mut secrets),
+        let errors = match text {
+            Err(error) => vec![error],
+            Ok(text) => {
+                let docs = parse_file(&file.rel, &text);
+                if docs.is_valid() {
+                    last_good.insert(file.rel.clone(), text);
+                    files.push(docs);
+                    continue;
+                }
+                if !last_good.contains_key(&file.rel) {
+                    // Never loaded cleanly: its valid documents load, as they are.
+                    files.push(docs);
+                    continue;
+                }
+                // Its current problems, as `validate` reports them.
+                FileDocs::own_errors(&file.rel, &text)
             }
+        };
+        match last_good.get(&file.rel) {
+            Some(good) => {
+                catalog.errors.extend(errors.iter().cloned());
+                held.push(LastGoodFile {
+                    file: file.rel.clone(),
+                    errors,
+                });
+                files.push(parse_file(&file.rel, good));
+            }
+            None => catalog.errors.extend(errors),
         }
     }
 
-    load_secrets(secrets, &mut catalog);
-    let loaded = load_pipelines(pipelines, &mut catalog);
+    // Files not listed by the walk: deleted (forgotten), or behind a walk error such as
+    // an unreadable folder (still served, as for an unreadable file).
+    last_good.retain(|rel, _| {
+        seen.contains(rel.as_path()) || walk.errors.iter().any(|e| rel.starts_with(&e.rel))
+    });
+    let mut unlisted: Vec<(&PathBuf, &String)> = last_good
+        .iter()
+        .filter(|(rel, _)| !seen.contains(rel.as_path()))
+        .collect();
+    unlisted.sort();
+    for (rel, good) in unlisted {
+        let errors = walk
+            .errors
+            .iter()
+            .filter(|e| rel.starts_with(&e.rel))
+            .map(|e| LoadError {
+                file: e.rel.clone(),
+                document: 0,
+                object: None,
+                field: None,
+                message: e.message.clone(),
+            })
+            .collect();
+        held.push(LastGoodFile {
+            file: rel.clone(),
+            errors,
+        });
+        files.push(parse_file(rel, good));
+    }
+    held.sort_by(|a, b| a.file.cmp(&b.file));
+    catalog.last_good = held;
+
+    assemble(files, &mut catalog);
+    catalog
+}
+
+/// Combines the documents of every file into `catalog`: objects defined in several
+/// files are errors, the rest load; then the Secrets the pipelines need are checked.
+fn assemble(files: Vec<FileDocs>, catalog: &mut Catalog) {
+    let mut pipelines = Vec::new();
+    let mut secrets = Vec::new();
+    for file in files {
+        catalog.errors.extend(file.errors);
+        catalog.ignored += file.ignored;
+        pipelines.extend(file.pipelines);
+        secrets.extend(file.secrets);
+    }
+    load_secrets(secrets, catalog);
+    let loaded = load_pipelines(pipelines, catalog);
     for (location, pipeline) in &loaded {
-        check_secrets(location, pipeline, &mut catalog);
+        check_secrets(location, pipeline, catalog);
     }
     // Stable: problems of one document keep their order.
     catalog
         .errors
         .sort_by(|a, b| (&a.file, a.document).cmp(&(&b.file, b.document)));
-    catalog
 }
 
 /// Sorts one document into pipelines, secrets, errors or ignored.
-fn classify(
-    value: Value,
-    location: Location,
-    catalog: &mut Catalog,
-    pipelines: &mut Vec<PipelineDoc>,
-    secrets: &mut Vec<SecretDoc>,
-) {
+fn classify(value: Value, location: Location, docs: &mut FileDocs) {
     let Value::Object(mut object) = value else {
-        catalog.ignored += 1;
+        docs.ignored += 1;
         return;
     };
     let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
@@ -221,7 +372,12 @@ fn classify(
             let reference = match metadata(&object, PIPELINE_KIND) {
                 Ok((namespace, name)) => PipelineRef::new(namespace, name),
                 Err(problems) => {
-                    push_problems(catalog, &location, PIPELINE_KIND.to_string(), problems);
+                    push_problems(
+                        &mut docs.errors,
+                        &location,
+                        PIPELINE_KIND.to_string(),
+                        problems,
+                    );
                     return;
                 }
             };
@@ -230,7 +386,7 @@ fn classify(
                 Some(spec) => parse_pipeline_spec(spec)
                     .map_err(|errors| errors.into_iter().map(|e| (e.field, e.message)).collect()),
             };
-            pipelines.push(PipelineDoc {
+            docs.pipelines.push(PipelineDoc {
                 location,
                 reference,
                 spec,
@@ -245,40 +401,37 @@ fn classify(
                 Some(other) => format!("{other:?} is not supported; expected {API_VERSION:?}"),
                 None => format!("must be set to {API_VERSION:?}"),
             };
-            catalog
-                .errors
+            docs.errors
                 .push(location.error(Some(label), Some("apiVersion"), message));
         }
         ("Secret", Some("v1")) => {
             let (namespace, name) = match metadata(&object, "Secret") {
                 Ok(found) => found,
                 Err(problems) => {
-                    push_problems(catalog, &location, "Secret".to_string(), problems);
+                    push_problems(&mut docs.errors, &location, "Secret".to_string(), problems);
                     return;
                 }
             };
             let data = secret_data(&object);
-            secrets.push(SecretDoc {
+            docs.secrets.push(SecretDoc {
                 location,
                 namespace,
                 name,
                 data,
             });
         }
-        _ => catalog.ignored += 1,
+        _ => docs.ignored += 1,
     }
 }
 
 fn push_problems(
-    catalog: &mut Catalog,
+    errors: &mut Vec<LoadError>,
     location: &Location,
     object: String,
     problems: Vec<FieldProblem>,
 ) {
     for (field, message) in problems {
-        catalog
-            .errors
-            .push(location.error(Some(object.clone()), Some(&field), message));
+        errors.push(location.error(Some(object.clone()), Some(&field), message));
     }
 }
 
@@ -426,7 +579,7 @@ fn load_secrets(docs: Vec<SecretDoc>, catalog: &mut Catalog) {
                 .push(doc.location.error(Some(object.clone()), None, message));
         }
         match doc.data {
-            Err(problems) => push_problems(catalog, &doc.location, object, problems),
+            Err(problems) => push_problems(&mut catalog.errors, &doc.location, object, problems),
             Ok(data) if !dups.contains_key(&key) => {
                 catalog.secrets.insert(key, data);
             }
@@ -452,7 +605,7 @@ fn load_pipelines(docs: Vec<PipelineDoc>, catalog: &mut Catalog) -> Vec<(Locatio
                 .push(doc.location.error(Some(object.clone()), None, message));
         }
         match doc.spec {
-            Err(problems) => push_problems(catalog, &doc.location, object, problems),
+            Err(problems) => push_problems(&mut catalog.errors, &doc.location, object, problems),
             Ok(spec) if duplicated.is_none() => {
                 let pipeline = Arc::new(Pipeline {
                     reference: doc.reference.clone(),

@@ -1,18 +1,20 @@
 //! The live catalog: serves lookups, reloads the folder, watches it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use pipeline_core::Metrics;
 use pipeline_core::pipeline::{Pipeline, PipelineRef};
 use pipeline_core::ports::{
     PipelineSource, SecretBytes, SecretLookupError, SecretSource, Unavailable,
 };
 use tracing::{info, warn};
 
-use crate::load::{Catalog, LoadError, load_walk};
+use crate::load::{Catalog, LastGoodFile, LoadError, load_walk_keeping};
 use crate::walk::{Fingerprint, walk};
 
 /// What one reload found.
@@ -24,6 +26,8 @@ pub struct ReloadReport {
     pub ignored: usize,
     pub errors: Vec<LoadError>,
     pub warnings: Vec<String>,
+    /// Files invalid now whose last good version is served.
+    pub last_good: Vec<LastGoodFile>,
 }
 
 impl ReloadReport {
@@ -35,6 +39,7 @@ impl ReloadReport {
             ignored: catalog.ignored,
             errors: catalog.errors.clone(),
             warnings: catalog.warnings.clone(),
+            last_good: catalog.last_good.clone(),
         }
     }
 }
@@ -44,13 +49,27 @@ impl ReloadReport {
 /// Lookups read the current [`Catalog`] behind a briefly held lock; reloads build a new
 /// catalog aside and swap it in whole, so a lookup sees either the old folder or the new
 /// one, never a mix.
+///
+/// A file that loaded cleanly once and then becomes invalid (bad YAML, an invalid
+/// Pipeline or Secret, unreadable) keeps being served from its last good version until it
+/// is fixed or deleted: a broken edit does not take its pipelines and secrets away. Such
+/// files are listed in [`last_good_files`](Self::last_good_files), logged once per change
+/// and counted in the metrics given to [`with_metrics`](Self::with_metrics).
 #[derive(Debug)]
 pub struct ManifestCatalog {
     dir: PathBuf,
     current: RwLock<Arc<Catalog>>,
-    /// Fingerprint of the folder as last loaded. Held during a reload, so reloads do not
-    /// overlap and the newest read always wins.
-    loaded: Mutex<Fingerprint>,
+    /// What the last load saw. Held during a reload, so reloads do not overlap and the
+    /// newest read always wins.
+    loaded: Mutex<Loaded>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+#[derive(Debug, Default)]
+struct Loaded {
+    fingerprint: Fingerprint,
+    /// Text of each file as it last loaded cleanly, by path relative to the folder.
+    last_good: HashMap<PathBuf, String>,
 }
 
 impl ManifestCatalog {
@@ -60,10 +79,30 @@ impl ManifestCatalog {
         let this = Self {
             dir: dir.into(),
             current: RwLock::new(Arc::new(Catalog::default())),
-            loaded: Mutex::new(Fingerprint::default()),
+            loaded: Mutex::new(Loaded::default()),
+            metrics: None,
         };
         this.reload();
         this
+    }
+
+    /// Keeps `pipeline_controller_manifest_files_invalid` and `_last_good` in `metrics`
+    /// up to date, from now on.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        Self::count(&metrics, &self.catalog());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count(metrics: &Metrics, catalog: &Catalog) {
+        let invalid: std::collections::HashSet<&Path> =
+            catalog.errors.iter().map(|e| e.file.as_path()).collect();
+        metrics.set_manifest_files(invalid.len(), catalog.last_good.len());
+    }
+
+    /// Files invalid now whose last good version is served instead, by path.
+    pub fn last_good_files(&self) -> Vec<LastGoodFile> {
+        self.catalog().last_good.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -86,20 +125,26 @@ impl ManifestCatalog {
     /// the report when it did.
     pub fn reload_if_changed(&self) -> Option<ReloadReport> {
         let mut loaded = self.loaded.lock().unwrap_or_else(PoisonError::into_inner);
-        if Fingerprint::of_dir(&self.dir) == *loaded {
+        if Fingerprint::of_dir(&self.dir) == loaded.fingerprint {
             return None;
         }
         Some(self.reload_locked(&mut loaded))
     }
 
-    fn reload_locked(&self, loaded: &mut Fingerprint) -> ReloadReport {
+    fn reload_locked(&self, loaded: &mut Loaded) -> ReloadReport {
         // Fingerprinted before reading: a change made while reading shows at the next poll.
         let walked = walk(&self.dir);
         let fingerprint = Fingerprint::of_walk(&walked);
-        let catalog = Arc::new(load_walk(&walked));
+        let catalog = Arc::new(load_walk_keeping(&walked, &mut loaded.last_good));
         let report = ReloadReport::of(&catalog);
-        *self.current.write().unwrap_or_else(PoisonError::into_inner) = catalog;
-        *loaded = fingerprint;
+        if let Some(metrics) = &self.metrics {
+            Self::count(metrics, &catalog);
+        }
+        let previous = std::mem::replace(
+            &mut *self.current.write().unwrap_or_else(PoisonError::into_inner),
+            catalog,
+        );
+        loaded.fingerprint = fingerprint;
 
         info!(
             dir = %self.dir.display(),
@@ -111,7 +156,28 @@ impl ManifestCatalog {
             warnings = report.warnings.len(),
             "manifests loaded"
         );
+        // A file served from its last good version: one warning when that starts or its
+        // problems change, not at every reload.
+        for held in &report.last_good {
+            if !previous.last_good.contains(held) {
+                let errors: Vec<String> = held.errors.iter().map(ToString::to_string).collect();
+                let errors = errors.join("; ");
+                warn!(dir = %self.dir.display(), file = %held.file.display(), "manifest file invalid, serving its last good version: {errors}");
+            }
+        }
+        for before in &previous.last_good {
+            if !report.last_good.iter().any(|now| now.file == before.file) {
+                info!(dir = %self.dir.display(), file = %before.file.display(), "manifest file no longer served from its last good version (fixed or removed)");
+            }
+        }
         for error in &report.errors {
+            if report
+                .last_good
+                .iter()
+                .any(|held| held.errors.contains(error))
+            {
+                continue;
+            }
             warn!(dir = %self.dir.display(), "manifest error: {error}");
         }
         for warning in &report.warnings {

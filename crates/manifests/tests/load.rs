@@ -489,3 +489,221 @@ fn reload_picks_up_added_modified_and_deleted_files() {
             .contains_key(&reference("ns", "renamed-first"))
     );
 }
+
+/// The rendered value of a metric without labels.
+fn gauge(metrics: &pipeline_core::Metrics, name: &str) -> String {
+    let text = metrics.render();
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_valid_file_that_breaks_is_served_from_its_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "team/pipe.yaml",
+        &format!("{}---\n{}", pipeline("ns", "kept"), hmac_secret("ns")),
+    );
+    write(dir.path(), "other.yaml", &pipeline("ns", "other"));
+    let metrics = std::sync::Arc::new(pipeline_core::Metrics::new());
+    let source = ManifestCatalog::new(dir.path()).with_metrics(metrics.clone());
+    assert_eq!(source.catalog().pipelines.len(), 2);
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_invalid"),
+        "0"
+    );
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_last_good"),
+        "0"
+    );
+
+    // Bad YAML: the pipeline and the secret of the last good version stay.
+    fs::write(&file, "kind: Pipeline\napiVersion: [\n").unwrap();
+    let report = source.reload();
+    assert_eq!(report.pipelines, 2, "{report:?}");
+    assert_eq!(report.secrets, 1);
+    assert_eq!(report.errors.len(), 1);
+    assert_eq!(report.last_good.len(), 1);
+    let held = &source.last_good_files()[0];
+    assert_eq!(held.file, Path::new("team/pipe.yaml"));
+    assert_eq!(held.errors, report.errors);
+    let shown = held.to_string();
+    assert!(
+        shown.starts_with(
+            "team/pipe.yaml is invalid, serving its last good version: team/pipe.yaml (document 1)"
+        ),
+        "{shown}"
+    );
+    assert!(
+        source
+            .pipeline(&reference("ns", "kept"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let key = source.secret_value("ns", "hmac", "hmac-key").await.unwrap();
+    assert_eq!(key.unwrap().expose(), b"k");
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_invalid"),
+        "1"
+    );
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_last_good"),
+        "1"
+    );
+
+    // An invalid Pipeline (valid YAML): still the last good version, with the new error.
+    fs::write(
+        &file,
+        "apiVersion: pipelines.weave.works/v1alpha1\nkind: Pipeline\nmetadata: {name: kept, namespace: ns}\nspec: {environments: []}\n",
+    )
+    .unwrap();
+    let report = source.reload();
+    assert_eq!(report.pipelines, 2);
+    assert_eq!(report.secrets, 1);
+    assert_eq!(
+        error_lines(&source.catalog()),
+        ["team/pipe.yaml (document 1) Pipeline ns/kept: spec: missing field `appRef`"]
+    );
+    assert_eq!(report.last_good[0].errors, report.errors);
+
+    // A valid version with changes replaces the last good one.
+    fs::write(&file, pipeline("ns", "renamed")).unwrap();
+    let report = source.reload();
+    assert_eq!(report.last_good, vec![]);
+    assert_eq!(report.errors, vec![]);
+    let catalog = source.catalog();
+    assert!(catalog.pipelines.contains_key(&reference("ns", "renamed")));
+    assert!(!catalog.pipelines.contains_key(&reference("ns", "kept")));
+    assert!(catalog.secrets.is_empty(), "the secret left the file");
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_invalid"),
+        "0"
+    );
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_last_good"),
+        "0"
+    );
+
+    // Broken again, then deleted: deleting a file drops its last good version too.
+    fs::write(&file, "not: [valid\n").unwrap();
+    source.reload();
+    assert!(
+        source
+            .catalog()
+            .pipelines
+            .contains_key(&reference("ns", "renamed"))
+    );
+    fs::remove_file(&file).unwrap();
+    let report = source.reload();
+    assert_eq!(report.last_good, vec![]);
+    assert_eq!(report.errors, vec![]);
+    assert!(
+        !source
+            .catalog()
+            .pipelines
+            .contains_key(&reference("ns", "renamed"))
+    );
+    // And a new file at the same path starts without a last good version.
+    fs::write(&file, "not: [valid\n").unwrap();
+    let report = source.reload();
+    assert_eq!((report.last_good.len(), report.errors.len()), (0, 1));
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_invalid"),
+        "1"
+    );
+    assert_eq!(
+        gauge(&metrics, "pipeline_controller_manifest_files_last_good"),
+        "0"
+    );
+}
+
+#[test]
+fn a_file_that_was_never_valid_contributes_only_its_valid_documents() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "hmac.yaml", &hmac_secret("ns"));
+    let file = write(
+        dir.path(),
+        "mixed.yaml",
+        &format!(
+            "{}---\nkind: Pipeline\napiVersion: [\n",
+            pipeline("ns", "good")
+        ),
+    );
+    let source = ManifestCatalog::new(dir.path());
+    let catalog = source.catalog();
+    assert!(catalog.pipelines.contains_key(&reference("ns", "good")));
+    assert_eq!(catalog.errors.len(), 1);
+    assert_eq!(catalog.last_good, vec![]);
+
+    // Still never valid: what it holds now is what loads.
+    fs::write(&file, "kind: Pipeline\napiVersion: [\n").unwrap();
+    let report = source.reload();
+    assert_eq!((report.pipelines, report.last_good.len()), (0, 0));
+}
+
+#[test]
+fn a_file_that_becomes_partly_invalid_is_served_whole_from_its_last_good_version() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "hmac.yaml", &hmac_secret("ns"));
+    let file = write(dir.path(), "pipes.yaml", &pipeline("ns", "one"));
+    let source = ManifestCatalog::new(dir.path());
+    // A second, valid pipeline is added in the same edit that breaks the first one: the
+    // file is served as it last loaded, so the new pipeline waits for the fix.
+    fs::write(
+        &file,
+        format!(
+            "{}---\n{}",
+            pipeline("ns", "two"),
+            pipeline("ns", "one").replace("appRef", "appReff")
+        ),
+    )
+    .unwrap();
+    let report = source.reload();
+    assert_eq!(report.last_good.len(), 1);
+    let catalog = source.catalog();
+    assert!(catalog.pipelines.contains_key(&reference("ns", "one")));
+    assert!(!catalog.pipelines.contains_key(&reference("ns", "two")));
+    // The same object defined again in another file is a folder problem, not the file's.
+    write(dir.path(), "copy.yaml", &pipeline("ns", "one"));
+    let report = source.reload();
+    assert!(
+        report
+            .errors
+            .iter()
+            .any(|e| e.message.starts_with("duplicate Pipeline")),
+        "{report:?}"
+    );
+    assert!(
+        !source
+            .catalog()
+            .pipelines
+            .contains_key(&reference("ns", "one"))
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn an_unreadable_file_is_served_from_its_last_good_version() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "hmac.yaml", &hmac_secret("ns"));
+    let file = write(dir.path(), "pipe.yaml", &pipeline("ns", "p"));
+    let source = ManifestCatalog::new(dir.path());
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o000)).unwrap();
+    if fs::read(&file).is_ok() {
+        // Running as root: permissions do not stop reading; nothing to check.
+        return;
+    }
+    let report = source.reload();
+    assert_eq!(report.last_good.len(), 1, "{report:?}");
+    assert!(
+        source
+            .catalog()
+            .pipelines
+            .contains_key(&reference("ns", "p"))
+    );
+}

@@ -78,3 +78,47 @@ async fn watch_reloads_on_change_and_stops_on_shutdown() {
         .expect("watch stops on shutdown")
         .unwrap();
 }
+
+#[tokio::test]
+async fn watch_keeps_the_last_good_version_of_a_file_that_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pipe.yaml");
+    fs::write(&file, PIPELINE).unwrap();
+    let source = Arc::new(ManifestCatalog::new(dir.path()));
+    let reference = PipelineRef::new("ns", "watched");
+    assert!(source.pipeline(&reference).await.unwrap().is_some());
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let watcher = tokio::spawn(Arc::clone(&source).watch(Duration::from_millis(50), async {
+        let _ = stopped.await;
+    }));
+
+    fs::write(
+        &file,
+        "apiVersion: pipelines.weave.works/v1alpha1\nkind: Pipeline\n  bad: [indent\n",
+    )
+    .unwrap();
+    eventually("the broken file is noticed", || async {
+        !source.last_good_files().is_empty()
+    })
+    .await;
+    assert!(source.pipeline(&reference).await.unwrap().is_some());
+
+    fs::write(&file, PIPELINE.replace("watched", "fixed")).unwrap();
+    eventually("the fixed file is served", || async {
+        source.last_good_files().is_empty()
+            && source
+                .pipeline(&PipelineRef::new("ns", "fixed"))
+                .await
+                .unwrap()
+                .is_some()
+    })
+    .await;
+    assert!(source.pipeline(&reference).await.unwrap().is_none());
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), watcher)
+        .await
+        .expect("watch stops on shutdown")
+        .unwrap();
+}
