@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use crate::deployment::{DeploymentView, EnvironmentState};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Promotion, StrategyKind};
 use crate::ports::{Clock, PipelineSource, PromotionStore, SecretSource, StoreError};
@@ -109,7 +110,29 @@ impl Default for ExecutorSettings {
     }
 }
 
+/// Runs a promotion only once its source environment is healthy at the revision,
+/// wherever the controller can see that environment.
+#[derive(Clone)]
+pub struct HealthGate {
+    pub view: Arc<dyn DeploymentView>,
+    /// How long a promotion may wait for its source environment before it fails.
+    pub timeout: Duration,
+}
+
+/// How an execution ended, for the run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// The attempt ran (or there was nothing to run).
+    Done,
+    /// Held back by the health gate; look again when the view changes.
+    Held,
+}
+
+/// How long a held promotion waits before the executor looks again, when nothing wakes it.
+const HOLD_RECHECK: Duration = Duration::from_secs(5);
+
 pub struct Executor {
+    gate: Option<HealthGate>,
     store: Arc<dyn PromotionStore>,
     pipelines: Arc<dyn PipelineSource>,
     secrets: Arc<dyn SecretSource>,
@@ -133,6 +156,7 @@ impl Executor {
         wake: Arc<Notify>,
     ) -> Self {
         Self {
+            gate: None,
             store,
             pipelines,
             secrets,
@@ -144,6 +168,13 @@ impl Executor {
         }
     }
 
+    /// Holds promotions back until their source environment is deployed at the revision
+    /// on every target the view can see. Wake the executor when the view changes.
+    pub fn with_health_gate(mut self, gate: HealthGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// Works until `shutdown` resolves. Attempts still running then are abandoned in
     /// `Running` and resumed by the next executor, which strategies tolerate.
     ///
@@ -151,7 +182,9 @@ impl Executor {
     /// a whole instead of retrying each record at once, and says so once per interval.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut in_flight: JoinSet<Result<(), StoreError>> = JoinSet::new();
+        let mut in_flight: JoinSet<Result<Attempt, StoreError>> = JoinSet::new();
+        // Promotions held by the health gate, and until when (a wake looks again sooner).
+        let mut held: HashMap<String, tokio::time::Instant> = HashMap::new();
         // Record ids of the attempts in flight, by task, so none is started twice.
         let mut running: HashMap<tokio::task::Id, String> = HashMap::new();
         // Due records not started yet, oldest first. The store is scanned again only once
@@ -165,7 +198,9 @@ impl Executor {
                 match self.store.unfinished().await {
                     Ok(records) => {
                         outage.ended();
-                        let (due, wait) = self.plan(records, &running);
+                        let now = tokio::time::Instant::now();
+                        held.retain(|_, until| *until > now);
+                        let (due, wait) = self.plan(records, &running, &held);
                         queue = due;
                         sleep_for = wait;
                     }
@@ -186,11 +221,17 @@ impl Executor {
             }
             tokio::select! {
                 () = &mut shutdown => break,
-                () = self.wake.notified() => {}
+                () = self.wake.notified() => held.clear(),
                 () = tokio::time::sleep(outage.remaining().unwrap_or(sleep_for)) => {}
                 Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                     let task = match done {
-                        Ok((task, Ok(()))) => task,
+                        Ok((task, Ok(Attempt::Done))) => task,
+                        Ok((task, Ok(Attempt::Held))) => {
+                            if let Some(id) = running.get(&task) {
+                                held.insert(id.clone(), tokio::time::Instant::now() + HOLD_RECHECK);
+                            }
+                            task
+                        }
                         Ok((task, Err(err))) => {
                             // The attempt could not start: back off before the next try.
                             queue.clear();
@@ -213,6 +254,7 @@ impl Executor {
         &self,
         mut records: Vec<PromotionRecord>,
         running: &HashMap<tokio::task::Id, String>,
+        held: &HashMap<String, tokio::time::Instant>,
     ) -> (VecDeque<String>, Duration) {
         let now = self.clock.now();
         records.sort_by_key(|r| (r.next_attempt_at.unwrap_or(r.created_at), r.created_at));
@@ -221,6 +263,11 @@ impl Executor {
         let mut due = VecDeque::new();
         for record in records {
             if in_flight.contains(record.id.as_str()) {
+                continue;
+            }
+            if let Some(until) = held.get(&record.id) {
+                let wait = until.saturating_duration_since(tokio::time::Instant::now());
+                sleep_for = sleep_for.min(wait.max(Duration::from_millis(10)));
                 continue;
             }
             if record.is_due(now) {
@@ -237,12 +284,30 @@ impl Executor {
     /// attempt could not be started; once the strategy ran, its outcome is kept and
     /// stored as soon as the store takes it, so a store outage never repeats a promotion
     /// that already happened (only a process that dies meanwhile does).
-    pub async fn execute(&self, id: &str) -> Result<(), StoreError> {
+    pub async fn execute(&self, id: &str) -> Result<Attempt, StoreError> {
+        let note = match &self.gate {
+            Some(gate) => match self.check_gate(id, gate).await? {
+                GateCheck::Pass(note) => note,
+                GateCheck::Held => return Ok(Attempt::Held),
+                GateCheck::Settled => return Ok(Attempt::Done),
+            },
+            None => None,
+        };
         let now = self.clock.now();
-        let record = match self.store.modify(id, &|r| r.start_attempt(now)).await {
+        let start = |r: &mut PromotionRecord| {
+            r.start_attempt(now)?;
+            if let Some(note) = &note {
+                r.message = format!("{}; {note}", r.message);
+                if let Some(last) = r.history.last_mut() {
+                    last.message.clone_from(&r.message);
+                }
+            }
+            Ok(())
+        };
+        let record = match self.store.modify(id, &start).await {
             Ok(record) => record,
             // Finished or waiting meanwhile: nothing to do.
-            Err(StoreError::Transition(_)) => return Ok(()),
+            Err(StoreError::Transition(_)) => return Ok(Attempt::Done),
             Err(err) => return Err(err),
         };
         self.metrics.record_phase(record.phase);
@@ -269,7 +334,9 @@ impl Executor {
             match self.store.modify(id, &change).await {
                 Ok(stored) => break stored,
                 // Someone else finished it meanwhile (another leader after a failover).
-                Err(StoreError::Transition(_) | StoreError::NotFound(_)) => return Ok(()),
+                Err(StoreError::Transition(_) | StoreError::NotFound(_)) => {
+                    return Ok(Attempt::Done);
+                }
                 Err(err) => {
                     let wait = outage.failed(&err);
                     tokio::time::sleep(wait).await;
@@ -284,7 +351,73 @@ impl Executor {
             message = %stored.message,
             "promotion attempt finished"
         );
-        Ok(())
+        Ok(Attempt::Done)
+    }
+
+    /// Whether record `id` may run now: only once every target of its source environment
+    /// is deployed at its revision, where the view sees that environment. Holding writes
+    /// to the store only when what is missing changed.
+    async fn check_gate(&self, id: &str, gate: &HealthGate) -> Result<GateCheck, StoreError> {
+        let Some(record) = self.store.get(id).await? else {
+            return Ok(GateCheck::Settled);
+        };
+        // A resumed attempt (Running) passed the gate before.
+        if record.phase != crate::promotion::Phase::Pending {
+            return Ok(GateCheck::Pass(None));
+        }
+        let pipeline = match self.pipelines.pipeline(&record.pipeline).await {
+            Ok(Some(pipeline)) => pipeline,
+            // The attempt itself reports these.
+            Ok(None) | Err(_) => return Ok(GateCheck::Pass(None)),
+        };
+        let Some(index) = pipeline.environment_index(&record.source_environment) else {
+            return Ok(GateCheck::Pass(None));
+        };
+        let state = EnvironmentState::observe(&pipeline, index, gate.view.as_ref());
+        let source = &record.source_environment;
+        if !state.observable() {
+            return Ok(GateCheck::Pass(Some(format!(
+                "{source} is not observed by the controller: the signed event alone suffices"
+            ))));
+        }
+        let (ready, total) = state.count_at(&record.revision);
+        if ready == total {
+            return Ok(GateCheck::Pass(Some(format!(
+                "{source} deployed at {} on all {total} targets",
+                record.revision
+            ))));
+        }
+        let now = self.clock.now();
+        let waited = (now - record.created_at).to_std().unwrap_or_default();
+        let shortfall = state.shortfall(&record.revision);
+        if waited >= gate.timeout {
+            let message = format!(
+                "{source} was not deployed at {} on every target within {}: {shortfall}",
+                record.revision,
+                humantime_secs(gate.timeout)
+            );
+            match self
+                .store
+                .modify(id, &|r| r.give_up(message.clone(), now))
+                .await
+            {
+                Ok(stored) => self.metrics.record_phase(stored.phase),
+                Err(StoreError::Transition(_)) => {}
+                Err(err) => return Err(err),
+            }
+            return Ok(GateCheck::Settled);
+        }
+        if record.message != shortfall {
+            match self
+                .store
+                .modify(id, &|r| r.hold(shortfall.clone(), now))
+                .await
+            {
+                Ok(_) | Err(StoreError::Transition(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(GateCheck::Held)
     }
 
     async fn attempt(&self, record: &PromotionRecord) -> Result<StrategyOutcome, StrategyError> {
@@ -326,6 +459,20 @@ impl Executor {
             })
             .await
     }
+}
+
+/// What the health gate decided about one record.
+enum GateCheck {
+    /// Run it; the note says what the gate saw, for the record.
+    Pass(Option<String>),
+    /// Not yet.
+    Held,
+    /// Nothing to run (gone, or failed by the gate).
+    Settled,
+}
+
+fn humantime_secs(duration: Duration) -> String {
+    format!("{}s", duration.as_secs())
 }
 
 /// Backoff and quiet logging while the promotion store fails.
@@ -406,7 +553,7 @@ mod tests {
     use crate::ports::{
         PromotionFilter, RecordChange, SecretBytes, SecretLookupError, SystemClock, Unavailable,
     };
-    use crate::promotion::{Phase, Trigger};
+    use crate::promotion::{ChangeReason, Phase, Trigger};
 
     #[derive(Default)]
     struct MemoryStore(Mutex<BTreeMap<String, PromotionRecord>>);
@@ -522,7 +669,7 @@ mod tests {
     #[tokio::test]
     async fn drains_a_backlog_once_each_with_retries() {
         let spec = parse_pipeline_spec(serde_json::json!({
-            "appRef": {"apiVersion": "v1", "kind": "K", "name": "app"},
+            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
             "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
                              {"name": "b", "targets": [{"namespace": "b"}]}],
             "promotion": {"strategy": {"notification": {}}}
@@ -660,7 +807,7 @@ mod tests {
     #[tokio::test]
     async fn a_store_outage_neither_repeats_a_promotion_nor_spins() {
         let spec = parse_pipeline_spec(serde_json::json!({
-            "appRef": {"apiVersion": "v1", "kind": "K", "name": "app"},
+            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
             "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
                              {"name": "b", "targets": [{"namespace": "b"}]}],
             "promotion": {"strategy": {"notification": {}}}
@@ -736,5 +883,152 @@ mod tests {
         assert_eq!(strategy.calls.load(Ordering::SeqCst), 1, "promoted twice");
         // Backoff, not a busy loop: a handful of tries in two seconds, not thousands.
         assert!(refused <= 20, "store hit {refused} times while broken");
+    }
+
+    /// A deployment view whose targets tests set by hand.
+    #[derive(Default)]
+    struct HandView(
+        Mutex<
+            std::collections::HashMap<crate::deployment::TargetKey, crate::deployment::TargetView>,
+        >,
+    );
+
+    impl DeploymentView for HandView {
+        fn target(&self, key: &crate::deployment::TargetKey) -> crate::deployment::TargetView {
+            self.0
+                .lock()
+                .unwrap()
+                .get(key)
+                .cloned()
+                .unwrap_or(crate::deployment::TargetView::Missing)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_health_gate_holds_a_promotion_until_its_source_is_deployed() {
+        use crate::deployment::{AppKind, AppState, ClusterKey, TargetKey, TargetView};
+        let spec = parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "app"},
+            "environments": [{"name": "a", "targets": [{"namespace": "a1"}, {"namespace": "a2"}]},
+                             {"name": "b", "targets": [{"namespace": "b"}]}],
+            "promotion": {"strategy": {"notification": {}}}
+        }))
+        .unwrap();
+        let reference = PipelineRef::new("ns", "p");
+        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
+            reference: reference.clone(),
+            spec,
+        })));
+        let store = Arc::new(MemoryStore::default());
+        let record = PromotionRecord::new(
+            reference,
+            "a",
+            "b",
+            "2.0.0",
+            false,
+            Trigger::default(),
+            chrono::Utc::now(),
+        );
+        let id = record.id.clone();
+        store.create_if_absent(record).await.unwrap();
+        let view = Arc::new(HandView::default());
+        let key = |namespace: &str| TargetKey {
+            cluster: ClusterKey::Local,
+            namespace: namespace.into(),
+            kind: AppKind::HelmRelease,
+            name: "app".into(),
+        };
+        let at = |revision: &str| {
+            TargetView::Seen(AppState {
+                ready: true,
+                current: true,
+                revision: Some(revision.into()),
+                message: String::new(),
+            })
+        };
+        view.0.lock().unwrap().insert(key("a1"), at("2.0.0"));
+        view.0.lock().unwrap().insert(key("a2"), at("1.0.0"));
+        let strategy = Arc::new(Counting::default());
+        let wake = Arc::new(Notify::new());
+        let executor = Arc::new(
+            Executor::new(
+                store.clone(),
+                pipeline.clone(),
+                pipeline,
+                StrategySet {
+                    notification: strategy.clone(),
+                    pull_request: strategy.clone(),
+                },
+                Arc::new(SystemClock),
+                Arc::new(Metrics::new()),
+                ExecutorSettings {
+                    idle_poll: Duration::from_millis(20),
+                    ..ExecutorSettings::default()
+                },
+                wake.clone(),
+            )
+            .with_health_gate(HealthGate {
+                view: view.clone(),
+                timeout: Duration::from_secs(60),
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let record = store.get(&id).await.unwrap().unwrap();
+            if record.message.starts_with("waiting for 1 of 2 targets") {
+                assert_eq!(record.phase, Phase::Pending);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never held: {record:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            strategy.total.load(Ordering::SeqCst),
+            0,
+            "ran before healthy"
+        );
+
+        // The second target catches up; the view's owner wakes the executor.
+        view.0.lock().unwrap().insert(key("a2"), at("2.0.0"));
+        wake.notify_one();
+        loop {
+            let record = store.get(&id).await.unwrap().unwrap();
+            if record.phase == Phase::Succeeded {
+                let started = &record.history[record.history.len() - 2];
+                assert!(
+                    started
+                        .message
+                        .contains("a deployed at 2.0.0 on all 2 targets"),
+                    "{started:?}"
+                );
+                let reasons: Vec<_> = record.history.iter().map(|h| h.reason).collect();
+                assert_eq!(
+                    reasons,
+                    [
+                        ChangeReason::Recorded,
+                        ChangeReason::WaitingForSource,
+                        ChangeReason::Started,
+                        ChangeReason::Succeeded
+                    ]
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never ran: {record:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = stop.send(());
+        task.await.unwrap();
+        assert_eq!(strategy.total.load(Ordering::SeqCst), 1);
     }
 }

@@ -457,15 +457,6 @@ impl Intake {
             return Ok(Decision::Ignored { reason, message });
         }
         let revision = event.revision().ok_or(Refusal::MissingRevision)?;
-        crate::event::check_revision(revision).map_err(Refusal::InvalidRevision)?;
-        let promotion =
-            pipeline
-                .promotion_for(&target.name)
-                .ok_or_else(|| Refusal::NoPromotion {
-                    pipeline: pipeline.reference.clone(),
-                    environment: target.name.clone(),
-                })?;
-
         let trigger = Trigger {
             source: "webhook".to_string(),
             reason: event.reason.clone(),
@@ -476,7 +467,45 @@ impl Intake {
                 event.involved_object.namespace,
                 event.involved_object.name
             ),
+            cluster: String::new(),
         };
+        self.propose(&pipeline, &source.name, revision, trigger)
+            .await
+    }
+
+    /// Records the promotion of `revision`, just deployed in `source_environment`, to the
+    /// environment after it: the one path every trigger (webhook event, watcher
+    /// observation) takes. The record is durable when this returns; running it is the
+    /// executor's business.
+    pub async fn propose(
+        &self,
+        pipeline: &Pipeline,
+        source_environment: &str,
+        revision: &str,
+        trigger: Trigger,
+    ) -> Result<Decision, Refusal> {
+        let environments = &pipeline.spec.environments;
+        let index = pipeline
+            .environment_index(source_environment)
+            .ok_or_else(|| Refusal::UnknownEnvironment {
+                pipeline: pipeline.reference.clone(),
+                environment: source_environment.to_string(),
+            })?;
+        let source = &environments[index];
+        let target = environments
+            .get(index + 1)
+            .ok_or_else(|| Refusal::LastEnvironment(source.name.clone()))?;
+        if target.targets.is_empty() {
+            return Err(Refusal::NoTargets(target.name.clone()));
+        }
+        crate::event::check_revision(revision).map_err(Refusal::InvalidRevision)?;
+        let promotion =
+            pipeline
+                .promotion_for(&target.name)
+                .ok_or_else(|| Refusal::NoPromotion {
+                    pipeline: pipeline.reference.clone(),
+                    environment: target.name.clone(),
+                })?;
         let record = PromotionRecord::new(
             pipeline.reference.clone(),
             &source.name,
@@ -487,27 +516,26 @@ impl Intake {
             self.clock.now(),
         );
         let (stored, created) = self.store.create_if_absent(record).await?;
-        if created {
-            // Only waiting promotions take part: those that run are not held back.
-            let stored = if stored.phase == Phase::WaitingApproval {
-                match supersede_around(self.store.as_ref(), &stored, self.clock.now()).await {
-                    Ok(updated) => updated,
-                    Err(err) => {
-                        // The record is durable; older approvals stay possible until the
-                        // next approval checks again, which refuses them then.
-                        tracing::warn!(promotion = %stored.id, error = %err, "could not supersede older waiting promotions");
-                        stored
-                    }
-                }
-            } else {
-                stored
-            };
-            self.metrics.record_phase(stored.phase);
-            self.executor_wake.notify_one();
-            Ok(Decision::Recorded(stored))
-        } else {
-            Ok(Decision::Duplicate(stored))
+        if !created {
+            return Ok(Decision::Duplicate(stored));
         }
+        // Only waiting promotions take part: those that run are not held back.
+        let stored = if stored.phase == Phase::WaitingApproval {
+            match supersede_around(self.store.as_ref(), &stored, self.clock.now()).await {
+                Ok(updated) => updated,
+                Err(err) => {
+                    // The record is durable; an approval of an older one is checked
+                    // again then, and refused.
+                    tracing::warn!(promotion = %stored.id, error = %err, "could not supersede older waiting promotions");
+                    stored
+                }
+            }
+        } else {
+            stored
+        };
+        self.metrics.record_phase(stored.phase);
+        self.executor_wake.notify_one();
+        Ok(Decision::Recorded(stored))
     }
 
     /// Takes an approver's signed decision (approve, reject, retry) about one promotion.

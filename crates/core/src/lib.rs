@@ -5,6 +5,7 @@
 //! client or database: adapters live in their own crates.
 #![forbid(unsafe_code)]
 
+pub mod deployment;
 pub mod event;
 pub mod executor;
 pub mod intake;
@@ -16,8 +17,8 @@ pub mod report;
 pub mod signature;
 
 pub use executor::{
-    Executor, ExecutorSettings, PromotionContext, PromotionStrategy, StrategyError,
-    StrategyOutcome, StrategySet,
+    Attempt, Executor, ExecutorSettings, HealthGate, PromotionContext, PromotionStrategy,
+    StrategyError, StrategyOutcome, StrategySet,
 };
 pub use intake::{
     ApprovalBody, ApprovalRequest, Decision, EventRequest, Intake, Refusal, RefusalClass,

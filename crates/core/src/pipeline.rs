@@ -24,6 +24,14 @@ pub const PROVIDER_TYPES: &[&str] = &[
     "forgejo",
 ];
 
+/// Kinds `spec.appRef.kind` may name: the Flux objects whose events report deployments
+/// (helm-controller's and kustomize-controller's).
+pub const APP_KINDS: &[&str] = &["HelmRelease", "Kustomization"];
+
+/// Kinds a target's `clusterRef.kind` may name: Weave GitOps' `GitopsCluster` (the only
+/// one the Go original accepted) and Cluster API's `Cluster`.
+pub const CLUSTER_KINDS: &[&str] = &["GitopsCluster", "Cluster"];
+
 /// Keys allowed under `strategy`; anything else is a strategy we do not know.
 const STRATEGY_KEYS: &[&str] = &["pull-request", "notification", "secretRef"];
 
@@ -66,26 +74,51 @@ pub struct Pipeline {
     pub spec: PipelineSpec,
 }
 
+/// What a Pipeline promotes, through which environments, and how.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(transform = schema::Required(&["appRef", "environments"]))
+)]
 pub struct PipelineSpec {
+    /// The app promoted: a Flux HelmRelease or Kustomization that has this name in every
+    /// environment. Webhook events must name it as their `involvedObject`.
     pub app_ref: LocalAppReference,
+    /// The environments, in promotion order: a deployment in `environments[i]` is
+    /// promoted to `environments[i+1]`. At least one.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub environments: Vec<Environment>,
+    /// How promotions are made into every environment without a `promotion` of its own.
+    /// Its `strategy.secretRef` names the Secret whose `hmac-key` authenticates the
+    /// webhook's events: without it every event for the pipeline is refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
 }
 
+/// The Flux object a pipeline promotes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(transform = schema::Required(&["apiVersion", "kind", "name"]))
+)]
 pub struct LocalAppReference {
+    /// API version of the app object, e.g. `helm.toolkit.fluxcd.io/v2`. Only its group is
+    /// compared with events, so events from any version of the group match.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub api_version: String,
+    /// Kind of the app object: `HelmRelease` or `Kustomization`.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = APP_KINDS)))]
     pub kind: String,
+    /// Name of the app object, the same in every environment.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub name: String,
 }
 
@@ -104,64 +137,121 @@ pub fn api_group_of(api_version: &str) -> &str {
     }
 }
 
+/// One environment of a pipeline: where the app runs at one stage of its promotion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(transform = schema::Required(&["name", "targets"]))
+)]
 pub struct Environment {
+    /// Name of the environment, e.g. `dev` or `prod`; unique within the pipeline. It
+    /// appears verbatim in webhook paths (`/pipelines/promotions/{namespace}/{pipeline}/{environment}`),
+    /// so it may not contain `/`, `?`, `#`, `%`, whitespace or control characters.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub name: String,
+    /// Where the app runs in this environment; at least one. An event from this
+    /// environment is accepted only from one of these targets' namespaces.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub targets: Vec<Target>,
+    /// How promotions into this environment are made. When set it replaces
+    /// `spec.promotion` for this environment entirely (the two are not merged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
 }
 
+/// A place an environment's app runs: a namespace, on the Pipeline's own cluster or on
+/// the cluster `clusterRef` names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::Required(&["namespace"])))]
 pub struct Target {
+    /// Namespace of the app object (`spec.appRef`) in this target.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub namespace: String,
+    /// The cluster the target is on: a `GitopsCluster` or a Cluster API `Cluster`. When
+    /// absent, the target is on the cluster the Pipeline lives on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_ref: Option<CrossNamespaceClusterReference>,
 }
 
+/// A cluster object, possibly in another namespace than the Pipeline's.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(transform = schema::Required(&["kind", "name"]))
+)]
 pub struct CrossNamespaceClusterReference {
+    /// API version of the cluster object, e.g. `gitops.weave.works/v1alpha1` or
+    /// `cluster.x-k8s.io/v1beta1`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub api_version: String,
+    /// Kind of the cluster object: `GitopsCluster` (Weave GitOps) or `Cluster` (Cluster API).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = CLUSTER_KINDS)))]
     pub kind: String,
+    /// Name of the cluster object.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub name: String,
+    /// Namespace of the cluster object; defaults to the Pipeline's namespace.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub namespace: String,
 }
 
+/// How promotions are made: whether they wait for an approval, and the strategy that
+/// carries them out.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::Required(&["strategy"])))]
 pub struct Promotion {
+    /// Promotions wait in `WaitingApproval` until approved (`pipeline-controller
+    /// approve`, or `spec.approval` on the Promotion object in Kubernetes mode).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub manual: bool,
+    /// How a promotion is carried out: exactly one of `notification` and `pull-request`.
     #[serde(default)]
     pub strategy: Strategy,
 }
 
+/// Exactly one of `notification` and `pull-request`, and optionally the Secret of the
+/// webhook's (or the environment's approval) key.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(extend("x-kubernetes-validations" = [{
+        "rule": "has(self.notification) != has(self.pull__dash__request)",
+        "message": "set exactly one strategy: notification or pull-request",
+    }]))
+)]
 pub struct Strategy {
+    /// Open (or update) a pull request that sets the promoted version in a Git
+    /// repository; merging it deploys the version.
     #[serde(
         rename = "pull-request",
         default,
         skip_serializing_if = "Option::is_none"
     )]
     pub pull_request: Option<PullRequestPromotion>,
+    /// Announce the promotion: a signed Flux-format event to every `--notify-url` (and,
+    /// in Kubernetes mode, a `Promote` Kubernetes Event on the Pipeline); whatever
+    /// receives it deploys the version. Takes no settings: `notification: {}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notification: Option<NotificationPromotion>,
+    /// A Secret in the Pipeline's namespace. At pipeline level (`spec.promotion`) its key
+    /// `hmac-key` is the HMAC key that authenticates webhook events and signs
+    /// notifications. On an environment it holds the `approval-key` of signed approvals of
+    /// promotions into that environment.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<LocalObjectReference>,
 }
@@ -193,29 +283,50 @@ impl Strategy {
     }
 }
 
+/// A promotion by pull request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schema",
+    schemars(transform = schema::Required(&["type", "url", "baseBranch", "secretRef"]))
+)]
 pub struct PullRequestPromotion {
+    /// The Git forge hosting the repository: `github`, `gitlab`, `gitea`, `forgejo`,
+    /// `bitbucket-server` or `azure-devops`.
     #[serde(rename = "type", default)]
+    #[cfg_attr(feature = "schema", schemars(extend("enum" = PROVIDER_TYPES)))]
     pub provider: String,
+    /// URL of the repository whose files are changed, HTTPS (`https://host/owner/repo`)
+    /// or SSH (`ssh://git@host/owner/repo.git`, `git@host:owner/repo.git`).
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub url: String,
+    /// The branch the pull request targets; merging it deploys the promotion. The
+    /// pull request's own branch is named by the controller.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub base_branch: String,
+    /// Secret in the Pipeline's namespace with the credentials: `token` for the forge's
+    /// API (required), and for git `username` and `password` (HTTPS; the token is used
+    /// when they are absent) or `identity` and `known_hosts` (SSH).
     #[serde(default)]
     pub secret_ref: LocalObjectReference,
 }
 
-/// Empty in v1alpha1; kept as a struct so `notification: {}` round-trips.
+/// Settings of the notification strategy: none in v1alpha1 (`notification: {}`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct NotificationPromotion {}
 
+/// A Secret in the Pipeline's namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(feature = "schema", schemars(transform = schema::Required(&["name"])))]
 pub struct LocalObjectReference {
+    /// Name of the Secret.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(length(min = 1)))]
     pub name: String,
 }
 
@@ -308,6 +419,15 @@ impl PipelineSpec {
         }
         if self.app_ref.kind.is_empty() {
             errors.push(FieldError::new("spec.appRef.kind", "must be set"));
+        } else if !APP_KINDS.contains(&self.app_ref.kind.as_str()) {
+            errors.push(FieldError::new(
+                "spec.appRef.kind",
+                format!(
+                    "unknown kind {:?} (known: {})",
+                    self.app_ref.kind,
+                    APP_KINDS.join(", ")
+                ),
+            ));
         }
         if self.app_ref.name.is_empty() {
             errors.push(FieldError::new("spec.appRef.name", "must be set"));
@@ -350,15 +470,29 @@ impl PipelineSpec {
                         "must be set",
                     ));
                 }
-                if target
-                    .cluster_ref
-                    .as_ref()
-                    .is_some_and(|c| c.name.is_empty())
-                {
-                    errors.push(FieldError::new(
-                        format!("{field}.targets[{j}].clusterRef.name"),
-                        "must be set",
-                    ));
+                if let Some(cluster) = &target.cluster_ref {
+                    let cluster_field = format!("{field}.targets[{j}].clusterRef");
+                    if cluster.kind.is_empty() {
+                        errors.push(FieldError::new(
+                            format!("{cluster_field}.kind"),
+                            "must be set",
+                        ));
+                    } else if !CLUSTER_KINDS.contains(&cluster.kind.as_str()) {
+                        errors.push(FieldError::new(
+                            format!("{cluster_field}.kind"),
+                            format!(
+                                "unknown kind {:?} (known: {})",
+                                cluster.kind,
+                                CLUSTER_KINDS.join(", ")
+                            ),
+                        ));
+                    }
+                    if cluster.name.is_empty() {
+                        errors.push(FieldError::new(
+                            format!("{cluster_field}.name"),
+                            "must be set",
+                        ));
+                    }
                 }
             }
             if let Some(promotion) = &env.promotion {
@@ -474,6 +608,51 @@ impl Pipeline {
     }
 }
 
+/// Schema details serde attributes cannot express, for the generated CRD.
+#[cfg(feature = "schema")]
+pub mod schema {
+    use schemars::Schema;
+    use schemars::transform::Transform;
+
+    /// Marks properties of an object schema required and drops the `default` serde's
+    /// `#[serde(default)]` gave them: the API server fills in defaults before it checks
+    /// required fields, so a defaulted field is never missing. Parsing keeps the serde
+    /// defaults, so that [`super::PipelineSpec::validate`] names every missing field
+    /// rather than serde only the first.
+    pub struct Required(pub &'static [&'static str]);
+
+    impl Transform for Required {
+        fn transform(&mut self, schema: &mut Schema) {
+            if let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+                for field in self.0 {
+                    if let Some(property) =
+                        properties.get_mut(*field).and_then(|p| p.as_object_mut())
+                    {
+                        property.remove("default");
+                    }
+                }
+            }
+            let object = schema.ensure_object();
+            let mut required: Vec<String> = object
+                .get("required")
+                .and_then(|r| r.as_array())
+                .map(|r| {
+                    r.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for field in self.0 {
+                if !required.iter().any(|r| r == field) {
+                    required.push((*field).to_string());
+                }
+            }
+            required.sort();
+            object.insert("required".into(), required.into());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,11 +725,11 @@ mod tests {
     #[test]
     fn no_environments_and_type_errors_are_located() {
         let errors = parse_pipeline_spec(
-            json!({"appRef": {"apiVersion": "v1", "kind": "K", "name": "n"}, "environments": []}),
+            json!({"appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "n"}, "environments": []}),
         )
         .unwrap_err();
         assert_eq!(errors[0].field, "spec.environments");
-        let errors = parse_pipeline_spec(json!({"appRef": {"apiVersion": "v1", "kind": "K", "name": "n"}, "environments": [{"name": "a", "targets": "oops"}]})).unwrap_err();
+        let errors = parse_pipeline_spec(json!({"appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "n"}, "environments": [{"name": "a", "targets": "oops"}]})).unwrap_err();
         assert_eq!(errors[0].field, "spec.environments[0].targets");
     }
 

@@ -71,6 +71,9 @@ pub enum ChangeReason {
     Started,
     Resumed,
     RetryScheduled,
+    /// Held back until every target of the source environment is deployed at the
+    /// revision (the health gate).
+    WaitingForSource,
     Succeeded,
     Failed,
     /// A reason this build does not know (written by a newer one).
@@ -90,6 +93,7 @@ impl ChangeReason {
             ChangeReason::Started => "Started",
             ChangeReason::Resumed => "Resumed",
             ChangeReason::RetryScheduled => "RetryScheduled",
+            ChangeReason::WaitingForSource => "WaitingForSource",
             ChangeReason::Succeeded => "Succeeded",
             ChangeReason::Failed => "Failed",
             ChangeReason::Unknown => "Unknown",
@@ -108,6 +112,7 @@ impl ChangeReason {
             ChangeReason::Started => "PromotionStarted",
             ChangeReason::Resumed => "PromotionResumed",
             ChangeReason::RetryScheduled => "PromotionRetrying",
+            ChangeReason::WaitingForSource => "PromotionWaitingForSource",
             ChangeReason::Succeeded => "PromotionSucceeded",
             ChangeReason::Failed => "PromotionFailed",
             ChangeReason::Unknown => "PromotionUpdated",
@@ -165,7 +170,8 @@ pub struct PhaseChange {
 #[serde(rename_all = "camelCase")]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Trigger {
-    /// `webhook` for now; a deployment watcher will add its own.
+    /// `webhook` (a signed Flux event) or `observed` (the controller's own watch saw every
+    /// target of the environment deployed).
     pub source: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
@@ -173,6 +179,10 @@ pub struct Trigger {
     pub reporting_controller: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub object: String,
+    /// The cluster the object is in, for observed deployments (`local` or
+    /// `<kind>/<namespace>/<name>` of its clusterRef).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cluster: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,6 +462,33 @@ impl PromotionRecord {
             (Some(mine), Some(theirs)) => mine > theirs,
             _ => self.created_at > other.created_at,
         }
+    }
+
+    /// Holds a `Pending` promotion back while its source environment is not deployed at
+    /// its revision everywhere; `message` says what is missing. The history notes the
+    /// first hold only, so waiting does not grow the record.
+    pub fn hold(&mut self, message: String, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        if self.phase != Phase::Pending {
+            return Err(self.refuse("hold"));
+        }
+        if self.history.last().map(|h| h.reason) == Some(ChangeReason::WaitingForSource) {
+            self.message = message;
+            self.updated_at = now;
+        } else {
+            self.change(Phase::Pending, ChangeReason::WaitingForSource, message, now);
+        }
+        Ok(())
+    }
+
+    /// Ends a `Pending` promotion that can no longer run (e.g. its source environment
+    /// never became healthy in time).
+    pub fn give_up(&mut self, message: String, now: DateTime<Utc>) -> Result<(), TransitionError> {
+        if self.phase != Phase::Pending {
+            return Err(self.refuse("give up"));
+        }
+        self.next_attempt_at = None;
+        self.change(Phase::Failed, ChangeReason::Failed, message, now);
+        Ok(())
     }
 
     /// Marks the start of an attempt; persisted before the strategy runs so a crash

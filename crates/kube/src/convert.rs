@@ -243,7 +243,7 @@ mod tests {
             assert_eq!(record_of(&promotion).unwrap(), r);
             let mut changed = r.clone();
             if manual {
-                changed.approve(Utc::now()).unwrap();
+                changed.approve("alice", Utc::now()).unwrap();
             }
             changed.start_attempt(Utc::now()).unwrap();
             promotion.status = Some(status_of(&changed, None, Some(1)));

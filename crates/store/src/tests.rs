@@ -28,6 +28,7 @@ fn record(
             reason: "ReconciliationSucceeded".into(),
             reporting_controller: "helm-controller".into(),
             object: "HelmRelease/podinfo".into(),
+            cluster: String::new(),
         },
         created,
     )
@@ -169,7 +170,10 @@ async fn modify_applies_transitions_and_reports_errors() {
         "refused change is not written"
     );
 
-    let approved = store.modify(&r.id, &|r| r.approve(at(2))).await.unwrap();
+    let approved = store
+        .modify(&r.id, &|r| r.approve("alice", at(2)))
+        .await
+        .unwrap();
     assert_eq!(approved.phase, Phase::Pending);
     assert_eq!(ids(&store.unfinished().await.unwrap()), [&r.id]);
 
@@ -208,7 +212,7 @@ async fn modify_applies_transitions_and_reports_errors() {
     assert_eq!(store.modify(&r.id, &|_| Ok(())).await.unwrap(), done);
 
     let missing = store
-        .modify("no-such-id", &|r| r.approve(at(8)))
+        .modify("no-such-id", &|r| r.approve("alice", at(8)))
         .await
         .unwrap_err();
     assert!(
@@ -515,7 +519,7 @@ async fn corrupt_json_is_unavailable_naming_the_id() {
     expect_unavailable(store.unfinished().await.map(|_| ()), "unfinished");
     expect_unavailable(
         store
-            .modify(&bad.id, &|r| r.approve(at(3)))
+            .modify(&bad.id, &|r| r.approve("alice", at(3)))
             .await
             .map(|_| ()),
         "modify",
