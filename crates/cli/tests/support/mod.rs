@@ -12,6 +12,7 @@ use pipeline_core::signature::{HmacAlgorithm, sign};
 use serde_json::{Value, json};
 
 pub mod k8s;
+pub mod raw;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_pipeline-controller");
 pub const KEY: &str = "quickstart-hmac-key-0123456789";
@@ -26,17 +27,10 @@ pub struct Service {
 impl Service {
     /// Embedded mode on `manifests`, state in `state`, listening on a free port.
     pub fn start(manifests: &Path, state: &Path, extra: &[&str]) -> Service {
-        let mut command = Command::new(BIN);
-        command
-            .arg("serve")
-            .arg("--manifests")
-            .arg(manifests)
-            .arg("--state")
-            .arg(state)
-            .args(["--listen", "127.0.0.1:0", "--reload-interval", "100ms"])
-            .args(extra)
-            .env("RUST_LOG", "debug");
-        Service::spawn(command, Duration::from_secs(30))
+        Service::spawn(
+            serve_command(manifests, state, extra),
+            Duration::from_secs(30),
+        )
     }
 
     /// Spawns `command` (a `serve`), collects its stderr, and waits (at most `limit`)
@@ -107,6 +101,33 @@ impl Drop for Service {
     }
 }
 
+/// The command [`Service::start`] runs (`RUST_LOG=debug`; set it again to change it).
+pub fn serve_command(manifests: &Path, state: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(serve_args(manifests, state, extra));
+    command.env("RUST_LOG", "debug");
+    command
+}
+
+/// `serve` and its arguments for embedded mode on `manifests` and `state`, listening on a
+/// free loopback port, then `extra`; for wrapping the binary in another command.
+pub fn serve_args(manifests: &Path, state: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "serve".into(),
+        "--manifests".into(),
+        manifests.into(),
+        "--state".into(),
+        state.into(),
+    ];
+    args.extend(
+        ["--listen", "127.0.0.1:0", "--reload-interval", "100ms"]
+            .iter()
+            .chain(extra)
+            .map(Into::into),
+    );
+    args
+}
+
 pub fn copy_quickstart(dir: &Path) -> PathBuf {
     let manifests = dir.join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -155,6 +176,32 @@ pub async fn post_event(service: &Service, environment: &str, body: Vec<u8>) -> 
         .unwrap();
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Like [`post_event`] against the service at `base` (`http://addr`), but a failed
+/// exchange (e.g. the process was killed) is an `Err` instead of a panic.
+pub async fn try_post_event(
+    client: &reqwest::Client,
+    base: &str,
+    environment: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Value), reqwest::Error> {
+    let signature = sign(HmacAlgorithm::Sha256, KEY.as_bytes(), &body);
+    let response = client
+        .post(format!(
+            "{base}/pipelines/promotions/flux-system/podinfo/{environment}"
+        ))
+        .header("content-type", "application/json")
+        .header("x-signature", signature)
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await?;
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    ))
 }
 
 pub async fn get_json(service: &Service, path: &str) -> Value {
