@@ -4,21 +4,30 @@
 //!   on a Promotion in `WaitingApproval`, the retry annotation on a `Failed` one) are
 //!   applied through the core's `decide`, so an outdated approval is superseded;
 //! - each Pipeline's `status.environments[env].waitingApproval.revision` names the
-//!   revision waiting for approval in `env` (empty when none), as the Go original kept it;
-//! - each Pipeline's `Ready` condition says whether its spec is valid, and why not.
+//!   revision waiting for approval in `env` (empty when none), as the Go original kept it,
+//!   and `status.environmentNames` lists the environments for `kubectl get`'s column;
+//! - each Pipeline's kstatus conditions: `Ready` says whether its spec is valid and
+//!   every Secret it names exists with the keys the controller reads from it (naming the
+//!   Secret and key when not); `Stalled` is `True` while the spec is invalid (only an edit
+//!   fixes it) and `Reconciling` while a Secret or key is missing (checked again on every
+//!   pass and whenever a cached Secret changes). Both are removed when `False`, as
+//!   kstatus recommends.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use pipeline_core::PromotionStore;
+use pipeline_core::intake::HMAC_KEY;
+use pipeline_core::pipeline::Promotion as PromotionSettings;
 use pipeline_core::{Phase, PromotionRecord, Refusal, StoreError, Verdict, decide};
+use pipeline_core::{Pipeline, PromotionStore};
 use pipeline_crds::{
     Pipeline as PipelineObject, Promotion, RETRIED_BY_ANNOTATION, RETRY_ANNOTATION,
 };
@@ -26,7 +35,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::convert;
-use crate::sources::{KubePipelineSource, validate};
+use crate::sources::{KubePipelineSource, KubeSecretSource, has_key, validate};
 use crate::store::{KubePromotionStore, describe};
 
 /// Checkpoint holding the retry request (annotation value) already taken.
@@ -35,14 +44,22 @@ const RETRY_CHECKPOINT: &str = "retry-request";
 /// Full passes happen at least this often, watch events or not.
 const RESYNC: Duration = Duration::from_secs(10);
 
+/// Condition types of a Pipeline's status.
+const READY: &str = "Ready";
+const STALLED: &str = "Stalled";
+const RECONCILING: &str = "Reconciling";
+
 pub struct Reconciler {
     client: Client,
     store: KubePromotionStore,
     pipelines: KubePipelineSource,
+    secrets: KubeSecretSource,
     wake: Arc<Notify>,
 }
 
 impl Reconciler {
+    /// A reconciler with a Secret cache of its own; [`Reconciler::with_secrets`] shares
+    /// the one the webhook uses instead, so each namespace's Secrets are watched once.
     pub fn new(
         client: Client,
         store: KubePromotionStore,
@@ -50,11 +67,18 @@ impl Reconciler {
         wake: Arc<Notify>,
     ) -> Self {
         Self {
+            secrets: KubeSecretSource::new(client.clone()),
             client,
             store,
             pipelines,
             wake,
         }
+    }
+
+    /// Reads Secrets through `secrets` (whose caches it also prunes).
+    pub fn with_secrets(mut self, secrets: KubeSecretSource) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     /// Runs until `stop` is cancelled (leadership lost or shutdown).
@@ -80,17 +104,20 @@ impl Reconciler {
                 }
             }
         };
+        let pipelines_changed = self.pipelines.changed();
+        let secrets_changed = self.secrets.changed();
         let work = async {
             let _ = promotions.wait_until_ready().await;
             loop {
                 self.pass(&promotions).await;
                 tokio::select! {
-                    () = changed.notified() => {
-                        // Let a burst of changes settle into one pass.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                    () = tokio::time::sleep(RESYNC) => {}
+                    () = changed.notified() => {}
+                    () = pipelines_changed.notified() => {}
+                    () = secrets_changed.notified() => {}
+                    () = tokio::time::sleep(RESYNC) => continue,
                 }
+                // Let a burst of changes settle into one pass.
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         };
         tokio::select! {
@@ -110,7 +137,8 @@ impl Reconciler {
         for (object, record) in &records {
             match record.phase {
                 Phase::WaitingApproval => {
-                    if !self.take_decision(object, record).await {
+                    let decided = self.take_decision(object, record).await;
+                    if !decided {
                         waiting.push(record);
                     }
                 }
@@ -118,6 +146,7 @@ impl Reconciler {
                 _ => {}
             }
         }
+        self.secrets.prune(&self.pipelines.namespaces());
         for pipeline in self.pipelines.cache().state() {
             if let Err(err) = self.update_pipeline(&pipeline, &waiting).await {
                 tracing::warn!(pipeline = %format!("{}/{}", pipeline.namespace().unwrap_or_default(), pipeline.name_any()), error = %describe(&err), "cannot update the Pipeline status");
@@ -224,32 +253,28 @@ impl Reconciler {
         let status = pipeline.status.clone().unwrap_or_default();
         let generation = pipeline.metadata.generation;
 
-        let (ready, reason, message) = match validate(pipeline) {
-            Ok(_) => ("True", "Valid", "pipeline is valid".to_string()),
-            Err(errors) => (
-                "False",
-                "InvalidSpec",
+        let health = match validate(pipeline) {
+            Ok(model) => match self.secret_problems(&model).await {
+                Ok(problems) => Some(Health::of_secrets(&problems)),
+                Err(err) => {
+                    // Cannot tell: keep what the conditions say until the API answers.
+                    tracing::warn!(pipeline = %model.reference, error = %err.0, "cannot check the Pipeline's Secrets");
+                    None
+                }
+            },
+            Err(errors) => Some(Health::InvalidSpec(
                 errors
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("; "),
-            ),
+            )),
         };
-        let mut condition =
-            convert::condition("Ready", ready, reason, &message, Utc::now(), generation);
-        let previous = status.conditions.iter().find(|c| c.type_ == "Ready");
-        if let Some(before) = previous
-            && before.status == condition.status
-        {
-            condition.last_transition_time = before.last_transition_time.clone();
-        }
-        let conditions_unchanged = previous.is_some_and(|before| {
-            before.status == condition.status
-                && before.reason == condition.reason
-                && before.message == condition.message
-                && before.observed_generation == condition.observed_generation
-        });
+        let conditions = match &health {
+            Some(health) => health.conditions(&status.conditions, Utc::now(), generation),
+            None => status.conditions.clone(),
+        };
+        let conditions_unchanged = same_conditions(&conditions, &status.conditions);
 
         let mut environments = BTreeMap::new();
         for env in &pipeline.spec.environments {
@@ -275,29 +300,355 @@ impl Reconciler {
                 );
             }
         }
+        let environment_names = pipeline
+            .spec
+            .environments
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let generation_unchanged = health.is_none() || status.observed_generation == generation;
         if conditions_unchanged
             && environments.is_empty()
-            && status.observed_generation == generation
+            && generation_unchanged
+            && status.environment_names == environment_names
         {
             return Ok(());
         }
-        let mut others: Vec<_> = status
-            .conditions
-            .iter()
-            .filter(|c| c.type_ != "Ready")
-            .cloned()
-            .collect();
-        others.insert(0, condition);
-        let patch = serde_json::json!({
+        let mut patch = serde_json::json!({
             "status": {
-                "observedGeneration": generation,
-                "conditions": others,
+                "conditions": conditions,
                 "environments": environments,
+                "environmentNames": environment_names,
             }
         });
+        if health.is_some() {
+            patch["status"]["observedGeneration"] = serde_json::json!(generation);
+        }
         let api: Api<PipelineObject> = Api::namespaced(self.client.clone(), &namespace);
         api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         Ok(())
+    }
+
+    /// What is wrong with the Secrets a valid Pipeline names, read from the Secret cache
+    /// (no request per pass once the namespace's cache is ready).
+    async fn secret_problems(
+        &self,
+        pipeline: &Pipeline,
+    ) -> Result<Vec<SecretProblem>, pipeline_core::Unavailable> {
+        let namespace = &pipeline.reference.namespace;
+        let mut problems = Vec::new();
+        for need in secret_needs(pipeline) {
+            match self.secrets.cached_secret(namespace, &need.secret).await? {
+                None => problems.push(SecretProblem {
+                    missing_key: None,
+                    message: format!(
+                        "Secret {namespace}/{} not found ({})",
+                        need.secret,
+                        need.fields.join(", ")
+                    ),
+                }),
+                Some(secret) => {
+                    for (key, purpose, field) in &need.keys {
+                        if !has_key(&secret, key) {
+                            problems.push(SecretProblem {
+                                missing_key: Some(key),
+                                message: format!(
+                                    "Secret {namespace}/{} has no {key:?} key, or it is empty ({field}: {purpose})",
+                                    need.secret
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(problems)
+    }
+}
+
+/// A Secret a Pipeline names, the fields naming it and the keys read from it.
+struct SecretNeed {
+    secret: String,
+    fields: Vec<String>,
+    /// (key, what it is for, the field that asks for it)
+    keys: Vec<(&'static str, &'static str, String)>,
+}
+
+struct SecretProblem {
+    /// `None`: the Secret itself is missing.
+    missing_key: Option<&'static str>,
+    message: String,
+}
+
+/// Every Secret the controller reads for `pipeline`, in field order:
+///
+/// - `spec.promotion.strategy.secretRef`: key `hmac-key`, which authenticates the
+///   webhook's events and signs notifications;
+/// - an environment's `promotion.strategy.secretRef`: the Secret (its `approval-key` is
+///   read only when signed HTTP approvals are enabled, so no key is required);
+/// - every `pull-request.secretRef`: key `token` for the forge's API, and `identity` and
+///   `known_hosts` for an SSH repository URL (the pull-request strategy fails without
+///   them; `username`/`password` are optional, the token stands in).
+fn secret_needs(pipeline: &Pipeline) -> Vec<SecretNeed> {
+    let mut needs = SecretNeeds::default();
+    if let Some(promotion) = &pipeline.spec.promotion {
+        if let Some(secret) = promotion.strategy.secret_ref.as_ref() {
+            needs.add(
+                &secret.name,
+                "spec.promotion.strategy.secretRef",
+                &[(HMAC_KEY, "the webhook's HMAC key")],
+            );
+        }
+        needs.pull_request(promotion, "spec.promotion");
+    }
+    for (i, env) in pipeline.spec.environments.iter().enumerate() {
+        let Some(promotion) = &env.promotion else {
+            continue;
+        };
+        let field = format!("spec.environments[{i}].promotion");
+        if let Some(secret) = promotion.strategy.secret_ref.as_ref() {
+            needs.add(&secret.name, &format!("{field}.strategy.secretRef"), &[]);
+        }
+        needs.pull_request(promotion, &field);
+    }
+    needs.0
+}
+
+#[derive(Default)]
+struct SecretNeeds(Vec<SecretNeed>);
+
+impl SecretNeeds {
+    fn add(&mut self, secret: &str, field: &str, keys: &[(&'static str, &'static str)]) {
+        let index = match self.0.iter().position(|n| n.secret == secret) {
+            Some(index) => index,
+            None => {
+                self.0.push(SecretNeed {
+                    secret: secret.to_string(),
+                    fields: Vec::new(),
+                    keys: Vec::new(),
+                });
+                self.0.len() - 1
+            }
+        };
+        let need = &mut self.0[index];
+        for (key, purpose) in keys {
+            if !need.keys.iter().any(|(k, _, _)| k == key) {
+                need.keys.push((key, purpose, field.to_string()));
+            }
+        }
+        if !need.fields.iter().any(|f| f == field) {
+            need.fields.push(field.to_string());
+        }
+    }
+
+    fn pull_request(&mut self, promotion: &PromotionSettings, field: &str) {
+        let Some(pr) = &promotion.strategy.pull_request else {
+            return;
+        };
+        let mut keys = vec![(TOKEN_KEY, "the forge API token")];
+        if is_ssh_url(&pr.url) {
+            keys.push(("identity", "the SSH private key for the repository"));
+            keys.push(("known_hosts", "the SSH host keys of the repository's host"));
+        }
+        self.add(
+            &pr.secret_ref.name,
+            &format!("{field}.strategy.pull-request.secretRef"),
+            &keys,
+        );
+    }
+}
+
+/// The key of a pull-request Secret holding the forge API token.
+const TOKEN_KEY: &str = "token";
+
+/// SSH repository URLs (`ssh://…`, or scp-like `user@host:path` without a scheme), as the
+/// pull-request strategy tells them apart.
+fn is_ssh_url(url: &str) -> bool {
+    let url = url.trim();
+    match url.split_once("://") {
+        Some((scheme, _)) => scheme.eq_ignore_ascii_case("ssh"),
+        None => true,
+    }
+}
+
+/// A Pipeline's state, as its conditions say it.
+enum Health {
+    Ready,
+    /// The spec does not validate; the message lists every problem.
+    InvalidSpec(String),
+    /// A Secret (or a key in one) is missing.
+    MissingSecret {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl Health {
+    fn of_secrets(problems: &[SecretProblem]) -> Self {
+        if problems.is_empty() {
+            return Health::Ready;
+        }
+        let reason = if problems.iter().any(|p| p.missing_key.is_none()) {
+            "SecretNotFound"
+        } else {
+            "SecretKeyNotFound"
+        };
+        Health::MissingSecret {
+            reason,
+            message: problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+
+    /// The conditions for this state, keeping each unchanged condition's transition time
+    /// and any condition of another type.
+    fn conditions(
+        &self,
+        previous: &[Condition],
+        now: DateTime<Utc>,
+        generation: Option<i64>,
+    ) -> Vec<Condition> {
+        let wanted: Vec<(&str, &str, &str, &str)> = match self {
+            Health::Ready => vec![(
+                READY,
+                "True",
+                "Ready",
+                "pipeline is valid and its Secrets hold their keys",
+            )],
+            Health::InvalidSpec(message) => vec![
+                (READY, "False", "InvalidSpec", message.as_str()),
+                (STALLED, "True", "InvalidSpec", message.as_str()),
+            ],
+            Health::MissingSecret { reason, message } => vec![
+                (READY, "False", reason, message.as_str()),
+                (RECONCILING, "True", reason, message.as_str()),
+            ],
+        };
+        let mut conditions: Vec<Condition> = wanted
+            .into_iter()
+            .map(|(type_, status, reason, message)| {
+                let mut condition =
+                    convert::condition(type_, status, reason, message, now, generation);
+                if let Some(before) = previous.iter().find(|c| c.type_ == type_)
+                    && before.status == condition.status
+                {
+                    condition.last_transition_time = before.last_transition_time.clone();
+                }
+                condition
+            })
+            .collect();
+        conditions.extend(
+            previous
+                .iter()
+                .filter(|c| ![READY, STALLED, RECONCILING].contains(&c.type_.as_str()))
+                .cloned(),
+        );
+        conditions
+    }
+}
+
+/// Equal but for the order of types.
+fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|x| {
+            b.iter().any(|y| {
+                x.type_ == y.type_
+                    && x.status == y.status
+                    && x.reason == y.reason
+                    && x.message == y.message
+                    && x.observed_generation == y.observed_generation
+                    && x.last_transition_time == y.last_transition_time
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use pipeline_core::PipelineRef;
+    use pipeline_core::pipeline::parse_pipeline_spec;
+
+    #[test]
+    fn ssh_urls_as_the_pull_request_strategy_tells_them() {
+        for ssh in [
+            "ssh://git@host/o/r.git",
+            "SSH://git@host:2222/o/r",
+            "git@host:o/r.git",
+        ] {
+            assert!(is_ssh_url(ssh), "{ssh}");
+        }
+        for https in ["https://host/o/r", "http://host:3000/o/r.git"] {
+            assert!(!is_ssh_url(https), "{https}");
+        }
+    }
+
+    #[test]
+    fn one_need_per_secret_with_every_field_and_key() {
+        let spec = parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "app"},
+            "environments": [
+                {"name": "dev", "targets": [{"namespace": "dev"}]},
+                {"name": "prod", "targets": [{"namespace": "prod"}],
+                 "promotion": {"strategy": {"secretRef": {"name": "shared"}, "pull-request": {
+                     "type": "github", "url": "git@github.com:o/r.git", "baseBranch": "main", "secretRef": {"name": "shared"}}}}}
+            ],
+            "promotion": {"strategy": {"secretRef": {"name": "shared"}, "notification": {}}}
+        }))
+        .unwrap();
+        let pipeline = Pipeline {
+            reference: PipelineRef::new("ns", "p"),
+            spec,
+        };
+        let needs = secret_needs(&pipeline);
+        assert_eq!(needs.len(), 1);
+        assert_eq!(needs[0].secret, "shared");
+        assert_eq!(
+            needs[0].fields,
+            [
+                "spec.promotion.strategy.secretRef",
+                "spec.environments[1].promotion.strategy.secretRef",
+                "spec.environments[1].promotion.strategy.pull-request.secretRef",
+            ]
+        );
+        let keys: Vec<&str> = needs[0].keys.iter().map(|(k, _, _)| *k).collect();
+        assert_eq!(keys, ["hmac-key", "token", "identity", "known_hosts"]);
+    }
+
+    #[test]
+    fn conditions_keep_transition_times_and_drop_false_abnormal_ones() {
+        let then = Utc::now() - chrono::Duration::hours(1);
+        let now = Utc::now();
+        let missing = Health::MissingSecret {
+            reason: "SecretNotFound",
+            message: "Secret ns/s not found (spec.promotion.strategy.secretRef)".into(),
+        };
+        let other = convert::condition("Custom", "True", "Mine", "kept", then, Some(1));
+        let first = missing.conditions(std::slice::from_ref(&other), then, Some(1));
+        let types: Vec<&str> = first.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Ready", "Reconciling", "Custom"]);
+        // The same state later: the same conditions, so no write.
+        let again = missing.conditions(&first, now, Some(1));
+        assert!(same_conditions(&again, &first));
+        // Fixed: Reconciling goes, Ready turns True at a new transition time.
+        let ready = Health::Ready.conditions(&again, now, Some(1));
+        let types: Vec<&str> = ready.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Ready", "Custom"]);
+        assert_ne!(ready[0].last_transition_time, first[0].last_transition_time);
+        // Invalid: Stalled.
+        let invalid =
+            Health::InvalidSpec("spec.environments: x".into()).conditions(&ready, now, Some(2));
+        let stalled = invalid.iter().find(|c| c.type_ == "Stalled").unwrap();
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        assert_eq!(stalled.observed_generation, Some(2));
     }
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -26,13 +26,19 @@ use pipeline_core::{
     Unavailable,
 };
 use pipeline_crds::Pipeline as PipelineObject;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 /// Longest wait for a cache's initial listing before a lookup reports unavailability.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Starts a reflector for `api` in a task; the returned store fills as it runs.
-fn spawn_reflector<K>(api: Api<K>, what: &'static str) -> (Store<K>, JoinHandle<()>)
+/// Starts a reflector for `api` in a task; the returned store fills as it runs, and
+/// `changed` is notified after every change the watch delivers.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    what: &'static str,
+    changed: Arc<Notify>,
+) -> (Store<K>, JoinHandle<()>)
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -49,8 +55,9 @@ where
     let task = tokio::spawn(async move {
         futures::pin_mut!(stream);
         while let Some(item) = stream.next().await {
-            if let Err(err) = item {
-                tracing::warn!(cache = what, error = %err, "watch failed; retrying");
+            match item {
+                Ok(_) => changed.notify_one(),
+                Err(err) => tracing::warn!(cache = what, error = %err, "watch failed; retrying"),
             }
         }
     });
@@ -71,6 +78,7 @@ where
 #[derive(Clone)]
 pub struct KubePipelineSource {
     store: Store<PipelineObject>,
+    changed: Arc<Notify>,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -84,9 +92,15 @@ impl Drop for AbortOnDrop {
 
 impl KubePipelineSource {
     pub fn start(client: Client) -> Self {
-        let (store, task) = spawn_reflector(Api::<PipelineObject>::all(client), "pipelines");
+        let changed = Arc::new(Notify::new());
+        let (store, task) = spawn_reflector(
+            Api::<PipelineObject>::all(client),
+            "pipelines",
+            changed.clone(),
+        );
         Self {
             store,
+            changed,
             _task: Arc::new(AbortOnDrop(task)),
         }
     }
@@ -94,6 +108,12 @@ impl KubePipelineSource {
     /// The cache, for the reconciler.
     pub fn cache(&self) -> &Store<PipelineObject> {
         &self.store
+    }
+
+    /// Notified after every change to a cached Pipeline (for the one reconciler; a
+    /// second waiter would take turns with it).
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
     }
 
     pub async fn ready(&self) -> bool {
@@ -167,6 +187,7 @@ struct NamespaceCache {
 pub struct KubeSecretSource {
     client: Client,
     caches: Arc<Mutex<HashMap<String, Arc<NamespaceCache>>>>,
+    changed: Arc<Notify>,
 }
 
 impl KubeSecretSource {
@@ -174,7 +195,35 @@ impl KubeSecretSource {
         Self {
             client,
             caches: Arc::default(),
+            changed: Arc::new(Notify::new()),
         }
+    }
+
+    /// Notified after every change to a cached Secret (for the one reconciler).
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
+    /// A Secret as the namespace's cache holds it (`None`: not there), without a request
+    /// to the API server once the cache is ready: for checks that run on every pass,
+    /// which the cache's watch keeps current. While the cache has not finished its first
+    /// listing (or cannot, e.g. without RBAC to list Secrets there) the Secret is read
+    /// with a GET instead of waiting for it.
+    pub async fn cached_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<Secret>>, Unavailable> {
+        if let Some(cache) = self.cache(namespace)
+            && cache
+                .store
+                .wait_until_ready()
+                .now_or_never()
+                .is_some_and(|r| r.is_ok())
+        {
+            return Ok(cache.store.get(&ObjectRef::new(name).within(namespace)));
+        }
+        Ok(self.fetch(namespace, name).await?.map(Arc::new))
     }
 
     fn cache(&self, namespace: &str) -> Option<Arc<NamespaceCache>> {
@@ -187,6 +236,7 @@ impl KubeSecretSource {
             let (store, task) = spawn_reflector(
                 Api::<Secret>::namespaced(self.client.clone(), namespace),
                 "secrets",
+                self.changed.clone(),
             );
             Arc::new(NamespaceCache {
                 store,
@@ -227,6 +277,11 @@ impl KubeSecretSource {
             .map_err(|_| Unavailable("Kubernetes API: reading a Secret timed out".to_string()))?
             .map_err(|e| Unavailable(format!("Kubernetes API: {}", crate::store::describe(&e))))
     }
+}
+
+/// Whether `secret` holds a non-empty value under `key` (`data` or `stringData`).
+pub fn has_key(secret: &Secret, key: &str) -> bool {
+    value_of(secret, key).is_some_and(|v| !v.expose().is_empty())
 }
 
 fn value_of(secret: &Secret, key: &str) -> Option<SecretBytes> {
