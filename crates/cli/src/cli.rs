@@ -263,6 +263,14 @@ pub struct ServeArgs {
     /// Attempts before a promotion is marked Failed.
     #[arg(long, default_value_t = 8)]
     pub max_attempts: u32,
+    /// Do not watch the targets' HelmReleases and Kustomizations: promotions then come
+    /// from signed events only, and run without checking the source environment.
+    #[arg(long)]
+    pub no_deployment_watch: bool,
+    /// How long a promotion waits for every target of its source environment to be
+    /// Ready at its revision (where the controller watches them) before it fails.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    pub health_gate_timeout: Duration,
     /// Log format.
     #[arg(
         long,

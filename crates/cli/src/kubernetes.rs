@@ -18,16 +18,19 @@ use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
 use kube::Api;
 use kube::api::ListParams;
+use pipeline_core::observe::Proposer;
 use pipeline_core::{
     Executor, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet,
     SystemClock, Verdict,
 };
+use pipeline_core::{HealthGate, PipelineSource};
 use pipeline_crds::Promotion;
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
 use pipeline_kube::{
-    EventPublisher, KubeNotification, KubePipelineSource, KubePromotionStore, KubeSecretSource,
-    LeaderElector, LeaseSettings, Reconciler, promotion_api_path,
+    ClusterRegistry, DeploymentWatcher, EventPublisher, KubeClusterSource, KubeNotification,
+    KubePipelineSource, KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings,
+    Reconciler, promotion_api_path,
 };
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
 use tokio::sync::Notify;
@@ -154,7 +157,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             pipeline_git::forge::http_client().context("building the forge HTTP client")?,
         )),
     };
-    let executor = Arc::new(Executor::new(
+    let executor = Executor::new(
         Arc::new(store.clone()),
         Arc::new(pipelines.clone()),
         Arc::new(secrets.clone()),
@@ -163,7 +166,30 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         metrics.clone(),
         executor_settings(&args),
         wake.clone(),
-    ));
+    );
+    // The leader watches every target's app object, in this cluster and in leaf clusters
+    // named by clusterRefs, proposes what it sees deployed, and gates promotions on it.
+    let watcher = (!args.no_deployment_watch).then(|| {
+        let clusters = Arc::new(ClusterRegistry::new(
+            Some(client.clone()),
+            Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
+        ));
+        Arc::new(DeploymentWatcher::new(
+            clusters,
+            Arc::new(pipelines.clone()),
+            wake.clone(),
+        ))
+    });
+    let executor = Arc::new(match &watcher {
+        Some(watcher) => executor.with_health_gate(HealthGate {
+            view: watcher.clone(),
+            timeout: args.health_gate_timeout,
+        }),
+        None => executor,
+    });
+    let proposer = watcher
+        .as_ref()
+        .map(|watcher| Arc::new(Proposer::new(intake.clone(), watcher.clone())));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -185,6 +211,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let client = client.clone();
         let store = store.clone();
         let pipelines = pipelines.clone();
+        let secrets = secrets.clone();
         move |stop: CancellationToken| {
             let executor = executor.clone();
             let reconciler = Reconciler::new(
@@ -192,10 +219,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 store.clone(),
                 pipelines.clone(),
                 wake.clone(),
-            );
+            )
+            .with_secrets(secrets.clone());
+            let watcher = watcher.clone();
+            let proposer = proposer.clone();
             async move {
                 let executing = executor.run(stop.clone().cancelled_owned());
-                tokio::join!(executing, reconciler.run(stop));
+                let observing = async {
+                    if let (Some(watcher), Some(proposer)) = (watcher, proposer) {
+                        let changes = watcher.subscribe();
+                        tokio::join!(
+                            watcher.run(stop.clone()),
+                            proposer.run(changes, stop.clone().cancelled_owned())
+                        );
+                    }
+                };
+                tokio::join!(executing, reconciler.run(stop.clone()), observing);
             }
         }
     };
@@ -208,7 +247,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_secs(60)) => {
-                        secrets.prune(&pipelines.namespaces());
+                        // Namespaces of Pipelines, and of the clusters they target.
+                        let mut keep = pipelines.namespaces();
+                        if let Ok(all) = pipelines.list().await {
+                            keep.extend(cluster_namespaces(&all));
+                        }
+                        secrets.prune(&keep);
                     }
                 }
             }
@@ -355,4 +399,19 @@ pub async fn get(namespace: Option<&str>, id: &str) -> anyhow::Result<PromotionR
                     == pipeline_core::promotion_id(&r.pipeline, &r.target_environment, &r.revision)
         })
         .with_context(|| format!("no promotion {id} in {searched}"))
+}
+
+/// Namespaces of the clusters that `pipelines` target (their kubeconfig Secrets live there).
+fn cluster_namespaces(
+    pipelines: &[Arc<pipeline_core::Pipeline>],
+) -> std::collections::BTreeSet<String> {
+    use pipeline_core::deployment::{ClusterKey, target_keys};
+    pipelines
+        .iter()
+        .flat_map(|p| (0..p.spec.environments.len()).flat_map(|i| target_keys(p, i)))
+        .filter_map(|key| match key.cluster {
+            ClusterKey::Remote { namespace, .. } => Some(namespace),
+            ClusterKey::Local => None,
+        })
+        .collect()
 }

@@ -57,6 +57,108 @@ impl fmt::Display for ClusterKey {
     }
 }
 
+/// Where the kubeconfig of a remote cluster is kept: a Secret and the keys to try.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeconfigRef {
+    pub namespace: String,
+    pub secret: String,
+    pub keys: &'static [&'static str],
+}
+
+/// Keys of a GitopsCluster's own kubeconfig Secret, in the order Weave GitOps' cluster
+/// controller reads them.
+const GITOPS_CLUSTER_KEYS: &[&str] = &["value", "value.yaml"];
+/// Key of a Cluster API `<cluster>-kubeconfig` Secret.
+const CAPI_KEYS: &[&str] = &["value"];
+
+/// The kubeconfig Secret of `cluster`. A `GitopsCluster` names it in `spec.secretRef`
+/// (keys `value`, then `value.yaml`) or points at a Cluster API cluster with
+/// `spec.capiClusterRef`, whose Secret is `<name>-kubeconfig` (key `value`), as a Cluster
+/// API `Cluster` itself does. `gitops_cluster` is the GitopsCluster object, when it is one.
+pub fn kubeconfig_ref(
+    cluster: &ClusterKey,
+    gitops_cluster: Option<&Value>,
+) -> Result<KubeconfigRef, String> {
+    let ClusterKey::Remote {
+        kind,
+        namespace,
+        name,
+    } = cluster
+    else {
+        return Err("the local cluster needs no kubeconfig".to_string());
+    };
+    let capi = |cluster_name: &str| KubeconfigRef {
+        namespace: namespace.clone(),
+        secret: format!("{cluster_name}-kubeconfig"),
+        keys: CAPI_KEYS,
+    };
+    match kind.as_str() {
+        "Cluster" => Ok(capi(name)),
+        "GitopsCluster" => {
+            let object = gitops_cluster
+                .ok_or_else(|| format!("GitopsCluster {namespace}/{name} not found"))?;
+            let spec = &object["spec"];
+            let secret = spec["secretRef"]["name"].as_str().filter(|n| !n.is_empty());
+            let capi_name = spec["capiClusterRef"]["name"]
+                .as_str()
+                .filter(|n| !n.is_empty());
+            match (secret, capi_name) {
+                (Some(secret), None) => Ok(KubeconfigRef {
+                    namespace: namespace.clone(),
+                    secret: secret.to_string(),
+                    keys: GITOPS_CLUSTER_KEYS,
+                }),
+                (None, Some(capi_name)) => Ok(capi(capi_name)),
+                (Some(_), Some(_)) => Err(format!(
+                    "GitopsCluster {namespace}/{name} sets both spec.secretRef and spec.capiClusterRef; it must set one"
+                )),
+                (None, None) => Err(format!(
+                    "GitopsCluster {namespace}/{name} sets neither spec.secretRef nor spec.capiClusterRef"
+                )),
+            }
+        }
+        other => Err(format!(
+            "clusterRef kind {other:?} is not supported (GitopsCluster or Cluster)"
+        )),
+    }
+}
+
+/// Reads the kubeconfig `reference` points at through `secrets`.
+pub async fn read_kubeconfig(
+    secrets: &dyn crate::ports::SecretSource,
+    reference: &KubeconfigRef,
+) -> Result<crate::ports::SecretBytes, String> {
+    for key in reference.keys {
+        match secrets
+            .secret_value(&reference.namespace, &reference.secret, key)
+            .await
+        {
+            Ok(Some(value)) if !value.expose().is_empty() => return Ok(value),
+            Ok(_) => {}
+            Err(err) => return Err(format!("kubeconfig Secret: {err}")),
+        }
+    }
+    Err(format!(
+        "secret {}/{} has no kubeconfig under {}",
+        reference.namespace,
+        reference.secret,
+        reference
+            .keys
+            .iter()
+            .map(|k| format!("{k:?}"))
+            .collect::<Vec<_>>()
+            .join(" or ")
+    ))
+}
+
+/// Where the kubeconfigs of remote clusters come from (the management cluster's
+/// GitopsClusters and Secrets, or the manifests folder).
+#[async_trait::async_trait]
+pub trait ClusterSource: Send + Sync {
+    /// The kubeconfig (YAML) to reach `cluster`, or why there is none.
+    async fn kubeconfig(&self, cluster: &ClusterKey) -> Result<crate::ports::SecretBytes, String>;
+}
+
 /// The kinds of app object a pipeline's `appRef` may name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AppKind {
@@ -198,9 +300,13 @@ impl fmt::Display for TargetKey {
 /// What the controller knows of one target right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TargetView {
-    /// Nothing watches it (embedded mode without a cluster for it).
-    NotWatched,
-    /// Its cluster cannot be reached, or the watch has not listed yet.
+    /// The controller cannot watch it, and says why: no cluster to reach it through
+    /// (embedded mode), a clusterRef whose GitopsCluster or kubeconfig Secret is missing,
+    /// a cluster without Flux. Promotions from such environments rest on the signed event.
+    NotWatched(String),
+    /// The watch has not reported on it yet (just started, or just connected).
+    Connecting,
+    /// Its cluster cannot be reached, or its watch fails.
     Unreachable(String),
     /// The cluster answers, and has no such object.
     Missing,
@@ -218,7 +324,8 @@ impl TargetView {
     /// Why this target is not deployed at `revision`, if it is not.
     pub fn problem(&self, revision: &str) -> Option<String> {
         match self {
-            TargetView::NotWatched => Some("not watched".to_string()),
+            TargetView::NotWatched(why) => Some(format!("not watched: {why}")),
+            TargetView::Connecting => Some("watch starting".to_string()),
             TargetView::Unreachable(why) => Some(format!("unreachable: {why}")),
             TargetView::Missing => Some("no such object".to_string()),
             TargetView::Seen(state) => {
@@ -284,6 +391,29 @@ impl EnvironmentState {
         }
     }
 
+    /// Whether a watch has yet to report on some target: too early to say anything.
+    pub fn settling(&self) -> bool {
+        self.targets
+            .iter()
+            .any(|(_, view)| *view == TargetView::Connecting)
+    }
+
+    /// Why the controller cannot judge this environment, if it cannot.
+    pub fn unobserved_because(&self) -> Option<String> {
+        if self.targets.is_empty() {
+            return Some("no watchable targets".to_string());
+        }
+        let reasons: Vec<String> = self
+            .targets
+            .iter()
+            .filter_map(|(key, view)| match view {
+                TargetView::NotWatched(why) => Some(format!("{key}: {why}")),
+                _ => None,
+            })
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
+    }
+
     /// Whether the controller can judge this environment: it has targets and watches
     /// every one of them (reachable or not).
     pub fn observable(&self) -> bool {
@@ -291,7 +421,7 @@ impl EnvironmentState {
             && self
                 .targets
                 .iter()
-                .all(|(_, view)| *view != TargetView::NotWatched)
+                .all(|(_, view)| !matches!(view, TargetView::NotWatched(_)))
     }
 
     /// The revision every target is deployed at, if they all agree.
@@ -435,9 +565,33 @@ mod tests {
         assert_eq!(unreachable.deployed_at(), None);
         assert!(unreachable.observable());
         let unwatched = EnvironmentState {
-            targets: vec![(key("a"), TargetView::NotWatched)],
+            targets: vec![(key("a"), TargetView::NotWatched("no cluster".into()))],
         };
         assert!(!unwatched.observable());
+    }
+
+    #[test]
+    fn kubeconfig_secrets_of_gitops_and_capi_clusters() {
+        let remote = |kind: &str| ClusterKey::Remote {
+            kind: kind.into(),
+            namespace: "fleet".into(),
+            name: "leaf-1".into(),
+        };
+        let own = json!({"spec": {"secretRef": {"name": "leaf-1-kubeconfig-secret"}}});
+        let found = kubeconfig_ref(&remote("GitopsCluster"), Some(&own)).unwrap();
+        assert_eq!(found.secret, "leaf-1-kubeconfig-secret");
+        assert_eq!(found.keys, ["value", "value.yaml"]);
+        let capi = json!({"spec": {"capiClusterRef": {"name": "capi-leaf"}}});
+        let found = kubeconfig_ref(&remote("GitopsCluster"), Some(&capi)).unwrap();
+        assert_eq!(
+            (found.secret.as_str(), found.keys),
+            ("capi-leaf-kubeconfig", &["value"][..])
+        );
+        let found = kubeconfig_ref(&remote("Cluster"), None).unwrap();
+        assert_eq!(found.secret, "leaf-1-kubeconfig");
+        assert!(kubeconfig_ref(&remote("GitopsCluster"), None).is_err());
+        assert!(kubeconfig_ref(&remote("GitopsCluster"), Some(&json!({"spec": {}}))).is_err());
+        assert!(kubeconfig_ref(&remote("Secret"), None).is_err());
     }
 
     #[test]

@@ -375,9 +375,9 @@ impl Executor {
         };
         let state = EnvironmentState::observe(&pipeline, index, gate.view.as_ref());
         let source = &record.source_environment;
-        if !state.observable() {
+        if let Some(why) = state.unobserved_because() {
             return Ok(GateCheck::Pass(Some(format!(
-                "{source} is not observed by the controller: the signed event alone suffices"
+                "{source} is not observed by the controller ({why}): the signed event alone suffices"
             ))));
         }
         let (ready, total) = state.count_at(&record.revision);
@@ -407,7 +407,8 @@ impl Executor {
             }
             return Ok(GateCheck::Settled);
         }
-        if record.message != shortfall {
+        // Said only once the watches have reported: a starting watch is not news.
+        if record.message != shortfall && !state.settling() {
             match self
                 .store
                 .modify(id, &|r| r.hold(shortfall.clone(), now))
@@ -614,6 +615,9 @@ mod tests {
     impl PipelineSource for OnePipeline {
         async fn pipeline(&self, _: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
             Ok(Some(self.0.clone()))
+        }
+        async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
+            Ok(vec![self.0.clone()])
         }
     }
 

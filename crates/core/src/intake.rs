@@ -318,6 +318,10 @@ impl Intake {
         &self.store
     }
 
+    pub fn pipelines(&self) -> &Arc<dyn PipelineSource> {
+        &self.pipelines
+    }
+
     async fn pipeline(&self, reference: &PipelineRef) -> Result<Arc<Pipeline>, Refusal> {
         self.pipelines
             .pipeline(reference)

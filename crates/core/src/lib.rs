@@ -10,6 +10,7 @@ pub mod event;
 pub mod executor;
 pub mod intake;
 pub mod metrics;
+pub mod observe;
 pub mod pipeline;
 pub mod ports;
 pub mod promotion;

@@ -40,6 +40,9 @@ pub struct Unavailable(pub String);
 pub trait PipelineSource: Send + Sync {
     async fn pipeline(&self, reference: &PipelineRef)
     -> Result<Option<Arc<Pipeline>>, Unavailable>;
+
+    /// Every valid pipeline known now (the watcher evaluates them all).
+    async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable>;
 }
 
 /// Where Secrets come from; `key` is a key of the Secret's data.

@@ -45,6 +45,9 @@ impl PipelineSource for Catalog {
     async fn pipeline(&self, r: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
         Ok(self.pipelines.get(r).cloned())
     }
+    async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
+        Ok(self.pipelines.values().cloned().collect())
+    }
 }
 
 #[async_trait]

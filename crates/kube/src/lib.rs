@@ -11,7 +11,9 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod clusters;
 pub mod convert;
+pub mod deployments;
 pub mod events;
 pub mod leader;
 pub mod notification;
@@ -20,6 +22,8 @@ pub mod sources;
 pub mod store;
 
 pub use client::{ApproveError, decide, find_promotion, list_promotions};
+pub use clusters::{ClusterRegistry, KubeClusterSource};
+pub use deployments::DeploymentWatcher;
 pub use events::EventPublisher;
 pub use leader::{LeaderElector, LeaseSettings};
 pub use notification::KubeNotification;

@@ -175,6 +175,20 @@ impl PipelineSource for KubePipelineSource {
             }
         }
     }
+
+    async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
+        if !self.ready().await {
+            return Err(Unavailable(
+                "the Pipeline cache has not synced with the Kubernetes API yet".to_string(),
+            ));
+        }
+        Ok(self
+            .store
+            .state()
+            .iter()
+            .filter_map(|object| validate(object).ok().map(Arc::new))
+            .collect())
+    }
 }
 
 struct NamespaceCache {

@@ -218,6 +218,11 @@ impl PipelineSource for ManifestCatalog {
         let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
         Ok(current.pipelines.get(reference).cloned())
     }
+
+    async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        Ok(current.pipelines.values().cloned().collect())
+    }
 }
 
 #[async_trait]

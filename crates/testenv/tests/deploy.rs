@@ -245,6 +245,48 @@ async fn controller_service_account_may_do_its_work_and_nothing_broader() {
         ("create", "events".to_owned(), "apps", ""),
         ("patch", "events".to_owned(), "flux-system", "e"),
         ("create", "events.k8s.io:events".to_owned(), "apps", ""),
+        (
+            "list",
+            "helm.toolkit.fluxcd.io:helmreleases".to_owned(),
+            "",
+            "",
+        ),
+        (
+            "watch",
+            "helm.toolkit.fluxcd.io:helmreleases".to_owned(),
+            "",
+            "",
+        ),
+        (
+            "list",
+            "kustomize.toolkit.fluxcd.io:kustomizations".to_owned(),
+            "",
+            "",
+        ),
+        (
+            "watch",
+            "kustomize.toolkit.fluxcd.io:kustomizations".to_owned(),
+            "",
+            "",
+        ),
+        (
+            "get",
+            "gitops.weave.works:gitopsclusters".to_owned(),
+            "fleet",
+            "leaf",
+        ),
+        (
+            "list",
+            "gitops.weave.works:gitopsclusters".to_owned(),
+            "",
+            "",
+        ),
+        (
+            "watch",
+            "gitops.weave.works:gitopsclusters".to_owned(),
+            "",
+            "",
+        ),
         ("get", "secrets".to_owned(), "flux-system", "hmac"),
         ("list", "secrets".to_owned(), "flux-system", ""),
         ("watch", "secrets".to_owned(), "flux-system", ""),
@@ -276,6 +318,25 @@ async fn controller_service_account_may_do_its_work_and_nothing_broader() {
         ("create", "secrets".to_owned(), "flux-system", ""),
         ("update", "secrets".to_owned(), "flux-system", "hmac"),
         ("delete", "secrets".to_owned(), "flux-system", "hmac"),
+        // Deployments and clusters are only watched, never changed.
+        (
+            "update",
+            "helm.toolkit.fluxcd.io:helmreleases".to_owned(),
+            "apps",
+            "x",
+        ),
+        (
+            "patch",
+            "kustomize.toolkit.fluxcd.io:kustomizations".to_owned(),
+            "apps",
+            "x",
+        ),
+        (
+            "update",
+            "gitops.weave.works:gitopsclusters".to_owned(),
+            "fleet",
+            "leaf",
+        ),
         // Pipelines are the users'.
         ("create", format!("{P}pipelines"), "apps", ""),
         ("update", format!("{P}pipelines"), "apps", "p"),
@@ -374,12 +435,6 @@ async fn controller_service_account_may_do_its_work_and_nothing_broader() {
             "helm.toolkit.fluxcd.io:helmreleases".to_owned(),
             "flux-system",
             "podinfo",
-        ),
-        (
-            "get",
-            "gitops.weave.works:gitopsclusters".to_owned(),
-            "flux-system",
-            "dev",
         ),
     ];
     let mut wrong = Vec::new();
