@@ -387,8 +387,8 @@ fn catalogue() -> Vec<Case> {
         edited("severity_control_character", 400, "invalid_body", &|v| {
             v["severity"] = json!("info\u{7}")
         }),
-        edited("message_4097_bytes", 400, "invalid_body", &|v| {
-            v["message"] = json!("m".repeat(4097))
+        edited("message_over_32_kib", 400, "invalid_body", &|v| {
+            v["message"] = json!("m".repeat(32 * 1024 + 1))
         }),
         edited("message_64_kib", 400, "invalid_body", &|v| {
             v["message"] = json!("m".repeat(64 * 1024))
@@ -1103,8 +1103,8 @@ async fn legitimate_variants_are_accepted() {
         ));
     }
     cases.push((
-        "message_4096_bytes".into(),
-        dev_event("12.0.1", |v| v["message"] = json!("m".repeat(4096))),
+        "message_32_kib".into(),
+        dev_event("12.0.1", |v| v["message"] = json!("m".repeat(32 * 1024))),
         Box::new(plain),
     ));
     cases.push((

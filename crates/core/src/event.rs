@@ -58,6 +58,9 @@ pub struct ObjectReference {
 /// names.
 pub const MAX_REVISION_BYTES: usize = 256;
 
+/// Longest accepted event message.
+pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
+
 /// Longest accepted identifying field of an event (kind, names, reason, ...).
 pub const MAX_NAME_BYTES: usize = 256;
 
@@ -127,8 +130,15 @@ impl FluxEvent {
 
     /// The identifying fields are short names; bounding them (and refusing control
     /// characters) keeps a signed but hostile sender from forging log lines or bloating
-    /// records. The message is free text and only bounded by the body size.
+    /// records. The message is free text (kustomize-controller lists every changed
+    /// object in it, one per line), so it is only bounded, generously.
     fn check_fields(&self) -> Result<(), String> {
+        if self.message.len() > MAX_MESSAGE_BYTES {
+            return Err(format!(
+                "message: {} bytes long, more than the accepted {MAX_MESSAGE_BYTES}",
+                self.message.len()
+            ));
+        }
         let object = &self.involved_object;
         for (field, value) in [
             ("involvedObject.kind", object.kind.as_str()),
@@ -162,9 +172,10 @@ impl FluxEvent {
     /// prefixed keys).
     pub fn revision(&self) -> Option<&str> {
         let group = api_group_of(&self.involved_object.api_version);
+        // Not trimmed: a revision with surrounding whitespace or controls is refused by
+        // `check_revision`, not silently made into another one.
         fn non_empty(v: &str) -> Option<&str> {
-            let v = v.trim();
-            (!v.is_empty()).then_some(v)
+            (!v.trim().is_empty()).then_some(v)
         }
         if let Some(v) = self.metadata.get("revision").and_then(|v| non_empty(v)) {
             return Some(v);

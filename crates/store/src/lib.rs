@@ -114,6 +114,9 @@ struct Inner {
     /// The open database; replaced when the file is reopened after a failure.
     db: Mutex<Option<Arc<Database>>>,
     fault: Mutex<Option<Fault>>,
+    /// Failure and recovery lines, across episodes: a disk that keeps filling up does
+    /// not write a pair of lines per episode.
+    announcements: Throttle,
 }
 
 /// A storage failure the store has not recovered from yet.
@@ -123,6 +126,8 @@ struct Fault {
     retry_at: Instant,
     backoff: Duration,
     warnings: Throttle,
+    /// Whether its start was logged (then its end is too).
+    announced: bool,
 }
 
 impl fmt::Debug for RedbPromotionStore {
@@ -199,6 +204,7 @@ impl RedbPromotionStore {
                 path: path.to_path_buf(),
                 db: Mutex::new(Some(Arc::new(db))),
                 fault: Mutex::new(None),
+                announcements: Throttle::new(FAULT_LOG_INTERVAL),
             }),
         })
     }
@@ -285,11 +291,13 @@ impl Inner {
             });
         match reopened {
             Ok(db) => {
-                tracing::info!(
-                    path = %self.path.display(),
-                    after_ms = u64::try_from(current.since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "promotion store recovered: the file was reopened and takes writes again"
-                );
+                if current.announced {
+                    tracing::info!(
+                        path = %self.path.display(),
+                        after_ms = u64::try_from(current.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "promotion store recovered: the file was reopened and takes writes again"
+                    );
+                }
                 *fault = None;
                 let db = Arc::new(db);
                 *slot = Some(Arc::clone(&db));
@@ -312,7 +320,10 @@ impl Inner {
                 let mut fault = lock(&self.fault);
                 let now = Instant::now();
                 let current = fault.get_or_insert_with(|| {
-                    tracing::error!(path = %self.path.display(), error = %message, "promotion store failed; refusing writes and reopening the file with backoff until it takes writes again");
+                    let announced = self.announcements.admit();
+                    if let Some(earlier) = announced {
+                        tracing::error!(path = %self.path.display(), error = %message, earlier_failures_not_logged = earlier, "promotion store failed; refusing writes and reopening the file with backoff until it takes writes again");
+                    }
                     let warnings = Throttle::new(FAULT_LOG_INTERVAL);
                     // The error above is this interval's line.
                     warnings.admit();
@@ -322,6 +333,7 @@ impl Inner {
                         retry_at: now,
                         backoff: MIN_REOPEN_BACKOFF / 2,
                         warnings,
+                        announced: announced.is_some(),
                     }
                 });
                 current.note(message, now);
@@ -331,20 +343,28 @@ impl Inner {
     }
 }
 
-/// A durable write into `meta`: proves the file takes writes again.
+/// Bytes a probe writes: well above a normal transaction's, so a probe that succeeds only
+/// by reusing a few freed pages of a still-full disk does not declare the store healthy.
+const PROBE_BYTES: usize = 1024 * 1024;
+
+/// Durable writes of [`PROBE_BYTES`] (then their removal): prove the file takes writes
+/// again, with room to spare.
 fn probe_write(db: &Database) -> Result<(), String> {
-    const PROBE_KEY: &str = "write_probe";
-    let txn = db.begin_write().map_err(|e| e.to_string())?;
-    {
-        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-        let next = meta
-            .get(PROBE_KEY)
-            .map_err(|e| e.to_string())?
-            .map_or(0, |v| v.value())
-            .wrapping_add(1);
-        meta.insert(PROBE_KEY, next).map_err(|e| e.to_string())?;
+    const PROBE: TableDefinition<&str, &[u8]> = TableDefinition::new("write_probe");
+    let filler = vec![0x5a_u8; PROBE_BYTES];
+    for value in [Some(filler.as_slice()), None] {
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut probe = txn.open_table(PROBE).map_err(|e| e.to_string())?;
+            match value {
+                Some(bytes) => probe.insert("probe", bytes).map(|_| ()),
+                None => probe.remove("probe").map(|_| ()),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())?;
     }
-    txn.commit().map_err(|e| e.to_string())
+    Ok(())
 }
 
 impl Fault {
