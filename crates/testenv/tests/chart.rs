@@ -233,7 +233,7 @@ fn kube_version_constraint_accepts_defaults_and_current_kubernetes() {
 
 /// Removes what the chart adds to deploy/'s objects (the labels Helm and the chart put on
 /// every object, the release's instance label in the selectors, the explicit
-/// --lease-name and RUST_LOG, the CRDs' keep annotation), so that the rest compares
+/// --lease-name and log level, the CRDs' keep annotation), so that the rest compares
 /// equal. Applied to both sides: the comparison keeps holding if deploy/ adopts them.
 fn without_chart_additions(doc: &Value) -> Value {
     fn strip_instance(v: &mut Value) {
@@ -268,7 +268,9 @@ fn without_chart_additions(doc: &Value) -> Value {
                 args.retain(|a| a != "--lease-name=pipeline-controller-leader");
             }
             if let Some(env) = c["env"].as_array_mut() {
-                env.retain(|e| !(e["name"] == "RUST_LOG" && e["value"] == "info"));
+                env.retain(|e| {
+                    !(e["name"] == "PIPELINE_CONTROLLER_LOG_LEVEL" && e["value"] == "info")
+                });
             }
         }
     }
@@ -291,7 +293,10 @@ fn default_rendering_equals_the_deploy_manifests() {
         RELEASE
     );
     assert!(args_of(&docs).contains(&"--lease-name=pipeline-controller-leader".to_owned()));
-    assert_eq!(env_of(&docs, "RUST_LOG").as_deref(), Some("info"));
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_LOG_LEVEL").as_deref(),
+        Some("info")
+    );
 
     let rendered: BTreeMap<String, Value> = docs.iter().map(|d| (key(d), d.clone())).collect();
     let deploy = root().join("deploy");
@@ -440,6 +445,8 @@ fn schema_rejects_bad_values() {
         ("replica: 3", "replica"),
         ("logFormat: xml", "logFormat"),
         ("logLevel: \"\"", "logLevel"),
+        ("logLevel: verbose", "logLevel"),
+        ("logLevel: info,chatty", "logLevel"),
         ("image: {pullPolicy: Sometimes}", "pullPolicy"),
         ("image: {digest: latest}", "digest"),
         ("service: {port: 0}", "port"),
@@ -680,7 +687,7 @@ fn pod_settings_reach_the_pod() {
         json!({"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}})
     );
     assert_eq!(
-        env_of(&docs, "RUST_LOG").as_deref(),
+        env_of(&docs, "PIPELINE_CONTROLLER_LOG_LEVEL").as_deref(),
         Some("info,pipeline_kube=debug")
     );
     assert_eq!(
