@@ -7,10 +7,8 @@ mod support;
 use std::path::Path;
 
 use pipeline_core::signature::{HmacAlgorithm, sign};
-use pipeline_core::{
-    PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
-    SecretLookupError, SecretSource, Trigger,
-};
+use pipeline_core::testing::MemoryCatalog;
+use pipeline_core::{PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, Trigger};
 use pipeline_git::testing::{ADMIN_PASSWORD, ADMIN_USER, Gitea};
 use pipeline_git::{PullRequestSettings, PullRequestStrategy};
 use serde_json::Value;
@@ -118,26 +116,17 @@ fn expected_changes(version: &str) -> Vec<String> {
     ]
 }
 
-struct Secrets {
-    token: String,
-}
-
-#[async_trait::async_trait]
-impl SecretSource for Secrets {
-    async fn secret_value(
-        &self,
-        _namespace: &str,
-        _name: &str,
-        key: &str,
-    ) -> Result<Option<SecretBytes>, SecretLookupError> {
-        let value = match key {
-            "username" => ADMIN_USER.to_string(),
-            "password" => ADMIN_PASSWORD.to_string(),
-            "token" => self.token.clone(),
-            _ => return Ok(None),
-        };
-        Ok(Some(SecretBytes::new(value.into_bytes())))
-    }
+/// The pull request's Secret, as `git-credentials.yaml` in the manifests folder holds it.
+fn git_credentials(token: &str) -> MemoryCatalog {
+    MemoryCatalog::new().with_secret(
+        "flux-system",
+        "git-credentials",
+        [
+            ("username", ADMIN_USER),
+            ("password", ADMIN_PASSWORD),
+            ("token", token),
+        ],
+    )
 }
 
 /// The pull request's `updated_at` once Gitea stops touching it: Gitea updates it in the
@@ -318,9 +307,7 @@ async fn pull_request_promotions_against_a_real_gitea() {
         },
         pipeline_git::forge::http_client().unwrap(),
     );
-    let secrets = Secrets {
-        token: gitea.token.clone(),
-    };
+    let secrets = git_credentials(&gitea.token);
     let outcome = strategy
         .promote(PromotionContext {
             record: &stored,

@@ -551,86 +551,13 @@ mod tests {
 
     use super::*;
     use crate::pipeline::{PipelineRef, parse_pipeline_spec};
-    use crate::ports::{
-        PromotionFilter, RecordChange, SecretBytes, SecretLookupError, SystemClock, Unavailable,
-    };
+    use crate::ports::{PromotionFilter, SystemClock};
     use crate::promotion::{ChangeReason, Phase, Trigger};
+    use crate::testing::{HandView, MemoryCatalog, MemoryStore};
 
-    #[derive(Default)]
-    struct MemoryStore(Mutex<BTreeMap<String, PromotionRecord>>);
-
-    #[async_trait]
-    impl PromotionStore for MemoryStore {
-        async fn create_if_absent(
-            &self,
-            record: PromotionRecord,
-        ) -> Result<(PromotionRecord, bool), StoreError> {
-            let mut map = self.0.lock().unwrap();
-            if let Some(existing) = map.get(&record.id) {
-                return Ok((existing.clone(), false));
-            }
-            map.insert(record.id.clone(), record.clone());
-            Ok((record, true))
-        }
-        async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
-            Ok(self.0.lock().unwrap().get(id).cloned())
-        }
-        async fn list(&self, f: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
-            Ok(self
-                .0
-                .lock()
-                .unwrap()
-                .values()
-                .filter(|r| f.matches(r))
-                .cloned()
-                .collect())
-        }
-        async fn modify(
-            &self,
-            id: &str,
-            change: RecordChange<'_>,
-        ) -> Result<PromotionRecord, StoreError> {
-            let mut map = self.0.lock().unwrap();
-            let record = map
-                .get_mut(id)
-                .ok_or_else(|| StoreError::NotFound(id.into()))?;
-            let mut changed = record.clone();
-            change(&mut changed)?;
-            *record = changed.clone();
-            Ok(changed)
-        }
-        async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
-            let map = self.0.lock().unwrap();
-            Ok(map
-                .values()
-                .filter(|r| matches!(r.phase, Phase::Pending | Phase::Running))
-                .cloned()
-                .collect())
-        }
-    }
-
-    struct OnePipeline(Arc<Pipeline>);
-
-    #[async_trait]
-    impl PipelineSource for OnePipeline {
-        async fn pipeline(&self, _: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
-            Ok(Some(self.0.clone()))
-        }
-        async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
-            Ok(vec![self.0.clone()])
-        }
-    }
-
-    #[async_trait]
-    impl SecretSource for OnePipeline {
-        async fn secret_value(
-            &self,
-            _: &str,
-            _: &str,
-            _: &str,
-        ) -> Result<Option<SecretBytes>, SecretLookupError> {
-            Ok(None)
-        }
+    /// A catalog holding `spec` as pipeline ns/p, the one every test here uses.
+    fn one_pipeline(spec: crate::pipeline::PipelineSpec) -> Arc<MemoryCatalog> {
+        Arc::new(MemoryCatalog::new().with_pipeline_spec("ns", "p", spec))
     }
 
     /// Counts calls per revision; fails the first attempt of revisions ending in 7.
@@ -680,10 +607,7 @@ mod tests {
         }))
         .unwrap();
         let reference = PipelineRef::new("ns", "p");
-        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
-            reference: reference.clone(),
-            spec,
-        })));
+        let pipeline = one_pipeline(spec);
         let store = Arc::new(MemoryStore::default());
         for i in 0..300 {
             let record = PromotionRecord::new(
@@ -742,57 +666,9 @@ mod tests {
         assert_eq!(strategy.total.load(Ordering::SeqCst), 300 + 30);
     }
 
-    /// A store that refuses everything while `broken` is set.
-    struct Breakable {
-        inner: MemoryStore,
-        broken: std::sync::atomic::AtomicBool,
-        refused: AtomicUsize,
-    }
-
-    impl Breakable {
-        fn check(&self) -> Result<(), StoreError> {
-            if self.broken.load(Ordering::SeqCst) {
-                self.refused.fetch_add(1, Ordering::SeqCst);
-                return Err(StoreError::Unavailable("disk full".into()));
-            }
-            Ok(())
-        }
-    }
-
-    #[async_trait]
-    impl PromotionStore for Breakable {
-        async fn create_if_absent(
-            &self,
-            record: PromotionRecord,
-        ) -> Result<(PromotionRecord, bool), StoreError> {
-            self.check()?;
-            self.inner.create_if_absent(record).await
-        }
-        async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
-            self.check()?;
-            self.inner.get(id).await
-        }
-        async fn list(&self, f: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
-            self.check()?;
-            self.inner.list(f).await
-        }
-        async fn modify(
-            &self,
-            id: &str,
-            change: RecordChange<'_>,
-        ) -> Result<PromotionRecord, StoreError> {
-            self.check()?;
-            self.inner.modify(id, change).await
-        }
-        async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
-            self.check()?;
-            self.inner.unfinished().await
-        }
-    }
-
     /// Breaks the store while promoting, as a disk that fills up mid-attempt would.
     struct BreaksTheStore {
-        store: Arc<Breakable>,
+        store: Arc<MemoryStore>,
         calls: AtomicUsize,
     }
 
@@ -800,7 +676,7 @@ mod tests {
     impl PromotionStrategy for BreaksTheStore {
         async fn promote(&self, _: PromotionContext<'_>) -> Result<StrategyOutcome, StrategyError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            self.store.broken.store(true, Ordering::SeqCst);
+            self.store.fail("disk full");
             Ok(StrategyOutcome {
                 message: "done".into(),
                 result: None,
@@ -818,15 +694,8 @@ mod tests {
         }))
         .unwrap();
         let reference = PipelineRef::new("ns", "p");
-        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
-            reference: reference.clone(),
-            spec,
-        })));
-        let store = Arc::new(Breakable {
-            inner: MemoryStore::default(),
-            broken: false.into(),
-            refused: AtomicUsize::new(0),
-        });
+        let pipeline = one_pipeline(spec);
+        let store = Arc::new(MemoryStore::default());
         let record = PromotionRecord::new(
             reference,
             "a",
@@ -869,10 +738,10 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let refused = store.refused.load(Ordering::SeqCst);
-        store.broken.store(false, Ordering::SeqCst);
+        let refused = store.refused();
+        store.recover();
         loop {
-            let record = store.inner.get(&id).await.unwrap().unwrap();
+            let record = store.record(&id).unwrap();
             if record.phase == Phase::Succeeded {
                 break;
             }
@@ -889,25 +758,6 @@ mod tests {
         assert!(refused <= 20, "store hit {refused} times while broken");
     }
 
-    /// A deployment view whose targets tests set by hand.
-    #[derive(Default)]
-    struct HandView(
-        Mutex<
-            std::collections::HashMap<crate::deployment::TargetKey, crate::deployment::TargetView>,
-        >,
-    );
-
-    impl DeploymentView for HandView {
-        fn target(&self, key: &crate::deployment::TargetKey) -> crate::deployment::TargetView {
-            self.0
-                .lock()
-                .unwrap()
-                .get(key)
-                .cloned()
-                .unwrap_or(crate::deployment::TargetView::Missing)
-        }
-    }
-
     #[tokio::test]
     async fn the_health_gate_holds_a_promotion_until_its_source_is_deployed() {
         use crate::deployment::{AppKind, AppState, ClusterKey, TargetKey, TargetView};
@@ -919,10 +769,7 @@ mod tests {
         }))
         .unwrap();
         let reference = PipelineRef::new("ns", "p");
-        let pipeline = Arc::new(OnePipeline(Arc::new(Pipeline {
-            reference: reference.clone(),
-            spec,
-        })));
+        let pipeline = one_pipeline(spec);
         let store = Arc::new(MemoryStore::default());
         let record = PromotionRecord::new(
             reference,
@@ -950,8 +797,8 @@ mod tests {
                 message: String::new(),
             })
         };
-        view.0.lock().unwrap().insert(key("a1"), at("2.0.0"));
-        view.0.lock().unwrap().insert(key("a2"), at("1.0.0"));
+        view.set(key("a1"), at("2.0.0"));
+        view.set(key("a2"), at("1.0.0"));
         let strategy = Arc::new(Counting::default());
         let wake = Arc::new(Notify::new());
         let executor = Arc::new(
@@ -1001,7 +848,7 @@ mod tests {
         );
 
         // The second target catches up; the view's owner wakes the executor.
-        view.0.lock().unwrap().insert(key("a2"), at("2.0.0"));
+        view.set(key("a2"), at("2.0.0"));
         wake.notify_one();
         loop {
             let record = store.get(&id).await.unwrap().unwrap();

@@ -804,3 +804,208 @@ fn check_signature(key: &SecretBytes, signature: Option<&str>, body: &[u8]) -> R
         Refusal::Unauthenticated(format!("{err}{hint}"))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{FixedClock, MemoryCatalog, MemoryStore};
+
+    fn spec() -> serde_json::Value {
+        serde_json::json!({
+            "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "app"},
+            "environments": [
+                {"name": "dev", "targets": [{"namespace": "dev"}]},
+                {"name": "staging", "targets": [{"namespace": "staging"}]},
+                {"name": "prod", "targets": [{"namespace": "prod"}],
+                 "promotion": {"manual": true, "strategy": {"notification": {}}}}
+            ],
+            "promotion": {"strategy": {"notification": {}}}
+        })
+    }
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        catalog: Arc<MemoryCatalog>,
+        clock: Arc<FixedClock>,
+        wake: Arc<Notify>,
+        intake: Intake,
+    }
+
+    impl Fixture {
+        fn new(catalog: MemoryCatalog) -> Self {
+            let store = Arc::new(MemoryStore::new());
+            let catalog = Arc::new(catalog);
+            let clock = Arc::new(FixedClock::default());
+            let wake = Arc::new(Notify::new());
+            let intake = Intake::new(
+                catalog.clone(),
+                catalog.clone(),
+                store.clone(),
+                clock.clone(),
+                TimeWindow::default(),
+                Arc::new(Metrics::new()),
+                wake.clone(),
+            );
+            Self {
+                store,
+                catalog,
+                clock,
+                wake,
+                intake,
+            }
+        }
+
+        async fn pipeline(&self, name: &str) -> Arc<Pipeline> {
+            self.catalog
+                .pipeline(&PipelineRef::new("ns", name))
+                .await
+                .unwrap()
+                .unwrap()
+        }
+
+        async fn propose(&self, source: &str, revision: &str) -> Result<Decision, Refusal> {
+            let pipeline = self.pipeline("app").await;
+            self.intake
+                .propose(&pipeline, source, revision, trigger())
+                .await
+        }
+    }
+
+    fn fixture() -> Fixture {
+        Fixture::new(MemoryCatalog::new().with_pipeline("ns", "app", spec()))
+    }
+
+    fn trigger() -> Trigger {
+        Trigger {
+            source: "webhook".into(),
+            reason: "UpgradeSucceeded".into(),
+            reporting_controller: "helm-controller".into(),
+            object: "HelmRelease/dev/app".into(),
+            cluster: String::new(),
+        }
+    }
+
+    fn recorded(decision: Decision) -> PromotionRecord {
+        match decision {
+            Decision::Recorded(record) => record,
+            other => panic!("expected a recorded promotion, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn propose_records_the_promotion_to_the_next_environment() {
+        let f = fixture();
+        let record = recorded(f.propose("dev", "1.0.0").await.unwrap());
+        assert_eq!(record.pipeline, PipelineRef::new("ns", "app"));
+        assert_eq!(
+            (
+                record.source_environment.as_str(),
+                record.target_environment.as_str()
+            ),
+            ("dev", "staging")
+        );
+        assert_eq!(record.revision, "1.0.0");
+        assert_eq!(record.phase, Phase::Pending);
+        assert_eq!(record.trigger, trigger());
+        assert_eq!(record.created_at, f.clock.now());
+        assert_eq!(
+            record.id,
+            promotion_id(&PipelineRef::new("ns", "app"), "staging", "1.0.0")
+        );
+        assert_eq!(f.store.record(&record.id), Some(record));
+        // The executor is told there is work.
+        tokio::time::timeout(Duration::from_secs(1), f.wake.notified())
+            .await
+            .expect("executor not woken");
+
+        // Into a manual environment, it waits for approval.
+        let waiting = recorded(f.propose("staging", "1.0.0").await.unwrap());
+        assert_eq!(waiting.target_environment, "prod");
+        assert_eq!(waiting.phase, Phase::WaitingApproval);
+    }
+
+    #[tokio::test]
+    async fn propose_refuses_what_cannot_be_promoted() {
+        let mut hollow = spec();
+        hollow["environments"][1]["targets"] = serde_json::json!([]);
+        let f = Fixture::new(
+            MemoryCatalog::new()
+                .with_pipeline("ns", "app", spec())
+                .with_pipeline_spec("ns", "hollow", serde_json::from_value(hollow).unwrap()),
+        );
+        assert_eq!(
+            f.propose("qa", "1.0.0").await,
+            Err(Refusal::UnknownEnvironment {
+                pipeline: PipelineRef::new("ns", "app"),
+                environment: "qa".into()
+            })
+        );
+        assert_eq!(
+            f.propose("prod", "1.0.0").await,
+            Err(Refusal::LastEnvironment("prod".into()))
+        );
+        let hollow = f.pipeline("hollow").await;
+        assert_eq!(
+            f.intake.propose(&hollow, "dev", "1.0.0", trigger()).await,
+            Err(Refusal::NoTargets("staging".into()))
+        );
+        for revision in [" 1.0.0", "1.0.0\u{85}", "1.0\n.0"] {
+            let refusal = f.propose("dev", revision).await.unwrap_err();
+            assert!(
+                matches!(refusal, Refusal::InvalidRevision(_)),
+                "{revision:?}: {refusal:?}"
+            );
+        }
+        let too_long = "1".repeat(crate::event::MAX_REVISION_BYTES + 1);
+        assert!(matches!(
+            f.propose("dev", &too_long).await,
+            Err(Refusal::InvalidRevision(_))
+        ));
+        // Nothing refused reached the store.
+        assert_eq!(f.store.calls().create_if_absent, 0);
+        assert!(f.store.records().is_empty());
+    }
+
+    #[tokio::test]
+    async fn proposing_again_returns_the_record_already_there() {
+        let f = fixture();
+        let first = recorded(f.propose("dev", "1.0.0").await.unwrap());
+        f.clock.advance(chrono::Duration::seconds(30));
+        assert_eq!(
+            f.propose("dev", "1.0.0").await,
+            Ok(Decision::Duplicate(first.clone()))
+        );
+        assert_eq!(f.store.records(), [first]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_promotion_supersedes_older_waiting_ones() {
+        let f = fixture();
+        let old = recorded(f.propose("staging", "1.0.0").await.unwrap());
+        assert_eq!(old.phase, Phase::WaitingApproval);
+        f.clock.advance(chrono::Duration::seconds(10));
+        let new = recorded(f.propose("staging", "1.1.0").await.unwrap());
+        assert_eq!(new.phase, Phase::WaitingApproval);
+        let old = f.store.record(&old.id).unwrap();
+        assert_eq!(old.phase, Phase::Superseded);
+        assert!(
+            old.message.contains("superseded by 1.1.0"),
+            "{}",
+            old.message
+        );
+
+        // An older revision arriving late is superseded at once by the newer one waiting.
+        f.clock.advance(chrono::Duration::seconds(10));
+        let late = recorded(f.propose("staging", "0.9.0").await.unwrap());
+        assert_eq!(late.phase, Phase::Superseded);
+        assert!(
+            late.message.contains("superseded by 1.1.0"),
+            "{}",
+            late.message
+        );
+        assert_eq!(
+            f.store.record(&new.id).unwrap().phase,
+            Phase::WaitingApproval
+        );
+    }
+}

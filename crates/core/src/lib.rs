@@ -16,6 +16,8 @@ pub mod ports;
 pub mod promotion;
 pub mod report;
 pub mod signature;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub use executor::{
     Attempt, Executor, ExecutorSettings, HealthGate, PromotionContext, PromotionStrategy,

@@ -148,3 +148,247 @@ fn observed_trigger(state: &EnvironmentState) -> Trigger {
         cluster: clusters.join(", "),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::deployment::{AppKind, AppState, ClusterKey, TargetKey, TargetView};
+    use crate::intake::TimeWindow;
+    use crate::metrics::Metrics;
+    use crate::ports::{PromotionFilter, PromotionStore};
+    use crate::promotion::PromotionRecord;
+    use crate::testing::{FixedClock, HandView, MemoryCatalog, MemoryStore};
+
+    /// dev has two targets, one on the local cluster and one on a leaf cluster.
+    fn spec(kind: &str, api_version: &str) -> serde_json::Value {
+        serde_json::json!({
+            "appRef": {"apiVersion": api_version, "kind": kind, "name": "app"},
+            "environments": [
+                {"name": "dev", "targets": [
+                    {"namespace": "dev-a"},
+                    {"namespace": "dev-b", "clusterRef": {"kind": "GitopsCluster", "name": "leaf"}}
+                ]},
+                {"name": "staging", "targets": [{"namespace": "staging"}]},
+                {"name": "prod", "targets": [{"namespace": "prod"}]}
+            ],
+            "promotion": {"strategy": {"notification": {}}}
+        })
+    }
+
+    struct Fixture {
+        store: Arc<MemoryStore>,
+        view: Arc<HandView>,
+        intake: Arc<Intake>,
+        kind: AppKind,
+    }
+
+    impl Fixture {
+        fn new(kind: AppKind) -> Self {
+            let api_version = format!("{}/v1", kind.group());
+            let catalog = Arc::new(MemoryCatalog::new().with_pipeline(
+                "ns",
+                "p",
+                spec(kind.as_str(), &api_version),
+            ));
+            let store = Arc::new(MemoryStore::new());
+            let intake = Arc::new(Intake::new(
+                catalog.clone(),
+                catalog,
+                store.clone(),
+                Arc::new(FixedClock::default()),
+                TimeWindow::default(),
+                Arc::new(Metrics::new()),
+                Arc::new(tokio::sync::Notify::new()),
+            ));
+            Self {
+                store,
+                view: Arc::new(HandView::new()),
+                intake,
+                kind,
+            }
+        }
+
+        fn proposer(&self) -> Proposer {
+            Proposer::new(self.intake.clone(), self.view.clone())
+        }
+
+        fn key(&self, namespace: &str) -> TargetKey {
+            TargetKey {
+                cluster: if namespace == "dev-b" {
+                    ClusterKey::Remote {
+                        kind: "GitopsCluster".into(),
+                        namespace: "ns".into(),
+                        name: "leaf".into(),
+                    }
+                } else {
+                    ClusterKey::Local
+                },
+                namespace: namespace.into(),
+                kind: self.kind,
+                name: "app".into(),
+            }
+        }
+
+        fn set(&self, namespace: &str, view: TargetView) {
+            self.view.set(self.key(namespace), view);
+        }
+
+        /// Both dev targets Ready and current at `revision`.
+        fn dev_at(&self, revision: &str) {
+            self.set("dev-a", HandView::deployed(revision));
+            self.set("dev-b", HandView::deployed(revision));
+        }
+
+        async fn records(&self) -> Vec<PromotionRecord> {
+            self.store.list(&PromotionFilter::default()).await.unwrap()
+        }
+    }
+
+    fn helm() -> Fixture {
+        Fixture::new(AppKind::HelmRelease)
+    }
+
+    fn seen(revision: &str, ready: bool, current: bool) -> TargetView {
+        TargetView::Seen(AppState {
+            ready,
+            current,
+            revision: Some(revision.into()),
+            message: if ready {
+                String::new()
+            } else {
+                "install failed".into()
+            },
+        })
+    }
+
+    #[tokio::test]
+    async fn every_target_deployed_proposes_the_revision_once() {
+        let f = helm();
+        f.dev_at("1.0.0");
+        assert_eq!(f.proposer().pass().await, 1);
+        let records = f.records().await;
+        assert_eq!(records.len(), 1, "{records:?}");
+        let record = &records[0];
+        assert_eq!(
+            (
+                record.source_environment.as_str(),
+                record.target_environment.as_str(),
+                record.revision.as_str()
+            ),
+            ("dev", "staging", "1.0.0")
+        );
+        assert_eq!(record.trigger.source, "observed");
+        assert_eq!(record.trigger.reason, "Ready");
+        assert_eq!(record.trigger.reporting_controller, "pipeline-controller");
+        assert_eq!(
+            record.trigger.object,
+            "HelmRelease/dev-a/app, HelmRelease/dev-b/app"
+        );
+        assert_eq!(record.trigger.cluster, "local, GitopsCluster/ns/leaf");
+    }
+
+    #[tokio::test]
+    async fn one_of_two_targets_proposes_nothing() {
+        let f = helm();
+        f.set("dev-a", HandView::deployed("1.0.0"));
+        f.set("dev-b", HandView::deployed("0.9.0"));
+        assert_eq!(f.proposer().pass().await, 0);
+        f.view.remove(&f.key("dev-b"));
+        assert_eq!(f.proposer().pass().await, 0);
+        assert!(f.records().await.is_empty());
+        assert_eq!(f.store.calls().create_if_absent, 0);
+    }
+
+    #[tokio::test]
+    async fn a_stale_or_unready_target_proposes_nothing() {
+        let f = helm();
+        f.set("dev-a", HandView::deployed("1.0.0"));
+        // Status written for an older generation.
+        f.set("dev-b", seen("1.0.0", true, false));
+        assert_eq!(f.proposer().pass().await, 0);
+        // Ready=False.
+        f.set("dev-b", seen("1.0.0", false, true));
+        assert_eq!(f.proposer().pass().await, 0);
+        assert!(f.records().await.is_empty());
+        assert_eq!(f.store.calls().create_if_absent, 0);
+    }
+
+    #[tokio::test]
+    async fn the_next_environment_at_or_past_the_revision_gets_nothing() {
+        let f = helm();
+        f.dev_at("1.0.0");
+        f.set("staging", HandView::deployed("1.0.0"));
+        // staging -> prod is proposed (staging runs 1.0.0 everywhere), dev -> staging not.
+        f.set("prod", HandView::deployed("1.0.0"));
+        assert_eq!(f.proposer().pass().await, 0);
+        f.set("staging", HandView::deployed("1.1.0"));
+        f.set("prod", HandView::deployed("1.1.0"));
+        assert_eq!(f.proposer().pass().await, 0);
+        assert!(f.records().await.is_empty());
+        assert_eq!(f.store.calls().create_if_absent, 0);
+
+        // An older revision there is no obstacle.
+        f.set("staging", HandView::deployed("0.9.0"));
+        f.set("prod", HandView::deployed("0.9.0"));
+        assert_eq!(f.proposer().pass().await, 1);
+        let records = f.records().await;
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].target_environment, "staging");
+        assert_eq!(records[0].revision, "1.0.0");
+    }
+
+    #[tokio::test]
+    async fn a_second_pass_neither_records_nor_asks_the_store_again() {
+        let f = helm();
+        f.dev_at("1.0.0");
+        let proposer = f.proposer();
+        assert_eq!(proposer.pass().await, 1);
+        assert_eq!(proposer.pass().await, 0);
+        assert_eq!(f.records().await.len(), 1);
+        assert_eq!(f.store.calls().create_if_absent, 1);
+        // A new process asks once and finds the record there.
+        assert_eq!(f.proposer().pass().await, 0);
+        assert_eq!(f.records().await.len(), 1);
+        assert_eq!(f.store.calls().create_if_absent, 2);
+    }
+
+    #[tokio::test]
+    async fn an_environment_not_watched_proposes_nothing() {
+        let f = helm();
+        f.set("dev-a", HandView::deployed("1.0.0"));
+        f.set(
+            "dev-b",
+            TargetView::NotWatched("no GitopsCluster ns/leaf".into()),
+        );
+        assert_eq!(f.proposer().pass().await, 0);
+        assert!(f.records().await.is_empty());
+        assert_eq!(f.store.calls().create_if_absent, 0);
+    }
+
+    #[tokio::test]
+    async fn a_next_environment_not_watched_does_not_block() {
+        let f = helm();
+        f.dev_at("1.0.0");
+        f.set("staging", TargetView::NotWatched("embedded mode".into()));
+        assert_eq!(f.proposer().pass().await, 1);
+        assert_eq!(f.records().await[0].target_environment, "staging");
+    }
+
+    #[tokio::test]
+    async fn a_git_revision_is_proposed_once() {
+        let f = Fixture::new(AppKind::Kustomization);
+        let revision = "main@sha1:0123456789abcdef0123456789abcdef01234567";
+        f.dev_at(revision);
+        let proposer = f.proposer();
+        assert_eq!(proposer.pass().await, 1);
+        assert_eq!(proposer.pass().await, 0);
+        let records = f.records().await;
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].revision, revision);
+        assert_eq!(
+            records[0].trigger.object,
+            "Kustomization/dev-a/app, Kustomization/dev-b/app"
+        );
+        assert_eq!(f.store.calls().create_if_absent, 1);
+    }
+}

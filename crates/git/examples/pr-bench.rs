@@ -31,32 +31,25 @@ use std::time::{Duration, Instant};
 
 use pipeline_core::pipeline::parse_pipeline_spec;
 use pipeline_core::signature::{HmacAlgorithm, sign};
+use pipeline_core::testing::MemoryCatalog;
 use pipeline_core::{
-    Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
-    SecretLookupError, SecretSource, Trigger,
+    Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, Trigger,
 };
 use pipeline_git::testing::{ADMIN_PASSWORD, ADMIN_USER, Gitea};
 use pipeline_git::{PullRequestSettings, PullRequestStrategy};
 use serde_json::{Value, json};
 
-struct Secrets(String);
-
-#[async_trait::async_trait]
-impl SecretSource for Secrets {
-    async fn secret_value(
-        &self,
-        _: &str,
-        _: &str,
-        key: &str,
-    ) -> Result<Option<SecretBytes>, SecretLookupError> {
-        Ok(match key {
-            "username" => Some(ADMIN_USER.into()),
-            "password" => Some(ADMIN_PASSWORD.into()),
-            "token" => Some(self.0.clone()),
-            _ => None,
-        }
-        .map(|v: String| SecretBytes::new(v.into_bytes())))
-    }
+/// The pipeline's `pull-request.secretRef` Secret, flux-system/git.
+fn git_secret(token: &str) -> MemoryCatalog {
+    MemoryCatalog::new().with_secret(
+        "flux-system",
+        "git",
+        [
+            ("username", ADMIN_USER),
+            ("password", ADMIN_PASSWORD),
+            ("token", token),
+        ],
+    )
 }
 
 fn status_kib(pid: &str, field: &str) -> Option<u64> {
@@ -166,7 +159,7 @@ async fn main() {
         },
         pipeline_git::forge::http_client().unwrap(),
     );
-    let secrets = Secrets(gitea.token.clone());
+    let secrets = git_secret(&gitea.token);
 
     let own_before = status_kib("self", "VmHWM:").unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));

@@ -26,9 +26,10 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use pipeline_core::pipeline::parse_pipeline_spec;
+use pipeline_core::testing::MemoryCatalog;
 use pipeline_core::{
     Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
-    SecretLookupError, SecretSource, StrategyError, StrategyOutcome, Trigger,
+    StrategyError, StrategyOutcome, Trigger,
 };
 use pipeline_git::credentials::Credentials;
 use pipeline_git::git::{Git, GitErrorKind};
@@ -531,31 +532,18 @@ impl Drop for ForgeDouble {
 // ---------------------------------------------------------------------------------------
 // The strategy with an SSH repository URL
 
-/// The `pull-request.secretRef` Secret: Flux's SSH keys plus the API token.
-struct Secret(Vec<(&'static str, String)>);
-
-#[async_trait::async_trait]
-impl SecretSource for Secret {
-    async fn secret_value(
-        &self,
-        _: &str,
-        _: &str,
-        key: &str,
-    ) -> Result<Option<SecretBytes>, SecretLookupError> {
-        Ok(self
-            .0
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| SecretBytes::new(v.clone().into_bytes())))
-    }
-}
-
-fn ssh_secret(identity: &KeyPair, known_hosts: &str) -> Secret {
-    Secret(vec![
-        ("identity", identity.private.clone()),
-        ("known_hosts", known_hosts.to_string()),
-        ("token", TOKEN.to_string()),
-    ])
+/// The `pull-request.secretRef` Secret (flux-system/git-ssh): Flux's SSH keys plus the
+/// API token.
+fn ssh_secret(identity: &KeyPair, known_hosts: &str) -> MemoryCatalog {
+    MemoryCatalog::new().with_secret(
+        "flux-system",
+        "git-ssh",
+        [
+            ("identity", identity.private.as_str()),
+            ("known_hosts", known_hosts),
+            ("token", TOKEN),
+        ],
+    )
 }
 
 struct Setup {
@@ -609,7 +597,7 @@ fn record(revision: &str) -> PromotionRecord {
 async fn promote(
     setup: &Setup,
     record: &PromotionRecord,
-    secret: &Secret,
+    secret: &MemoryCatalog,
 ) -> Result<StrategyOutcome, StrategyError> {
     setup
         .strategy

@@ -4,25 +4,18 @@
 
 #![allow(clippy::unwrap_used)] // test helpers, not product code
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Method, Request, StatusCode, header};
 use chrono::{Duration, Utc};
 use futures::StreamExt;
-use pipeline_core::pipeline::{PipelineSpec, parse_pipeline_spec};
-use pipeline_core::ports::RecordChange;
 use pipeline_core::signature::{HmacAlgorithm, sign};
-use pipeline_core::{
-    ApprovalBody, Intake, Metrics, Pipeline, PipelineRef, PipelineSource, PromotionFilter,
-    PromotionRecord, PromotionStore, SecretBytes, SecretLookupError, SecretSource, StoreError,
-    SystemClock, TimeWindow, Unavailable,
-};
+use pipeline_core::testing::{MemoryCatalog, MemoryStore};
+use pipeline_core::{ApprovalBody, Intake, Metrics, PromotionStore, SystemClock, TimeWindow};
 use pipeline_http::{AppState, HttpSettings, RateLimit, router};
 use pipeline_store::RedbPromotionStore;
 use serde_json::{Value, json};
@@ -33,66 +26,6 @@ const KEY: &[u8] = b"s3cret-key";
 const APPROVER: &[u8] = b"approver-key";
 /// The approval key of prod's own Secret (environment-level secretRef).
 const PROD_APPROVER: &[u8] = b"prod-approver-key";
-
-#[derive(Default)]
-struct Catalog {
-    pipelines: HashMap<PipelineRef, Arc<Pipeline>>,
-    secrets: HashMap<(String, String), HashMap<String, Vec<u8>>>,
-}
-
-#[async_trait]
-impl PipelineSource for Catalog {
-    async fn pipeline(&self, r: &PipelineRef) -> Result<Option<Arc<Pipeline>>, Unavailable> {
-        Ok(self.pipelines.get(r).cloned())
-    }
-    async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
-        Ok(self.pipelines.values().cloned().collect())
-    }
-}
-
-#[async_trait]
-impl SecretSource for Catalog {
-    async fn secret_value(
-        &self,
-        namespace: &str,
-        name: &str,
-        key: &str,
-    ) -> Result<Option<SecretBytes>, SecretLookupError> {
-        let secret = self
-            .secrets
-            .get(&(namespace.to_string(), name.to_string()))
-            .ok_or_else(|| SecretLookupError::SecretNotFound {
-                namespace: namespace.to_string(),
-                name: name.to_string(),
-            })?;
-        Ok(secret.get(key).map(|v| SecretBytes::new(v.clone())))
-    }
-}
-
-/// A store whose backing disk is gone.
-struct BrokenStore;
-
-#[async_trait]
-impl PromotionStore for BrokenStore {
-    async fn create_if_absent(
-        &self,
-        _: PromotionRecord,
-    ) -> Result<(PromotionRecord, bool), StoreError> {
-        Err(StoreError::Unavailable("disk I/O error".into()))
-    }
-    async fn get(&self, _: &str) -> Result<Option<PromotionRecord>, StoreError> {
-        Err(StoreError::Unavailable("disk I/O error".into()))
-    }
-    async fn list(&self, _: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
-        Err(StoreError::Unavailable("disk I/O error".into()))
-    }
-    async fn modify(&self, _: &str, _: RecordChange<'_>) -> Result<PromotionRecord, StoreError> {
-        Err(StoreError::Unavailable("disk I/O error".into()))
-    }
-    async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
-        Err(StoreError::Unavailable("disk I/O error".into()))
-    }
-}
 
 fn podinfo_spec(secret_ref: Option<&str>) -> Value {
     let mut promotion = json!({"strategy": {"notification": {}}});
@@ -111,63 +44,45 @@ fn podinfo_spec(secret_ref: Option<&str>) -> Value {
     })
 }
 
-fn catalog() -> Catalog {
-    let mut c = Catalog::default();
-    let mut add = |name: &str, spec: PipelineSpec| {
-        let reference = PipelineRef::new("flux-system", name);
-        c.pipelines
-            .insert(reference.clone(), Arc::new(Pipeline { reference, spec }));
-    };
-    add(
-        "podinfo",
-        parse_pipeline_spec(podinfo_spec(Some("hmac"))).unwrap(),
-    );
-    add("nokey", parse_pipeline_spec(podinfo_spec(None)).unwrap());
-    add(
-        "missing-secret",
-        parse_pipeline_spec(podinfo_spec(Some("absent"))).unwrap(),
-    );
-    add(
-        "wrong-secret",
-        parse_pipeline_spec(podinfo_spec(Some("other"))).unwrap(),
-    );
+fn catalog() -> MemoryCatalog {
+    let hmac = [("hmac-key", KEY), ("approval-key", APPROVER)];
     // Not loadable from a folder (validation refuses it), but a Kubernetes cluster may hold it.
     let mut hollow = podinfo_spec(Some("hmac"));
     hollow["environments"][1]["targets"] = json!([]);
-    add("hollow", serde_json::from_value(hollow).unwrap());
-    c.secrets.insert(
-        ("flux-system".into(), "hmac".into()),
-        HashMap::from([
-            ("hmac-key".to_string(), KEY.to_vec()),
-            ("approval-key".to_string(), APPROVER.to_vec()),
-        ]),
-    );
     // Prod names its own Secret: only its approval key decides about prod.
     let mut gated = podinfo_spec(Some("hmac"));
     gated["environments"][2]["promotion"]["strategy"]["secretRef"] =
         json!({"name": "prod-approvers"});
-    add("gated", parse_pipeline_spec(gated).unwrap());
-    c.secrets.insert(
-        ("flux-system".into(), "prod-approvers".into()),
-        HashMap::from([("approval-key".to_string(), PROD_APPROVER.to_vec())]),
-    );
     // An approval key equal to the webhook key would let every leaf cluster approve.
-    add(
-        "samekey",
-        parse_pipeline_spec(podinfo_spec(Some("samekey"))).unwrap(),
-    );
-    c.secrets.insert(
-        ("flux-system".into(), "samekey".into()),
-        HashMap::from([
-            ("hmac-key".to_string(), KEY.to_vec()),
-            ("approval-key".to_string(), [KEY, b"\n"].concat()),
-        ]),
-    );
-    c.secrets.insert(
-        ("flux-system".into(), "other".into()),
-        HashMap::from([("token".to_string(), KEY.to_vec())]),
-    );
-    c
+    let same_key = [KEY, b"\n"].concat();
+    MemoryCatalog::new()
+        .with_pipeline("flux-system", "podinfo", podinfo_spec(Some("hmac")))
+        .with_pipeline("flux-system", "nokey", podinfo_spec(None))
+        .with_pipeline(
+            "flux-system",
+            "missing-secret",
+            podinfo_spec(Some("absent")),
+        )
+        .with_pipeline("flux-system", "wrong-secret", podinfo_spec(Some("other")))
+        .with_pipeline_spec(
+            "flux-system",
+            "hollow",
+            serde_json::from_value(hollow).unwrap(),
+        )
+        .with_secret("flux-system", "hmac", hmac)
+        .with_pipeline("flux-system", "gated", gated)
+        .with_secret(
+            "flux-system",
+            "prod-approvers",
+            [("approval-key", PROD_APPROVER)],
+        )
+        .with_pipeline("flux-system", "samekey", podinfo_spec(Some("samekey")))
+        .with_secret(
+            "flux-system",
+            "samekey",
+            [("hmac-key", KEY), ("approval-key", same_key.as_slice())],
+        )
+        .with_secret("flux-system", "other", [("token", KEY)])
 }
 
 struct Harness {
@@ -613,7 +528,10 @@ async fn rate_limit_per_peer_address() {
 
 #[tokio::test]
 async fn store_unavailable_asks_the_sender_to_retry() {
-    let h = harness_with(Some(Arc::new(BrokenStore)), HttpSettings::default());
+    let h = harness_with(
+        Some(Arc::new(MemoryStore::unavailable("disk I/O error"))),
+        HttpSettings::default(),
+    );
     let answer = post_signed(&h.app, DEV, event()).await;
     assert_error(&answer, StatusCode::SERVICE_UNAVAILABLE, "unavailable");
     assert!(answer.headers.contains_key(header::RETRY_AFTER));

@@ -1,11 +1,9 @@
 //! The notification strategy against a real HTTP receiver on 127.0.0.1.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -14,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use pipeline_core::event::FluxEvent;
 use pipeline_core::pipeline::parse_pipeline_spec;
+use pipeline_core::testing::MemoryCatalog;
 use pipeline_core::{
-    Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, SecretBytes,
-    SecretLookupError, SecretSource, StrategyError, StrategyOutcome, Trigger, Unavailable,
+    Pipeline, PipelineRef, PromotionContext, PromotionRecord, PromotionStrategy, StrategyError,
+    StrategyOutcome, Trigger,
 };
 use pipeline_strategies::{
     DEFAULT_CONTROLLER_NAME, NotificationWebhook, StrategyNotAvailable, delivered_checkpoint,
@@ -111,44 +110,9 @@ async fn closed_port_url(path: &str) -> Url {
     Url::parse(&format!("http://{addr}{path}")).unwrap()
 }
 
-/// Secrets by namespace/name, then key.
-#[derive(Default)]
-struct Secrets {
-    secrets: HashMap<(String, String), HashMap<String, Vec<u8>>>,
-    unavailable: bool,
-}
-
-impl Secrets {
-    fn with_key(key: &[u8]) -> Self {
-        let mut secrets = Self::default();
-        secrets.secrets.insert(
-            ("apps".into(), "webhook".into()),
-            HashMap::from([("hmac-key".to_string(), key.to_vec())]),
-        );
-        secrets
-    }
-}
-
-#[async_trait]
-impl SecretSource for Secrets {
-    async fn secret_value(
-        &self,
-        namespace: &str,
-        name: &str,
-        key: &str,
-    ) -> Result<Option<SecretBytes>, SecretLookupError> {
-        if self.unavailable {
-            return Err(Unavailable("secret store is down".into()).into());
-        }
-        let secret = self
-            .secrets
-            .get(&(namespace.to_string(), name.to_string()))
-            .ok_or_else(|| SecretLookupError::SecretNotFound {
-                namespace: namespace.into(),
-                name: name.into(),
-            })?;
-        Ok(secret.get(key).cloned().map(SecretBytes::new))
-    }
+/// Secret apps/webhook with `key` as its webhook key.
+fn with_key(key: &[u8]) -> MemoryCatalog {
+    MemoryCatalog::new().with_secret("apps", "webhook", [("hmac-key", key)])
 }
 
 fn pipeline(secret_ref: bool) -> Pipeline {
@@ -194,7 +158,7 @@ fn webhook(receivers: Vec<Url>) -> NotificationWebhook {
 async fn promote_with(
     strategy: &dyn PromotionStrategy,
     pipeline: &Pipeline,
-    secrets: &Secrets,
+    secrets: &MemoryCatalog,
 ) -> Result<StrategyOutcome, StrategyError> {
     promote_record(strategy, pipeline, secrets, &record()).await
 }
@@ -202,7 +166,7 @@ async fn promote_with(
 async fn promote_record(
     strategy: &dyn PromotionStrategy,
     pipeline: &Pipeline,
-    secrets: &Secrets,
+    secrets: &MemoryCatalog,
     record: &PromotionRecord,
 ) -> Result<StrategyOutcome, StrategyError> {
     let record = record.clone();
@@ -218,7 +182,7 @@ async fn promote_record(
 }
 
 async fn promote(strategy: &dyn PromotionStrategy) -> Result<StrategyOutcome, StrategyError> {
-    promote_with(strategy, &pipeline(true), &Secrets::with_key(KEY)).await
+    promote_with(strategy, &pipeline(true), &with_key(KEY)).await
 }
 
 #[tokio::test]
@@ -375,7 +339,7 @@ async fn retries_skip_receivers_already_notified() {
     let ok = server.url("/status/200");
     let broken = server.url("/status/503");
     let strategy = webhook(vec![ok.clone(), broken.clone()]);
-    let (pipeline, secrets) = (pipeline(true), Secrets::with_key(KEY));
+    let (pipeline, secrets) = (pipeline(true), with_key(KEY));
     let mut record = record();
     let err = promote_record(&strategy, &pipeline, &secrets, &record)
         .await
@@ -500,7 +464,7 @@ async fn no_key_means_no_notification() {
     let server = Server::start().await;
     let strategy = webhook(vec![server.url("/status/200")]);
 
-    let err = promote_with(&strategy, &pipeline(false), &Secrets::with_key(KEY))
+    let err = promote_with(&strategy, &pipeline(false), &with_key(KEY))
         .await
         .unwrap_err();
     assert!(!err.retryable, "{err}");
@@ -510,7 +474,7 @@ async fn no_key_means_no_notification() {
         "{err}"
     );
 
-    let err = promote_with(&strategy, &pipeline(true), &Secrets::default())
+    let err = promote_with(&strategy, &pipeline(true), &MemoryCatalog::new())
         .await
         .unwrap_err();
     assert!(!err.retryable, "{err}");
@@ -520,11 +484,7 @@ async fn no_key_means_no_notification() {
         "{err}"
     );
 
-    let mut no_key = Secrets::default();
-    no_key.secrets.insert(
-        ("apps".into(), "webhook".into()),
-        HashMap::from([("token".to_string(), b"unrelated".to_vec())]),
-    );
+    let no_key = MemoryCatalog::new().with_secret("apps", "webhook", [("token", b"unrelated")]);
     let err = promote_with(&strategy, &pipeline(true), &no_key)
         .await
         .unwrap_err();
@@ -532,7 +492,7 @@ async fn no_key_means_no_notification() {
     assert!(err.message.contains("has no \"hmac-key\" key"), "{err}");
     assert!(!err.message.contains("unrelated"), "{err}");
 
-    let err = promote_with(&strategy, &pipeline(true), &Secrets::with_key(b""))
+    let err = promote_with(&strategy, &pipeline(true), &with_key(b""))
         .await
         .unwrap_err();
     assert!(!err.retryable, "{err}");
@@ -543,10 +503,8 @@ async fn no_key_means_no_notification() {
 #[tokio::test]
 async fn unreadable_secrets_are_retryable() {
     let server = Server::start().await;
-    let secrets = Secrets {
-        unavailable: true,
-        ..Secrets::with_key(KEY)
-    };
+    let secrets = with_key(KEY);
+    secrets.fail("secret store is down");
     let err = promote_with(
         &webhook(vec![server.url("/status/200")]),
         &pipeline(true),
