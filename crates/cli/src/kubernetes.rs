@@ -18,28 +18,24 @@ use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
 use kube::Api;
 use kube::api::ListParams;
-use pipeline_core::observe::Proposer;
 use pipeline_core::{
-    Executor, Intake, Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet,
-    SystemClock, Verdict,
+    Metrics, PipelineRef, PipelineSource, PromotionFilter, PromotionRecord, StrategySet, Verdict,
 };
-use pipeline_core::{HealthGate, PipelineSource};
 use pipeline_crds::Promotion;
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
 use pipeline_kube::{
-    ClusterRegistry, DeploymentWatcher, EventPublisher, KubeClusterSource, KubeNotification,
-    KubePipelineSource, KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings,
-    Reconciler, promotion_api_path,
+    ClusterRegistry, EventPublisher, KubeClusterSource, KubeNotification, KubePipelineSource,
+    KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings, Reconciler,
+    promotion_api_path,
 };
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
-use crate::serve::{
-    bind, executor_settings, http_settings, pull_request_settings, serve_http, server_settings,
-    stop_on_signal, time_window,
+use crate::wiring::{
+    Ports, bind, build_core, http_settings, pull_request_settings, serve_http, server_settings,
+    stop_on_signal,
 };
 
 /// Response header naming the Promotion object a 202 answer recorded.
@@ -122,20 +118,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store =
         KubePromotionStore::new(client.clone()).with_events(publisher.clone(), pipelines.clone());
     let metrics = Arc::new(Metrics::new());
-    let wake = Arc::new(Notify::new());
-    let clock = Arc::new(SystemClock);
-    let intake = Arc::new(
-        Intake::new(
-            Arc::new(pipelines.clone()),
-            Arc::new(secrets.clone()),
-            Arc::new(store.clone()),
-            clock.clone(),
-            time_window(&args),
-            metrics.clone(),
-            wake.clone(),
-        )
-        .with_hmac_approvals(k8s.enable_hmac_approvals),
-    );
     let http = NotificationWebhook::client().context("building the notification HTTP client")?;
     let webhook = (!args.notify_urls.is_empty()).then(|| {
         NotificationWebhook::new(
@@ -157,39 +139,24 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             pipeline_git::forge::http_client().context("building the forge HTTP client")?,
         )),
     };
-    let executor = Executor::new(
-        Arc::new(store.clone()),
-        Arc::new(pipelines.clone()),
-        Arc::new(secrets.clone()),
-        strategies,
-        clock,
-        metrics.clone(),
-        executor_settings(&args),
-        wake.clone(),
+    // Targets in this cluster, and in leaf clusters named by clusterRefs (GitopsClusters
+    // and Cluster API kubeconfig Secrets in this cluster).
+    let clusters = ClusterRegistry::new(
+        Some(client.clone()),
+        Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
     );
-    // The leader watches every target's app object, in this cluster and in leaf clusters
-    // named by clusterRefs, proposes what it sees deployed, and gates promotions on it.
-    let watcher = (!args.no_deployment_watch).then(|| {
-        let clusters = Arc::new(ClusterRegistry::new(
-            Some(client.clone()),
-            Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
-        ));
-        Arc::new(DeploymentWatcher::new(
+    let core = Arc::new(build_core(
+        Ports {
+            pipelines: Arc::new(pipelines.clone()),
+            secrets: Arc::new(secrets.clone()),
+            store: Arc::new(store.clone()),
+            strategies,
             clusters,
-            Arc::new(pipelines.clone()),
-            wake.clone(),
-        ))
-    });
-    let executor = Arc::new(match &watcher {
-        Some(watcher) => executor.with_health_gate(HealthGate {
-            view: watcher.clone(),
-            timeout: args.health_gate_timeout,
-        }),
-        None => executor,
-    });
-    let proposer = watcher
-        .as_ref()
-        .map(|watcher| Arc::new(Proposer::new(intake.clone(), watcher.clone())));
+            hmac_approvals: k8s.enable_hmac_approvals,
+        },
+        &args,
+        metrics.clone(),
+    ));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(shutdown.clone()));
@@ -212,29 +179,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let store = store.clone();
         let pipelines = pipelines.clone();
         let secrets = secrets.clone();
+        let core = core.clone();
         move |stop: CancellationToken| {
-            let executor = executor.clone();
+            let core = core.clone();
             let reconciler = Reconciler::new(
                 client.clone(),
                 store.clone(),
                 pipelines.clone(),
-                wake.clone(),
+                core.wake.clone(),
             )
             .with_secrets(secrets.clone());
-            let watcher = watcher.clone();
-            let proposer = proposer.clone();
+            let reconciler = match &core.watcher {
+                Some(watcher) => reconciler.with_deployments(watcher.clone(), watcher.subscribe()),
+                None => reconciler,
+            };
             async move {
-                let executing = executor.run(stop.clone().cancelled_owned());
-                let observing = async {
-                    if let (Some(watcher), Some(proposer)) = (watcher, proposer) {
-                        let changes = watcher.subscribe();
-                        tokio::join!(
-                            watcher.run(stop.clone()),
-                            proposer.run(changes, stop.clone().cancelled_owned())
-                        );
-                    }
-                };
-                tokio::join!(executing, reconciler.run(stop.clone()), observing);
+                tokio::join!(core.lead(stop.clone()), reconciler.run(stop.clone()));
             }
         }
     };
@@ -259,14 +219,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     });
 
-    let state = AppState::new(intake, metrics, http_settings(&args)).with_record_headers(Arc::new(
-        |record: &PromotionRecord| {
+    let state = AppState::new(core.intake.clone(), metrics, http_settings(&args))
+        .with_record_headers(Arc::new(|record: &PromotionRecord| {
             let path = promotion_api_path(&record.pipeline.namespace, &record.id);
             HeaderValue::from_str(&path)
                 .map(|value| vec![(HeaderName::from_static(PROMOTION_OBJECT_HEADER), value)])
                 .unwrap_or_default()
-        },
-    ));
+        }));
     serve_http(listener, state, server_settings(&args), &shutdown).await?;
     let _ = election.await;
     let _ = prune.await;

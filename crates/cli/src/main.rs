@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod embedded;
 mod errors;
 mod keyfile;
 mod kubeconfig;
@@ -12,6 +13,7 @@ mod output;
 mod serve;
 mod validate;
 mod values;
+mod wiring;
 
 use clap::Parser;
 

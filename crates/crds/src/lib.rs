@@ -130,6 +130,9 @@ pub struct ClusterAppReference {
     /// Name of the app object.
     #[serde(default)]
     pub name: String,
+    /// Namespace of the app object (the target's namespace).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
     /// The cluster of the app object; absent for the Pipeline's own cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_ref: Option<CrossNamespaceClusterReference>,

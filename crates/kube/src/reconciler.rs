@@ -24,12 +24,14 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
+use pipeline_core::deployment::{DeploymentView, TargetView, target_keys};
 use pipeline_core::intake::HMAC_KEY;
 use pipeline_core::pipeline::Promotion as PromotionSettings;
 use pipeline_core::{Phase, PromotionRecord, Refusal, StoreError, Verdict, decide};
 use pipeline_core::{Pipeline, PromotionStore};
 use pipeline_crds::{
-    Pipeline as PipelineObject, Promotion, RETRIED_BY_ANNOTATION, RETRY_ANNOTATION,
+    ClusterAppReference, Pipeline as PipelineObject, Promotion, RETRIED_BY_ANNOTATION,
+    RETRY_ANNOTATION, TargetStatus,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -55,6 +57,8 @@ pub struct Reconciler {
     pipelines: KubePipelineSource,
     secrets: KubeSecretSource,
     wake: Arc<Notify>,
+    /// What the deployment watches see, for `status.environments.<env>.targets`.
+    deployments: Option<(Arc<dyn DeploymentView>, tokio::sync::watch::Receiver<u64>)>,
 }
 
 impl Reconciler {
@@ -72,7 +76,19 @@ impl Reconciler {
             store,
             pipelines,
             wake,
+            deployments: None,
         }
+    }
+
+    /// Writes each target's observed state into the Pipeline's status, and passes again
+    /// whenever `changes` says the view changed.
+    pub fn with_deployments(
+        mut self,
+        view: Arc<dyn DeploymentView>,
+        changes: tokio::sync::watch::Receiver<u64>,
+    ) -> Self {
+        self.deployments = Some((view, changes));
+        self
     }
 
     /// Reads Secrets through `secrets` (whose caches it also prunes).
@@ -106,14 +122,26 @@ impl Reconciler {
         };
         let pipelines_changed = self.pipelines.changed();
         let secrets_changed = self.secrets.changed();
+        let mut deployments_changed = self.deployments.as_ref().map(|(_, rx)| rx.clone());
         let work = async {
             let _ = promotions.wait_until_ready().await;
             loop {
                 self.pass(&promotions).await;
+                let deployments = async {
+                    match deployments_changed.as_mut() {
+                        Some(rx) => {
+                            if rx.changed().await.is_err() {
+                                std::future::pending::<()>().await;
+                            }
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     () = changed.notified() => {}
                     () = pipelines_changed.notified() => {}
                     () = secrets_changed.notified() => {}
+                    () = deployments => {}
                     () = tokio::time::sleep(RESYNC) => continue,
                 }
                 // Let a burst of changes settle into one pass.
@@ -276,8 +304,33 @@ impl Reconciler {
         };
         let conditions_unchanged = same_conditions(&conditions, &status.conditions);
 
+        let model = validate(pipeline).ok();
         let mut environments = BTreeMap::new();
-        for env in &pipeline.spec.environments {
+        for (index, env) in pipeline.spec.environments.iter().enumerate() {
+            // What the watches see of each target (absent without watches).
+            let targets = match (&self.deployments, &model) {
+                (Some((view, _)), Some(model)) => Some(target_statuses(
+                    model,
+                    index,
+                    view.as_ref(),
+                    &pipeline.spec.app_ref.api_version,
+                    &env.targets,
+                )),
+                _ => None,
+            };
+            let current_targets = status
+                .environments
+                .get(&env.name)
+                .map(|e| e.targets.clone())
+                .unwrap_or_default();
+            if let Some(targets) = &targets
+                && *targets != current_targets
+            {
+                let entry = environments
+                    .entry(env.name.clone())
+                    .or_insert_with(|| serde_json::json!({}));
+                entry["targets"] = serde_json::to_value(targets).unwrap_or_default();
+            }
             let newest = waiting
                 .iter()
                 .filter(|r| {
@@ -294,10 +347,10 @@ impl Reconciler {
                 .map(|e| e.waiting_approval.revision.clone())
                 .unwrap_or_default();
             if newest != current || !status.environments.contains_key(&env.name) {
-                environments.insert(
-                    env.name.clone(),
-                    serde_json::json!({"waitingApproval": {"revision": newest}}),
-                );
+                let entry = environments
+                    .entry(env.name.clone())
+                    .or_insert_with(|| serde_json::json!({}));
+                entry["waitingApproval"] = serde_json::json!({"revision": newest});
             }
         }
         let environment_names = pipeline
@@ -565,6 +618,57 @@ fn same_conditions(a: &[Condition], b: &[Condition]) -> bool {
                     && x.last_transition_time == y.last_transition_time
             })
         })
+}
+
+/// `status.environments.<env>.targets` as the Go original wrote it, from what the watches
+/// see: `ready` when the app object is Ready and current, its revision, and why not.
+fn target_statuses(
+    model: &Pipeline,
+    index: usize,
+    view: &dyn DeploymentView,
+    api_version: &str,
+    targets: &[pipeline_core::pipeline::Target],
+) -> Vec<TargetStatus> {
+    target_keys(model, index)
+        .into_iter()
+        .zip(targets)
+        .map(|(key, target)| {
+            let seen = view.target(&key);
+            let (ready, revision, error) = match &seen {
+                TargetView::Seen(state) => (
+                    state.deployed().is_some(),
+                    state.revision.clone().unwrap_or_default(),
+                    if state.deployed().is_some() {
+                        String::new()
+                    } else if !state.current {
+                        "status not yet updated for the latest spec".to_string()
+                    } else {
+                        format!("not Ready: {}", state.message)
+                    },
+                ),
+                TargetView::Connecting => (false, String::new(), "watch starting".to_string()),
+                TargetView::Unreachable(why) => {
+                    (false, String::new(), format!("unreachable: {why}"))
+                }
+                TargetView::Missing => (false, String::new(), "no such object".to_string()),
+                TargetView::NotWatched(why) => {
+                    (false, String::new(), format!("not watched: {why}"))
+                }
+            };
+            TargetStatus {
+                cluster_app_ref: ClusterAppReference {
+                    api_version: api_version.to_string(),
+                    kind: key.kind.as_str().to_string(),
+                    name: key.name.clone(),
+                    namespace: key.namespace.clone(),
+                    cluster_ref: target.cluster_ref.clone(),
+                },
+                ready,
+                revision,
+                error,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ pub struct Catalog {
     pub pipelines: HashMap<PipelineRef, Arc<Pipeline>>,
     /// Secrets by `(namespace, name)`; `stringData` already merged over `data`.
     pub secrets: HashMap<(String, String), SecretData>,
+    /// `GitopsCluster` objects (`gitops.weave.works`) by `(namespace, name)`, as JSON:
+    /// they say which Secret holds a leaf cluster's kubeconfig.
+    pub clusters: HashMap<(String, String), Value>,
     /// Problems, in file order. Each one left a document (or file) out.
     pub errors: Vec<LoadError>,
     /// Problems that load nonetheless but will make the controller refuse or fail work.
@@ -181,6 +184,7 @@ pub(crate) fn load_walk(walk: &Walk) -> Catalog {
 struct FileDocs {
     pipelines: Vec<PipelineDoc>,
     secrets: Vec<SecretDoc>,
+    clusters: Vec<((String, String), Value)>,
     /// Problems of the file itself (YAML, object metadata, other problems not tied to a
     /// loaded document); invalid specs and Secret data stay in the docs.
     errors: Vec<LoadError>,
@@ -347,6 +351,14 @@ fn assemble(files: Vec<FileDocs>, catalog: &mut Catalog) {
         catalog.ignored += file.ignored;
         pipelines.extend(file.pipelines);
         secrets.extend(file.secrets);
+        for (key, object) in file.clusters {
+            if catalog.clusters.insert(key.clone(), object).is_some() {
+                catalog.warnings.push(format!(
+                    "GitopsCluster {}/{} is defined more than once; the last definition is used",
+                    key.0, key.1
+                ));
+            }
+        }
     }
     load_secrets(secrets, catalog);
     let loaded = load_pipelines(pipelines, catalog);
@@ -419,6 +431,19 @@ fn classify(value: Value, location: Location, docs: &mut FileDocs) {
                 name,
                 data,
             });
+        }
+        ("GitopsCluster", Some(api_version)) if api_version.starts_with("gitops.weave.works/") => {
+            match metadata(&object, "GitopsCluster") {
+                Ok(key) => docs.clusters.push((key, Value::Object(object))),
+                Err(problems) => {
+                    push_problems(
+                        &mut docs.errors,
+                        &location,
+                        "GitopsCluster".to_string(),
+                        problems,
+                    );
+                }
+            }
         }
         _ => docs.ignored += 1,
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pipeline_core::Metrics;
+use pipeline_core::deployment::{ClusterKey, ClusterSource, kubeconfig_ref, read_kubeconfig};
 use pipeline_core::pipeline::{Pipeline, PipelineRef};
 use pipeline_core::ports::{
     PipelineSource, SecretBytes, SecretLookupError, SecretSource, Unavailable,
@@ -244,5 +245,29 @@ impl SecretSource for ManifestCatalog {
                 name: name.to_string(),
             }),
         }
+    }
+}
+
+/// Leaf clusters named by pipelines' `clusterRef`s: their `GitopsCluster` objects and
+/// kubeconfig Secrets live in the folder too, so embedded mode watches real clusters.
+#[async_trait]
+impl ClusterSource for ManifestCatalog {
+    async fn kubeconfig(&self, cluster: &ClusterKey) -> Result<SecretBytes, String> {
+        let object = match cluster {
+            ClusterKey::Remote {
+                kind,
+                namespace,
+                name,
+            } if kind == "GitopsCluster" => {
+                let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+                current
+                    .clusters
+                    .get(&(namespace.clone(), name.clone()))
+                    .cloned()
+            }
+            _ => None,
+        };
+        let reference = kubeconfig_ref(cluster, object.as_ref())?;
+        read_kubeconfig(self, &reference).await
     }
 }
