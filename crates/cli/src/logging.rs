@@ -65,7 +65,10 @@ pub fn init(format: LogFormat, level: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(TextFields)
+            .init(),
         LogFormat::Json => builder
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines)
@@ -73,6 +76,86 @@ pub fn init(format: LogFormat, level: &str) {
     }
     if let Some((value, error)) = ignored {
         tracing::warn!(rust_log = %value, error = %error, level, "RUST_LOG is not a valid filter; using --log-level");
+    }
+}
+
+/// Text-line fields that cannot forge lines: every field value (and the message) is
+/// written with control characters escaped (`\n` as `\\n`, ESC as `\\u{1b}`, ...), so a
+/// revision, a name or a remote error text that slipped through validation still ends up
+/// on its own line, as text.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TextFields;
+
+impl<'writer> FormatFields<'writer> for TextFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut visitor = TextVisitor {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct TextVisitor<'a, 'writer> {
+    writer: &'a mut Writer<'writer>,
+    first: bool,
+    result: fmt::Result,
+}
+
+/// `text` with control characters written as escapes.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+impl Visit for TextVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.write(field, &escape_controls(value));
+        } else {
+            self.write(field, &format!("{value:?}"));
+        }
+    }
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        let text = pipeline_core::report::error_chain(value);
+        self.write(field, &escape_controls(&text));
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        let text = format!("{value:?}");
+        self.write(field, &escape_controls(&text));
+    }
+}
+
+impl TextVisitor<'_, '_> {
+    fn write(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if self.first { "" } else { " " };
+        self.first = false;
+        let name = field.name();
+        self.result = if name == "message" {
+            write!(self.writer, "{separator}{value}")
+        } else {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            write!(self.writer, "{separator}{name}={value}")
+        };
     }
 }
 
@@ -350,6 +433,25 @@ mod tests {
         assert_eq!(value["span"]["name"], "request");
         assert_eq!(value["span"]["fields.name"], "shadow");
         assert_eq!(value["spans"][0]["id"], 7);
+    }
+
+    #[test]
+    fn text_lines_cannot_be_forged() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(TextFields)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let revision = "1.0\nINFO forged line\u{1b}[31m";
+            tracing::info!(revision = %revision, raw = revision, "event {revision}");
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("revision=1.0\\nINFO forged line"), "{text}");
     }
 
     #[test]
