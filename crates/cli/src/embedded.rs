@@ -54,6 +54,7 @@ pub(crate) async fn serve(args: ServeArgs, manifests: &Path) -> anyhow::Result<(
             strategies,
             clusters: ClusterRegistry::new(None, catalog.clone()),
             hmac_approvals: true,
+            wake: Arc::new(tokio::sync::Notify::new()),
         },
         &args,
         metrics.clone(),

@@ -26,7 +26,7 @@ use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
 use pipeline_kube::{
     ClusterRegistry, EventPublisher, KubeClusterSource, KubeNotification, KubePipelineSource,
-    KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings, Reconciler,
+    KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings, PromotionCache, Reconciler,
     promotion_api_path,
 };
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
@@ -115,8 +115,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pipelines = KubePipelineSource::start(client.clone());
     let secrets = KubeSecretSource::new(client.clone());
     let publisher = EventPublisher::new(client.clone(), identity.clone());
-    let store =
-        KubePromotionStore::new(client.clone()).with_events(publisher.clone(), pipelines.clone());
+    // One watch of every Promotion, shared by the store, the reconciler and the
+    // executor's wake-ups: no LIST on a timer, duplicates answered without a call.
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let promotions = PromotionCache::start(client.clone(), wake.clone());
+    let store = KubePromotionStore::new(client.clone())
+        .with_events(publisher.clone(), pipelines.clone())
+        .with_cache(promotions.clone());
     let metrics = Arc::new(Metrics::new());
     let http = NotificationWebhook::client().context("building the notification HTTP client")?;
     let webhook = (!args.notify_urls.is_empty()).then(|| {
@@ -153,6 +158,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             strategies,
             clusters,
             hmac_approvals: k8s.enable_hmac_approvals,
+            wake,
         },
         &args,
         metrics.clone(),
@@ -179,6 +185,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let store = store.clone();
         let pipelines = pipelines.clone();
         let secrets = secrets.clone();
+        let promotions = promotions.clone();
         let core = core.clone();
         move |stop: CancellationToken| {
             let core = core.clone();
@@ -186,6 +193,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 client.clone(),
                 store.clone(),
                 pipelines.clone(),
+                promotions.clone(),
                 core.wake.clone(),
             )
             .with_secrets(secrets.clone());

@@ -30,6 +30,8 @@ pub(crate) struct Ports {
     pub clusters: ClusterRegistry,
     /// Whether signed HTTP approvals are taken.
     pub hmac_approvals: bool,
+    /// Wakes the executor: new records, decisions, deployment changes.
+    pub wake: Arc<Notify>,
 }
 
 /// The core of the service, the same in both modes.
@@ -43,7 +45,7 @@ pub(crate) struct Core {
 }
 
 pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) -> Core {
-    let wake = Arc::new(Notify::new());
+    let wake = ports.wake;
     let clock = Arc::new(SystemClock);
     let intake = Arc::new(
         Intake::new(

@@ -10,6 +10,7 @@
 //! - [`KubeNotification`]: the notification strategy of Kubernetes mode.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod client;
 pub mod clusters;
 pub mod convert;
@@ -21,6 +22,7 @@ pub mod reconciler;
 pub mod sources;
 pub mod store;
 
+pub use cache::{CachedPromotion, PromotionCache};
 pub use client::{ApproveError, decide, find_promotion, list_promotions};
 pub use clusters::{ClusterRegistry, KubeClusterSource};
 pub use deployments::DeploymentWatcher;

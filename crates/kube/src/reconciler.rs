@@ -18,24 +18,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use pipeline_core::deployment::{DeploymentView, TargetView, target_keys};
 use pipeline_core::intake::HMAC_KEY;
 use pipeline_core::pipeline::Promotion as PromotionSettings;
 use pipeline_core::{Phase, PromotionRecord, Refusal, StoreError, Verdict, decide};
 use pipeline_core::{Pipeline, PromotionStore};
-use pipeline_crds::{
-    ClusterAppReference, Pipeline as PipelineObject, Promotion, RETRIED_BY_ANNOTATION,
-    RETRY_ANNOTATION, TargetStatus,
-};
+use pipeline_crds::{ClusterAppReference, Pipeline as PipelineObject, TargetStatus};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::{CachedPromotion, PromotionCache};
 use crate::convert;
 use crate::sources::{KubePipelineSource, KubeSecretSource, has_key, validate};
 use crate::store::{KubePromotionStore, describe};
@@ -57,6 +52,8 @@ pub struct Reconciler {
     pipelines: KubePipelineSource,
     secrets: KubeSecretSource,
     wake: Arc<Notify>,
+    /// The shared watch of Promotions (decisions people wrote into them).
+    promotions: Arc<PromotionCache>,
     /// What the deployment watches see, for `status.environments.<env>.targets`.
     deployments: Option<(Arc<dyn DeploymentView>, tokio::sync::watch::Receiver<u64>)>,
 }
@@ -68,9 +65,11 @@ impl Reconciler {
         client: Client,
         store: KubePromotionStore,
         pipelines: KubePipelineSource,
+        promotions: Arc<PromotionCache>,
         wake: Arc<Notify>,
     ) -> Self {
         Self {
+            promotions,
             secrets: KubeSecretSource::new(client.clone()),
             client,
             store,
@@ -99,34 +98,16 @@ impl Reconciler {
 
     /// Runs until `stop` is cancelled (leadership lost or shutdown).
     pub async fn run(self, stop: CancellationToken) {
-        let (promotions, writer) = reflector::store::<Promotion>();
-        let changed = Arc::new(Notify::new());
-        let signal = changed.clone();
-        let stream = reflector::reflector(
-            writer,
-            watcher(
-                Api::<Promotion>::all(self.client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .touched_objects();
-        let watch = async move {
-            futures::pin_mut!(stream);
-            while let Some(item) = stream.next().await {
-                match item {
-                    Ok(_) => signal.notify_one(),
-                    Err(err) => tracing::warn!(error = %err, "Promotion watch failed; retrying"),
-                }
-            }
-        };
+        let changed = self.promotions.changed();
         let pipelines_changed = self.pipelines.changed();
         let secrets_changed = self.secrets.changed();
         let mut deployments_changed = self.deployments.as_ref().map(|(_, rx)| rx.clone());
         let work = async {
-            let _ = promotions.wait_until_ready().await;
+            while !self.promotions.wait_synced(Duration::from_secs(5)).await {
+                tracing::debug!("waiting for the Promotion cache to list");
+            }
             loop {
-                self.pass(&promotions).await;
+                self.pass().await;
                 let deployments = async {
                     match deployments_changed.as_mut() {
                         Some(rx) => {
@@ -150,27 +131,22 @@ impl Reconciler {
         };
         tokio::select! {
             () = stop.cancelled() => {}
-            () = watch => {}
             () = work => {}
         }
     }
 
-    async fn pass(&self, promotions: &Store<Promotion>) {
-        let records: Vec<(Arc<Promotion>, PromotionRecord)> = promotions
-            .state()
-            .into_iter()
-            .filter_map(|p| convert::record_of(&p).map(|r| (p, r)))
-            .collect();
+    async fn pass(&self) {
+        let promotions = self.promotions.all();
         let mut waiting: Vec<&PromotionRecord> = Vec::new();
-        for (object, record) in &records {
-            match record.phase {
+        for promotion in &promotions {
+            match promotion.record.phase {
                 Phase::WaitingApproval => {
-                    let decided = self.take_decision(object, record).await;
+                    let decided = self.take_decision(promotion).await;
                     if !decided {
-                        waiting.push(record);
+                        waiting.push(&promotion.record);
                     }
                 }
-                Phase::Failed => self.take_retry_request(object, record).await,
+                Phase::Failed => self.take_retry_request(promotion).await,
                 _ => {}
             }
         }
@@ -184,9 +160,9 @@ impl Reconciler {
 
     /// Applies `spec.approval` of a waiting Promotion, if it holds a decision. Returns
     /// whether the promotion stopped waiting.
-    async fn take_decision(&self, object: &Promotion, record: &PromotionRecord) -> bool {
-        let Some(approval) = object
-            .spec
+    async fn take_decision(&self, promotion: &CachedPromotion) -> bool {
+        let record = &promotion.record;
+        let Some(approval) = promotion
             .approval
             .as_ref()
             .filter(|a| a.approved || a.rejected)
@@ -237,20 +213,16 @@ impl Reconciler {
 
     /// Re-queues a `Failed` Promotion whose retry annotation holds a request not taken
     /// yet; the request's value is kept in the record so it is taken once.
-    async fn take_retry_request(&self, object: &Promotion, record: &PromotionRecord) {
-        let annotations = object.metadata.annotations.as_ref();
-        let Some(request) = annotations
-            .and_then(|a| a.get(RETRY_ANNOTATION))
-            .filter(|v| !v.is_empty())
-        else {
+    async fn take_retry_request(&self, promotion: &CachedPromotion) {
+        let record = &promotion.record;
+        let Some((request, requested_by)) = &promotion.retry_request else {
             return;
         };
         if record.checkpoints.get(RETRY_CHECKPOINT) == Some(request) {
             return;
         }
-        let by = annotations
-            .and_then(|a| a.get(RETRIED_BY_ANNOTATION))
-            .cloned()
+        let by = requested_by
+            .clone()
             .unwrap_or_else(|| "an unnamed Kubernetes user".to_string());
         let now = Utc::now();
         let change = |r: &mut PromotionRecord| {

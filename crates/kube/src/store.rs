@@ -21,8 +21,9 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use pipeline_core::ports::RecordChange;
 use pipeline_core::{Phase, PromotionFilter, PromotionRecord, PromotionStore, StoreError};
-use pipeline_crds::Promotion;
+use pipeline_crds::{Promotion, PromotionStatus};
 
+use crate::cache::{CachedPromotion, PromotionCache};
 use crate::convert;
 use crate::events::{EventPublisher, EventType, pipeline_reference, promotion_reference};
 use crate::sources::KubePipelineSource;
@@ -39,6 +40,8 @@ pub struct KubePromotionStore {
     /// id → namespace, learnt from creations and listings, so lookups are one GET.
     namespaces: Arc<Mutex<HashMap<String, String>>>,
     events: Option<(EventPublisher, KubePipelineSource)>,
+    /// The shared watch of Promotions: once synced, reads come from it, not the API.
+    cache: Option<Arc<PromotionCache>>,
 }
 
 impl KubePromotionStore {
@@ -47,6 +50,26 @@ impl KubePromotionStore {
             client,
             namespaces: Arc::default(),
             events: None,
+            cache: None,
+        }
+    }
+
+    /// Reads (get, list, unfinished, duplicate checks, the record a change starts from)
+    /// from `cache` once it has synced; writes update it at once.
+    pub fn with_cache(mut self, cache: Arc<PromotionCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The cache, if it can answer alone.
+    fn synced_cache(&self) -> Option<&PromotionCache> {
+        self.cache.as_deref().filter(|c| c.synced())
+    }
+
+    /// Takes a write's result into the cache.
+    fn cache_write(&self, object: &Promotion) {
+        if let (Some(cache), Some(entry)) = (&self.cache, CachedPromotion::of(object)) {
+            cache.put(entry);
         }
     }
 
@@ -137,18 +160,27 @@ impl KubePromotionStore {
         }
     }
 
-    /// Writes `record` as the status of `promotion` (optimistic: uses its resourceVersion).
+    /// Writes `record` as the status of the Promotion `base` was read from (optimistic:
+    /// with its resourceVersion). The status subresource ignores the rest of the object,
+    /// so it is rebuilt from the record rather than kept.
     async fn write_status(
         &self,
-        promotion: &Promotion,
+        base: &CachedPromotion,
         record: &PromotionRecord,
     ) -> Result<Promotion, kube::Error> {
-        let mut object = promotion.clone();
-        object.status = Some(convert::status_of(
-            record,
-            promotion.status.as_ref(),
-            promotion.metadata.generation,
-        ));
+        let manual = base
+            .record
+            .history
+            .first()
+            .is_some_and(|h| h.phase == Phase::WaitingApproval);
+        let mut object = convert::promotion_for(record, manual);
+        object.metadata.resource_version = base.resource_version.clone();
+        object.metadata.generation = base.generation;
+        let previous = PromotionStatus {
+            conditions: base.conditions.clone(),
+            ..PromotionStatus::default()
+        };
+        object.status = Some(convert::status_of(record, Some(&previous), base.generation));
         let api: Api<Promotion> = Api::namespaced(self.client.clone(), &record.pipeline.namespace);
         timeout(api.replace_status(&record.id, &PostParams::default(), &object)).await
     }
@@ -206,20 +238,33 @@ impl PromotionStore for KubePromotionStore {
         &self,
         record: PromotionRecord,
     ) -> Result<(PromotionRecord, bool), StoreError> {
+        // A duplicate the cache already holds costs no API call.
+        if let Some(existing) = self.synced_cache().and_then(|c| c.get(&record.id))
+            && is_genuine(&existing.record)
+        {
+            return Ok((existing.record, false));
+        }
         let manual = record.phase == Phase::WaitingApproval;
         let object = convert::promotion_for(&record, manual);
         let api: Api<Promotion> = Api::namespaced(self.client.clone(), &record.pipeline.namespace);
         match timeout(api.create(&PostParams::default(), &object)).await {
             Ok(created) => {
+                // One write: a Promotion without status reads as its initial phase,
+                // derived from its spec, and a Pending one runs within moments. One that
+                // waits for a person gets its status written too, so `kubectl get
+                // promotions` shows WaitingApproval while it waits.
                 self.remember(&record.id, &record.pipeline.namespace);
-                // Second step; if it fails the object still reads as this very record.
-                match self.write_status(&created, &record).await {
-                    Ok(stored) => self.announce(&stored, None, &record),
-                    Err(err) => {
-                        tracing::debug!(promotion = %record.id, error = %describe(&err), "initial status not written; the object reads as its initial phase");
-                        self.announce(&created, None, &record);
+                let mut stored = created;
+                if manual && let Some(base) = CachedPromotion::of(&stored) {
+                    match self.write_status(&base, &record).await {
+                        Ok(written) => stored = written,
+                        Err(err) => {
+                            tracing::debug!(promotion = %record.id, error = %describe(&err), "initial status not written; the object reads as its initial phase");
+                        }
                     }
                 }
+                self.cache_write(&stored);
+                self.announce(&stored, None, &record);
                 Ok((record, true))
             }
             Err(err) if is_status(&err, kube::core::Status::is_already_exists) => {
@@ -235,10 +280,18 @@ impl PromotionStore for KubePromotionStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
+        if let Some(cache) = self.synced_cache() {
+            return Ok(cache.get(id).map(|e| e.record).filter(is_genuine));
+        }
         Ok(self.find(id).await?.as_ref().and_then(convert::record_of))
     }
 
     async fn list(&self, filter: &PromotionFilter) -> Result<Vec<PromotionRecord>, StoreError> {
+        if let Some(cache) = self.synced_cache() {
+            let mut records = cache.records(|r| filter.matches(r) && is_genuine(r));
+            records.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+            return Ok(records);
+        }
         let (api, params): (Api<Promotion>, ListParams) = match &filter.pipeline {
             Some(p) => (
                 Api::namespaced(self.client.clone(), &p.namespace),
@@ -264,17 +317,27 @@ impl PromotionStore for KubePromotionStore {
         id: &str,
         change: RecordChange<'_>,
     ) -> Result<PromotionRecord, StoreError> {
+        // The first try starts from the cache; after a conflict, from the API.
+        let mut base = self.synced_cache().and_then(|c| c.get(id));
         for _ in 0..CONFLICT_RETRIES {
-            let promotion = self
-                .find(id)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
-            let before = convert::record_of(&promotion)
-                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            let current = match base.take() {
+                Some(cached) => cached,
+                None => self
+                    .find(id)
+                    .await?
+                    .as_ref()
+                    .and_then(CachedPromotion::of)
+                    .ok_or_else(|| StoreError::NotFound(id.to_string()))?,
+            };
+            let before = current.record.clone();
             let mut after = before.clone();
             change(&mut after)?;
-            match self.write_status(&promotion, &after).await {
+            if after == before {
+                return Ok(after);
+            }
+            match self.write_status(&current, &after).await {
                 Ok(stored) => {
+                    self.cache_write(&stored);
                     self.announce(&stored, Some(&before), &after);
                     return Ok(convert::record_of(&stored).unwrap_or(after));
                 }
@@ -295,6 +358,10 @@ impl PromotionStore for KubePromotionStore {
     }
 
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
+        if let Some(cache) = self.synced_cache() {
+            return Ok(cache
+                .records(|r| matches!(r.phase, Phase::Pending | Phase::Running) && is_genuine(r)));
+        }
         let api: Api<Promotion> = Api::all(self.client.clone());
         let items = call(api.list(&ListParams::default())).await?.items;
         Ok(items

@@ -105,11 +105,14 @@ async fn apply_pipeline(api: &Api<Pipeline>, pipeline: &serde_json::Value) {
 async fn with_reconciler<F: Future<Output = ()>>(cluster: &TestCluster, test: F) {
     let client = cluster.client();
     let stop = CancellationToken::new();
+    let wake = Arc::new(Notify::new());
+    let promotions = pipeline_kube::PromotionCache::start(client.clone(), wake.clone());
     let reconciler = Reconciler::new(
         client.clone(),
-        KubePromotionStore::new(client.clone()),
+        KubePromotionStore::new(client.clone()).with_cache(promotions.clone()),
         KubePipelineSource::start(client.clone()),
-        Arc::new(Notify::new()),
+        promotions,
+        wake,
     )
     .with_secrets(KubeSecretSource::new(client.clone()));
     let running = tokio::spawn(reconciler.run(stop.clone()));
