@@ -267,6 +267,13 @@ pub struct ServeArgs {
     /// from signed events only, and run without checking the source environment.
     #[arg(long)]
     pub no_deployment_watch: bool,
+    /// Finished promotions older than this are deleted (0s keeps them whatever their age).
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    pub retention_max_age: Duration,
+    /// Finished promotions kept per pipeline and target environment, newest first; older
+    /// ones are deleted (0 keeps them all). Unfinished ones are never deleted.
+    #[arg(long, default_value_t = 100)]
+    pub retention_per_environment: usize,
     /// How long a promotion waits for every target of its source environment to be
     /// Ready at its revision (where the controller watches them) before it fails.
     #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]

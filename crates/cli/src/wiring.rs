@@ -8,7 +8,7 @@ use anyhow::Context;
 use pipeline_core::observe::Proposer;
 use pipeline_core::{
     Executor, ExecutorSettings, HealthGate, Intake, Metrics, PipelineSource, PromotionStore,
-    RetryPolicy, SecretSource, StrategySet, SystemClock, TimeWindow,
+    RetentionPolicy, RetryPolicy, SecretSource, StrategySet, SystemClock, TimeWindow,
 };
 use pipeline_git::PullRequestSettings;
 use pipeline_http::{AppState, HttpSettings, ServerSettings, router};
@@ -19,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{PullRequestArgs, ServeArgs};
 use crate::errors::usage;
+
+/// How often finished promotions past the retention policy are deleted.
+const RETENTION_SWEEP: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What a mode provides to the core.
 pub(crate) struct Ports {
@@ -37,6 +40,8 @@ pub(crate) struct Ports {
 /// The core of the service, the same in both modes.
 pub(crate) struct Core {
     pub intake: Arc<Intake>,
+    store: Arc<dyn PromotionStore>,
+    retention: RetentionPolicy,
     pub executor: Arc<Executor>,
     /// Absent with --no-deployment-watch.
     pub watcher: Option<Arc<DeploymentWatcher>>,
@@ -59,6 +64,7 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
         )
         .with_hmac_approvals(ports.hmac_approvals),
     );
+    let store = ports.store.clone();
     let executor = Executor::new(
         ports.store,
         ports.pipelines.clone(),
@@ -89,6 +95,11 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
         .map(|watcher| Arc::new(Proposer::new(intake.clone(), watcher.clone())));
     Core {
         intake,
+        store,
+        retention: RetentionPolicy {
+            max_age: Some(args.retention_max_age).filter(|age| !age.is_zero()),
+            keep_per_environment: Some(args.retention_per_environment).filter(|n| *n > 0),
+        },
         executor,
         watcher,
         proposer,
@@ -112,7 +123,29 @@ impl Core {
                 );
             }
         };
-        tokio::join!(executing, observing);
+        let sweeping = async {
+            loop {
+                match self
+                    .retention
+                    .sweep(self.store.as_ref(), chrono::Utc::now())
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(
+                        removed,
+                        "finished promotions past the retention policy deleted"
+                    ),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "retention sweep failed; trying again later")
+                    }
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(RETENTION_SWEEP) => {}
+                }
+            }
+        };
+        tokio::join!(executing, observing, sweeping);
     }
 }
 

@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod ports;
 pub mod promotion;
 pub mod report;
+pub mod retention;
 pub mod signature;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -37,3 +38,4 @@ pub use promotion::{
     ChangeReason, Phase, PromotionRecord, RetryPolicy, Trigger, parse_version, promotion_id,
 };
 pub use report::Throttle;
+pub use retention::RetentionPolicy;

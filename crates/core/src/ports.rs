@@ -124,6 +124,10 @@ pub trait PromotionStore: Send + Sync {
     /// attempt time so the executor knows how long it may sleep.
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError>;
 
+    /// Removes a finished record (the retention policy's sweep). Removing one that is
+    /// gone already is not an error.
+    async fn delete(&self, id: &str) -> Result<(), StoreError>;
+
     /// Whether the store can record promotions now; `/readyz` answers with it. The
     /// default asks for a record, which any answering backend can give.
     async fn ready(&self) -> Result<(), StoreError> {

@@ -176,6 +176,12 @@ impl PromotionStore for MemoryStore {
         Ok(changed)
     }
 
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        self.call(&self.counters.modify)?;
+        lock(&self.records).remove(id);
+        Ok(())
+    }
+
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {
         self.call(&self.counters.unfinished)?;
         Ok(lock(&self.records)

@@ -136,7 +136,9 @@ impl KubePromotionStore {
             None => after.history.as_slice(),
         };
         let ns = &after.pipeline.namespace;
-        for change in changes {
+        // Events for what people act on and for outcomes only (the history has the
+        // rest): a promotion that runs straight through costs two Events.
+        for change in changes.iter().filter(|c| c.reason.concerns_pipeline()) {
             let type_ = if change.reason.is_warning() {
                 EventType::Warning
             } else {
@@ -149,14 +151,12 @@ impl KubePromotionStore {
                 reason,
                 change.message.clone(),
             );
-            if change.reason.concerns_pipeline() {
-                publisher.spawn(
-                    pipeline_reference(ns, &after.pipeline.name, pipelines.uid(&after.pipeline)),
-                    type_,
-                    reason,
-                    format!("{}: {}", after.id, change.message),
-                );
-            }
+            publisher.spawn(
+                pipeline_reference(ns, &after.pipeline.name, pipelines.uid(&after.pipeline)),
+                type_,
+                reason,
+                format!("{}: {}", after.id, change.message),
+            );
         }
     }
 
@@ -355,6 +355,27 @@ impl PromotionStore for KubePromotionStore {
         Err(StoreError::Unavailable(format!(
             "promotion {id}: status kept changing under us ({CONFLICT_RETRIES} conflicting writes)"
         )))
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let namespace = match self.synced_cache().and_then(|c| c.get(id)) {
+            Some(cached) => cached.record.pipeline.namespace,
+            None => match self.find(id).await? {
+                Some(found) => found.metadata.namespace.unwrap_or_default(),
+                None => return Ok(()),
+            },
+        };
+        let api: Api<Promotion> = Api::namespaced(self.client.clone(), &namespace);
+        match timeout(api.delete(id, &kube::api::DeleteParams::default())).await {
+            Ok(_) => {}
+            Err(err) if is_status(&err, kube::core::Status::is_not_found) => {}
+            Err(err) => return Err(unavailable(err)),
+        }
+        self.forget(id);
+        if let Some(cache) = &self.cache {
+            cache.forget(id);
+        }
+        Ok(())
     }
 
     async fn unfinished(&self) -> Result<Vec<PromotionRecord>, StoreError> {

@@ -503,6 +503,26 @@ struct Tables<'txn> {
 }
 
 impl<'txn> Tables<'txn> {
+    /// Removes `old` and its index entries.
+    fn remove(&mut self, old: &PromotionRecord) -> Result<(), Failure> {
+        self.records.remove(old.id.as_str()).map_err(io)?;
+        let (seconds, nanos) = newest_first(old.created_at);
+        self.by_created
+            .remove((seconds, nanos, old.id.as_str()))
+            .map_err(io)?;
+        self.by_pipeline
+            .remove((
+                old.pipeline.namespace.as_str(),
+                old.pipeline.name.as_str(),
+                seconds,
+                nanos,
+                old.id.as_str(),
+            ))
+            .map_err(io)?;
+        self.unfinished.remove(old.id.as_str()).map_err(io)?;
+        Ok(())
+    }
+
     fn open(txn: &'txn WriteTransaction) -> Result<Self, Failure> {
         Ok(Self {
             records: txn.open_table(RECORDS).map_err(io)?,
@@ -707,6 +727,22 @@ impl PromotionStore for RedbPromotionStore {
         })
         .await
         .map_err(join_failed)?
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(io)?;
+            {
+                let mut tables = Tables::open(&txn)?;
+                if let Some(old) = load(&tables.records, &id)? {
+                    tables.remove(&old)?;
+                }
+            }
+            txn.commit().map_err(io)?;
+            Ok(())
+        })
+        .await
     }
 
     /// Ready when the file takes writes: after a storage failure this stays refused until

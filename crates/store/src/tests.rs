@@ -663,3 +663,26 @@ async fn an_empty_existing_file_is_refused_unless_asked_to_start_fresh() {
     let store = RedbPromotionStore::open(&path).unwrap();
     assert_eq!(store.get(&r.id).await.unwrap(), Some(r));
 }
+
+#[tokio::test]
+async fn delete_removes_the_record_and_its_index_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir);
+    let kept = record("ns/app", "dev", "staging", "1", at(0));
+    let gone = record("ns/app", "dev", "staging", "2", at(1));
+    store.create_if_absent(kept.clone()).await.unwrap();
+    store.create_if_absent(gone.clone()).await.unwrap();
+    store.delete(&gone.id).await.unwrap();
+    // Deleting again, or something never stored, is fine.
+    store.delete(&gone.id).await.unwrap();
+    store.delete("no-such-id").await.unwrap();
+    assert_eq!(store.get(&gone.id).await.unwrap(), None);
+    let all = store.list(&PromotionFilter::default()).await.unwrap();
+    assert_eq!(ids(&all), [kept.id.as_str()]);
+    let filter = PromotionFilter {
+        pipeline: Some(PipelineRef::new("ns", "app")),
+        environment: None,
+    };
+    assert_eq!(ids(&store.list(&filter).await.unwrap()), [kept.id.as_str()]);
+    assert_eq!(ids(&store.unfinished().await.unwrap()), [kept.id.as_str()]);
+}
