@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -117,6 +118,51 @@ struct Inner {
     /// Failure and recovery lines, across episodes: a disk that keeps filling up does
     /// not write a pair of lines per episode.
     announcements: Throttle,
+    /// Creates waiting for the next group commit.
+    creates: Mutex<Vec<QueuedCreate>>,
+    /// Whether a caller is committing queued creates now.
+    committing: AtomicBool,
+}
+
+/// A record to create and where its creator waits for the outcome.
+type QueuedCreate = (
+    PromotionRecord,
+    tokio::sync::oneshot::Sender<Result<(PromotionRecord, bool), StoreError>>,
+);
+
+/// Most creates one transaction takes.
+const MAX_BATCH: usize = 512;
+
+/// Creates each record unless one with its id exists (in the file or earlier in the
+/// batch), in one write transaction; commits (one fsync) only when something is new.
+fn create_batch(
+    db: &Database,
+    records: Vec<PromotionRecord>,
+) -> Result<Vec<(PromotionRecord, bool)>, Failure> {
+    let txn = db.begin_write().map_err(io)?;
+    let mut results = Vec::with_capacity(records.len());
+    let mut created = 0;
+    {
+        let mut tables = Tables::open(&txn)?;
+        for record in records {
+            match load(&tables.records, &record.id)? {
+                Some(existing) => results.push((existing, false)),
+                None => {
+                    tables.put(None, &record)?;
+                    created += 1;
+                    results.push((record, true));
+                }
+            }
+        }
+    }
+    if created == 0 {
+        txn.abort().map_err(io)?;
+    } else {
+        // Durability::Immediate (the default): fsynced before commit returns.
+        txn.commit().map_err(io)?;
+        tracing::debug!(created, "promotion records created");
+    }
+    Ok(results)
 }
 
 /// A storage failure the store has not recovered from yet.
@@ -205,6 +251,8 @@ impl RedbPromotionStore {
                 db: Mutex::new(Some(Arc::new(db))),
                 fault: Mutex::new(None),
                 announcements: Throttle::new(FAULT_LOG_INTERVAL),
+                creates: Mutex::new(Vec::new()),
+                committing: AtomicBool::new(false),
             }),
         })
     }
@@ -212,6 +260,42 @@ impl RedbPromotionStore {
     /// The file this store was opened on.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Commits queued creates, batch after batch, until the queue is empty. Runs with
+    /// `committing` set by its starter.
+    async fn commit_creates(&self) {
+        loop {
+            let batch: Vec<QueuedCreate> = {
+                let mut queue = lock(&self.inner.creates);
+                let take = queue.len().min(MAX_BATCH);
+                queue.drain(..take).collect()
+            };
+            if batch.is_empty() {
+                self.inner.committing.store(false, Ordering::SeqCst);
+                // A creator may have queued after the drain and before the reset.
+                if lock(&self.inner.creates).is_empty()
+                    || self.inner.committing.swap(true, Ordering::SeqCst)
+                {
+                    return;
+                }
+                continue;
+            }
+            let records: Vec<PromotionRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
+            let written = self.blocking(move |db| create_batch(db, records)).await;
+            match written {
+                Ok(results) => {
+                    for ((_, answer), result) in batch.into_iter().zip(results) {
+                        let _ = answer.send(Ok(result));
+                    }
+                }
+                Err(err) => {
+                    for (_, answer) in batch {
+                        let _ = answer.send(Err(StoreError::Unavailable(err.to_string())));
+                    }
+                }
+            }
+        }
     }
 
     /// Runs `work` on the blocking pool: redb does file I/O and fsync synchronously.
@@ -590,32 +674,22 @@ impl PromotionStore for RedbPromotionStore {
         &self,
         record: PromotionRecord,
     ) -> Result<(PromotionRecord, bool), StoreError> {
-        // Check and insert in one write transaction: redb runs one writer at a time, so
-        // concurrent creators of one id serialize here and exactly one inserts.
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(io)?;
-            let existing = {
-                let mut tables = Tables::open(&txn)?;
-                let existing = load(&tables.records, &record.id)?;
-                if existing.is_none() {
-                    tables.put(None, &record)?;
-                }
-                existing
-            };
-            match existing {
-                Some(existing) => {
-                    txn.abort().map_err(io)?;
-                    Ok((existing, false))
-                }
-                None => {
-                    // Durability::Immediate (the default): fsynced before commit returns.
-                    txn.commit().map_err(io)?;
-                    tracing::debug!(promotion = %record.id, "promotion record created");
-                    Ok((record, true))
-                }
-            }
+        // Group commit: concurrent creators queue up, and whoever finds no commit under
+        // way writes the whole queue in one transaction (one fsync), then answers every
+        // creator. Each still gets its answer only once its record is durable.
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        lock(&self.inner.creates).push((record, answer));
+        // The commit runs in a task of its own: a creator that goes away (its client
+        // disconnected) must not leave the queue without a committer.
+        if !self.inner.committing.swap(true, Ordering::SeqCst) {
+            let store = self.clone();
+            tokio::spawn(async move { store.commit_creates().await });
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the promotion store dropped a create".to_string(),
+            ))
         })
-        .await
     }
 
     async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {

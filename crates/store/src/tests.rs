@@ -686,3 +686,33 @@ async fn delete_removes_the_record_and_its_index_entries() {
     assert_eq!(ids(&store.list(&filter).await.unwrap()), [kept.id.as_str()]);
     assert_eq!(ids(&store.unfinished().await.unwrap()), [kept.id.as_str()]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_are_committed_together_and_all_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("promotions.redb");
+    let store = RedbPromotionStore::open(&path).unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..300 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            // Every third one repeats an earlier revision: a duplicate in the same batch
+            // or against the file.
+            let revision = (i - i % 3).to_string();
+            store
+                .create_if_absent(record("ns/app", "dev", "staging", &revision, at(i)))
+                .await
+                .unwrap()
+        });
+    }
+    let results = tasks.join_all().await;
+    let created = results.iter().filter(|(_, created)| *created).count();
+    assert_eq!(created, 100);
+    drop(store);
+    let store = RedbPromotionStore::open(&path).unwrap();
+    let all = store.list(&PromotionFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 100);
+    for (record, _) in &results {
+        assert!(store.get(&record.id).await.unwrap().is_some());
+    }
+}
