@@ -10,7 +10,8 @@ use std::time::Duration;
 use crate::deployment::{DeploymentView, EnvironmentState};
 use crate::intake::{Decision, Intake};
 use crate::pipeline::Pipeline;
-use crate::promotion::{Trigger, promotion_id};
+use crate::ports::PromotionFilter;
+use crate::promotion::{Phase, Trigger, parse_version, promotion_id};
 
 /// Full evaluations happen at least this often, changes or not.
 const RESYNC: Duration = Duration::from_secs(30);
@@ -93,6 +94,20 @@ impl Proposer {
             if downstream.observable() && downstream.runs_or_passed(revision) {
                 continue;
             }
+            // Where the next environment is not watched, its records say what it ran:
+            // a newer version promoted there already makes this one a downgrade.
+            match self.promoted_newer(pipeline, &next.name, revision).await {
+                Ok(Some(newer)) => {
+                    tracing::debug!(pipeline = %pipeline.reference, environment = %next.name, %revision, %newer, "observed revision is older than one promoted already; not proposed");
+                    self.remember(id);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::debug!(error = %err, "promotion store unavailable; observation retried later");
+                    continue;
+                }
+            }
             let trigger = observed_trigger(&state);
             let source = &environments[index].name;
             match self
@@ -112,6 +127,38 @@ impl Proposer {
             }
         }
         recorded
+    }
+
+    /// A version newer than `revision` (both semantic versions) that a record already
+    /// took, or is taking, into `environment`.
+    async fn promoted_newer(
+        &self,
+        pipeline: &Pipeline,
+        environment: &str,
+        revision: &str,
+    ) -> Result<Option<String>, crate::ports::StoreError> {
+        let Some(proposed) = parse_version(revision) else {
+            return Ok(None);
+        };
+        let records = self
+            .intake
+            .store()
+            .list(&PromotionFilter {
+                pipeline: Some(pipeline.reference.clone()),
+                environment: Some(environment.to_string()),
+            })
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter(|r| r.target_environment == environment)
+            .filter(|r| {
+                matches!(
+                    r.phase,
+                    Phase::Succeeded | Phase::Running | Phase::Pending | Phase::WaitingApproval
+                )
+            })
+            .find(|r| parse_version(&r.revision).is_some_and(|v| v > proposed))
+            .map(|r| r.revision))
     }
 
     fn already_proposed(&self, id: &str) -> bool {
@@ -390,5 +437,25 @@ mod tests {
             "Kustomization/dev-a/app, Kustomization/dev-b/app"
         );
         assert_eq!(f.store.calls().create_if_absent, 1);
+    }
+
+    #[tokio::test]
+    async fn a_rollback_is_not_proposed_where_a_newer_version_was_promoted() {
+        let f = helm();
+        // staging is not watched: only its records say what it ran.
+        f.set("staging", TargetView::NotWatched("embedded mode".into()));
+        f.dev_at("1.2.0");
+        assert_eq!(f.proposer().pass().await, 1);
+        // dev rolls back: no downgrade of staging is proposed, now or later.
+        f.dev_at("1.1.0");
+        let proposer = f.proposer();
+        assert_eq!(proposer.pass().await, 0);
+        assert_eq!(proposer.pass().await, 0);
+        let records = f.records().await;
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].revision, "1.2.0");
+        // A newer one still goes.
+        f.dev_at("1.3.0");
+        assert_eq!(proposer.pass().await, 1);
     }
 }
