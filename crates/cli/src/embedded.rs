@@ -52,7 +52,8 @@ pub(crate) async fn serve(args: ServeArgs, manifests: &Path) -> anyhow::Result<(
             secrets: catalog.clone(),
             store,
             strategies,
-            clusters: ClusterRegistry::new(None, catalog.clone()),
+            clusters: (!args.no_deployment_watch)
+                .then(|| ClusterRegistry::new(None, catalog.clone())),
             hmac_approvals: true,
             wake: Arc::new(tokio::sync::Notify::new()),
         },

@@ -146,10 +146,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Targets in this cluster, and in leaf clusters named by clusterRefs (GitopsClusters
     // and Cluster API kubeconfig Secrets in this cluster).
-    let clusters = ClusterRegistry::new(
-        Some(client.clone()),
-        Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
-    );
+    let clusters = (!args.no_deployment_watch).then(|| {
+        ClusterRegistry::new(
+            Some(client.clone()),
+            Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
+        )
+    });
     let core = Arc::new(build_core(
         Ports {
             pipelines: Arc::new(pipelines.clone()),
@@ -218,7 +220,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         // Namespaces of Pipelines, and of the clusters they target.
                         let mut keep = pipelines.namespaces();
                         if let Ok(all) = pipelines.list().await {
-                            keep.extend(cluster_namespaces(&all));
+                            keep.extend(pipeline_core::deployment::cluster_namespaces(
+                                all.iter().map(|p| p.as_ref()),
+                            ));
                         }
                         secrets.prune(&keep);
                     }
@@ -366,19 +370,4 @@ pub async fn get(namespace: Option<&str>, id: &str) -> anyhow::Result<PromotionR
                     == pipeline_core::promotion_id(&r.pipeline, &r.target_environment, &r.revision)
         })
         .with_context(|| format!("no promotion {id} in {searched}"))
-}
-
-/// Namespaces of the clusters that `pipelines` target (their kubeconfig Secrets live there).
-fn cluster_namespaces(
-    pipelines: &[Arc<pipeline_core::Pipeline>],
-) -> std::collections::BTreeSet<String> {
-    use pipeline_core::deployment::{ClusterKey, target_keys};
-    pipelines
-        .iter()
-        .flat_map(|p| (0..p.spec.environments.len()).flat_map(|i| target_keys(p, i)))
-        .filter_map(|key| match key.cluster {
-            ClusterKey::Remote { namespace, .. } => Some(namespace),
-            ClusterKey::Local => None,
-        })
-        .collect()
 }

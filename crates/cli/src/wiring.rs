@@ -29,8 +29,9 @@ pub(crate) struct Ports {
     pub secrets: Arc<dyn SecretSource>,
     pub store: Arc<dyn PromotionStore>,
     pub strategies: StrategySet,
-    /// How targets' clusters are reached, for watching their deployments.
-    pub clusters: ClusterRegistry,
+    /// How targets' clusters are reached, for watching their deployments; `None` with
+    /// --no-deployment-watch.
+    pub clusters: Option<ClusterRegistry>,
     /// Whether signed HTTP approvals are taken.
     pub hmac_approvals: bool,
     /// Wakes the executor: new records, decisions, deployment changes.
@@ -76,9 +77,9 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
         wake.clone(),
     );
     // Watch every target's app object, propose what is deployed, gate on it.
-    let watcher = (!args.no_deployment_watch).then(|| {
+    let watcher = ports.clusters.map(|clusters| {
         Arc::new(DeploymentWatcher::new(
-            Arc::new(ports.clusters),
+            Arc::new(clusters),
             ports.pipelines,
             wake.clone(),
         ))

@@ -372,6 +372,21 @@ pub fn target_keys(pipeline: &Pipeline, index: usize) -> Vec<TargetKey> {
         .collect()
 }
 
+/// Namespaces holding the kubeconfig Secrets of the clusters `pipelines` target: the
+/// controller reads Secrets there too, so their caches must be kept.
+pub fn cluster_namespaces<'a>(
+    pipelines: impl IntoIterator<Item = &'a Pipeline>,
+) -> std::collections::BTreeSet<String> {
+    pipelines
+        .into_iter()
+        .flat_map(|p| (0..p.spec.environments.len()).flat_map(move |i| target_keys(p, i)))
+        .filter_map(|key| match key.cluster {
+            ClusterKey::Remote { namespace, .. } => Some(namespace),
+            ClusterKey::Local => None,
+        })
+        .collect()
+}
+
 /// Every target of one environment, as seen now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvironmentState {

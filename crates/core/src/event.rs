@@ -58,6 +58,13 @@ pub struct ObjectReference {
 /// names.
 pub const MAX_REVISION_BYTES: usize = 256;
 
+/// Most entries of an event's metadata kept in a record (see [`FluxEvent::enrichment`]).
+pub const MAX_ENRICHMENT_ENTRIES: usize = 16;
+/// Longest metadata key kept.
+pub const MAX_ENRICHMENT_KEY_BYTES: usize = 63;
+/// Longest metadata value kept (longer ones are cut).
+pub const MAX_ENRICHMENT_VALUE_BYTES: usize = 256;
+
 /// Longest accepted event message.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024;
 
@@ -192,6 +199,47 @@ impl FluxEvent {
             .iter()
             .find(|(k, _)| k.ends_with("/revision"))
             .and_then(|(_, v)| non_empty(v))
+    }
+
+    /// What an Alert added to the event (`summary`, `eventMetadata`), for the record:
+    /// every metadata entry but the revision and Flux's own keys, at most
+    /// [`MAX_ENRICHMENT_ENTRIES`] of them, keys printable and short, values bounded and
+    /// with control characters made spaces.
+    pub fn enrichment(&self) -> BTreeMap<String, String> {
+        let group = api_group_of(&self.involved_object.api_version);
+        let revision_keys = [
+            "revision".to_string(),
+            format!("{group}/revision"),
+            format!("{EVENT_METADATA_PREFIX}revision"),
+        ];
+        self.metadata
+            .iter()
+            .filter(|(key, _)| {
+                !revision_keys.contains(key)
+                    && !key.ends_with("/revision")
+                    && !matches!(key.as_str(), "token" | "checksum" | "digest")
+                    && !key.ends_with("/token")
+                    && key.len() <= MAX_ENRICHMENT_KEY_BYTES
+                    && !key.is_empty()
+                    && !key.chars().any(is_unprintable)
+            })
+            .take(MAX_ENRICHMENT_ENTRIES)
+            .map(|(key, value)| {
+                let mut value: String = value
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                if value.len() > MAX_ENRICHMENT_VALUE_BYTES {
+                    let mut end = MAX_ENRICHMENT_VALUE_BYTES;
+                    while !value.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    value.truncate(end);
+                    value.push('…');
+                }
+                (key.clone(), value)
+            })
+            .collect()
     }
 
     /// Classifies the event. Failures, rollbacks and uninstalls are not deployments of a
@@ -333,6 +381,32 @@ mod tests {
         let long = text.replace("podinfo", &"a".repeat(300));
         let err = FluxEvent::from_json(long.as_bytes()).unwrap_err();
         assert!(err.starts_with("involvedObject.name"), "{err}");
+    }
+
+    #[test]
+    fn enrichment_keeps_what_alerts_add_bounded() {
+        let mut e = event("UpgradeSucceeded", "info", "");
+        for (k, v) in [
+            ("revision", "1.0.0"),
+            ("helm.toolkit.fluxcd.io/revision", "1.0.0"),
+            ("token", "secret-digest"),
+            ("summary", "dev cluster\nsecond line"),
+            ("cluster", "leaf-1"),
+            ("team", &"t".repeat(300)),
+        ] {
+            e.metadata.insert(k.into(), v.into());
+        }
+        let kept = e.enrichment();
+        assert_eq!(
+            kept.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["cluster", "summary", "team"]
+        );
+        assert_eq!(kept["summary"], "dev cluster second line");
+        assert!(kept["team"].len() <= MAX_ENRICHMENT_VALUE_BYTES + '…'.len_utf8());
+        for i in 0..40 {
+            e.metadata.insert(format!("k{i:02}"), "v".into());
+        }
+        assert_eq!(e.enrichment().len(), MAX_ENRICHMENT_ENTRIES);
     }
 
     #[test]

@@ -388,7 +388,18 @@ impl Executor {
             ))));
         }
         let now = self.clock.now();
-        let waited = (now - record.created_at).to_std().unwrap_or_default();
+        // Waiting counts from when it last became runnable (recorded, approved,
+        // re-queued), not from its creation: an approval given late gets its own time.
+        let runnable_since = record
+            .history
+            .iter()
+            .rev()
+            .find(|h| {
+                h.phase == crate::promotion::Phase::Pending
+                    && h.reason != crate::promotion::ChangeReason::WaitingForSource
+            })
+            .map_or(record.created_at, |h| h.at);
+        let waited = (now - runnable_since).to_std().unwrap_or_default();
         let shortfall = state.shortfall(&record.revision);
         if waited >= gate.timeout {
             let message = format!(

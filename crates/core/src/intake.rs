@@ -392,7 +392,9 @@ impl Intake {
         key: &str,
     ) -> Result<Option<SecretBytes>, Refusal> {
         match self.secrets.secret_value(namespace, name, key).await {
-            Ok(value) => Ok(value.filter(|v| !v.expose().is_empty())),
+            Ok(value) => Ok(value
+                .map(SecretBytes::trimmed)
+                .filter(|v| !v.expose().is_empty())),
             Err(SecretLookupError::SecretNotFound { namespace, name }) => Err(
                 Refusal::Unauthenticated(format!("secret {namespace}/{name} not found")),
             ),
@@ -414,7 +416,7 @@ impl Intake {
             .secret_value(&reference.namespace, secret_name, HMAC_KEY)
             .await
         {
-            Ok(Some(key)) if !key.expose().is_empty() => Ok(key),
+            Ok(Some(key)) if !key.expose().trim_ascii().is_empty() => Ok(key.trimmed()),
             Ok(_) => Err(Refusal::Unauthenticated(format!(
                 "secret {}/{secret_name} has no {HMAC_KEY:?} key",
                 reference.namespace
@@ -472,7 +474,11 @@ impl Intake {
                 event.involved_object.name
             ),
             cluster: String::new(),
+            metadata: event.enrichment(),
         };
+        if !trigger.metadata.is_empty() {
+            tracing::info!(pipeline = %pipeline.reference, environment = %source.name, %revision, enrichment = ?trigger.metadata, "event enrichment");
+        }
         self.propose(&pipeline, &source.name, revision, trigger)
             .await
     }
@@ -882,6 +888,7 @@ mod tests {
             reporting_controller: "helm-controller".into(),
             object: "HelmRelease/dev/app".into(),
             cluster: String::new(),
+            metadata: Default::default(),
         }
     }
 

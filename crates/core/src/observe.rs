@@ -193,6 +193,7 @@ fn observed_trigger(state: &EnvironmentState) -> Trigger {
         reporting_controller: "pipeline-controller".to_string(),
         object: objects.join(", "),
         cluster: clusters.join(", "),
+        metadata: Default::default(),
     }
 }
 

@@ -22,6 +22,17 @@ impl SecretBytes {
     pub fn expose(&self) -> &[u8] {
         &self.0
     }
+
+    /// The key Flux signs with for this value: notification-controller trims
+    /// surrounding whitespace from a Provider's `token` (Go's `strings.TrimSpace`), so a
+    /// Secret written from a file ending in a newline must be read the same way.
+    pub fn trimmed(self) -> Self {
+        match std::str::from_utf8(&self.0) {
+            Ok(text) if text.trim().len() != text.len() => Self(text.trim().as_bytes().to_vec()),
+            Ok(_) => self,
+            Err(_) => Self(self.0.trim_ascii().to_vec()),
+        }
+    }
 }
 
 impl fmt::Debug for SecretBytes {

@@ -183,6 +183,10 @@ pub struct Trigger {
     /// `<kind>/<namespace>/<name>` of its clusterRef).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
+    /// What the sender added to its event: a Flux Alert's `summary` and `eventMetadata`
+    /// (e.g. `cluster`, `env`, `team`), bounded. Passed on in notifications.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,13 +94,13 @@ pub struct EnvironmentStatus {
     /// The promotion into this environment that waits for an approval, if any.
     #[serde(default)]
     pub waiting_approval: WaitingApproval,
-    /// Written by the Go original (the app object in each target); kept so its objects
-    /// round-trip. This controller does not write it.
+    /// What the controller's watches see of each target's app object (as the Go original
+    /// wrote it): Ready and current, its revision, and why not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub targets: Vec<TargetStatus>,
 }
 
-/// Kept from the Go original's status so its objects round-trip.
+/// One target's app object, as the controller's watch last saw it.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TargetStatus {

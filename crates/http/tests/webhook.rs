@@ -1055,3 +1055,37 @@ async fn signed_approvals_can_be_turned_off() {
     .await;
     assert_error(&answer, StatusCode::FORBIDDEN, "hmac_approvals_disabled");
 }
+
+#[tokio::test]
+async fn a_key_stored_with_a_trailing_newline_verifies_what_flux_signs() {
+    // `kubectl create secret --from-file` keeps the file's newline; notification-controller
+    // trims the Provider's token before signing. Both sides must agree.
+    let catalog = MemoryCatalog::new()
+        .with_pipeline("flux-system", "podinfo", podinfo_spec(Some("newline")))
+        .with_secret(
+            "flux-system",
+            "newline",
+            [("hmac-key", [KEY, b"\n"].concat())],
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap());
+    let catalog = Arc::new(catalog);
+    let metrics = Arc::new(Metrics::new());
+    let intake = Intake::new(
+        catalog.clone(),
+        catalog,
+        store,
+        Arc::new(SystemClock),
+        TimeWindow::default(),
+        metrics.clone(),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let app = router(AppState::new(
+        Arc::new(intake),
+        metrics,
+        HttpSettings::default(),
+    ))
+    .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
+    let answer = post_signed(&app, DEV, event()).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
+}

@@ -61,15 +61,21 @@ const EVENTS_ADDR_CHECKPOINT: &str = "events-addr";
 /// The promotion's details, keys prefixed with the Pipeline API group.
 pub fn annotations(ctx: &PromotionContext<'_>) -> BTreeMap<String, String> {
     let record = ctx.record;
-    [
-        ("environment", record.target_environment.clone()),
-        ("version", record.revision.clone()),
-        ("sourceEnvironment", record.source_environment.clone()),
-        ("promotion", record.id.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("{API_GROUP}/{k}"), v))
-    .collect()
+    // The triggering event's enrichment (an Alert's summary, eventMetadata), then ours.
+    let enrichment = record
+        .trigger
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.clone()));
+    enrichment
+        .chain([
+            ("environment", record.target_environment.clone()),
+            ("version", record.revision.clone()),
+            ("sourceEnvironment", record.source_environment.clone()),
+            ("promotion", record.id.clone()),
+        ])
+        .map(|(k, v)| (format!("{API_GROUP}/{k}"), v))
+        .collect()
 }
 
 #[async_trait]

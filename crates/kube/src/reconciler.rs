@@ -150,7 +150,17 @@ impl Reconciler {
                 _ => {}
             }
         }
-        self.secrets.prune(&self.pipelines.namespaces());
+        // Namespaces of Pipelines, and of the kubeconfig Secrets of the clusters they target.
+        let mut keep = self.pipelines.namespaces();
+        let valid: Vec<Pipeline> = self
+            .pipelines
+            .cache()
+            .state()
+            .iter()
+            .filter_map(|object| validate(object).ok())
+            .collect();
+        keep.extend(pipeline_core::deployment::cluster_namespaces(&valid));
+        self.secrets.prune(&keep);
         for pipeline in self.pipelines.cache().state() {
             if let Err(err) = self.update_pipeline(&pipeline, &waiting).await {
                 tracing::warn!(pipeline = %format!("{}/{}", pipeline.namespace().unwrap_or_default(), pipeline.name_any()), error = %describe(&err), "cannot update the Pipeline status");

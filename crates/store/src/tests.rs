@@ -29,6 +29,7 @@ fn record(
             reporting_controller: "helm-controller".into(),
             object: "HelmRelease/podinfo".into(),
             cluster: String::new(),
+            metadata: Default::default(),
         },
         created,
     )

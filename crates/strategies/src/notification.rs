@@ -10,7 +10,6 @@
 //! retried attempt may deliver the same event again: the `promotion` metadata key carries
 //! the record id for receivers that want to deduplicate.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -95,7 +94,10 @@ impl NotificationWebhook {
     /// timestamps are).
     pub fn event(&self, record: &PromotionRecord, pipeline: &Pipeline) -> FluxEvent {
         let reference = &pipeline.reference;
-        let metadata = BTreeMap::from([
+        // What the triggering event's Alert added (summary, cluster, team...), under
+        // its own keys; ours win where they clash.
+        let mut metadata = record.trigger.metadata.clone();
+        metadata.extend([
             ("environment".to_string(), record.target_environment.clone()),
             ("version".to_string(), record.revision.clone()),
             (
@@ -272,7 +274,7 @@ async fn hmac_key(
         .secret_value(&reference.namespace, secret_name, HMAC_KEY)
         .await
     {
-        Ok(Some(key)) if !key.expose().is_empty() => Ok(key),
+        Ok(Some(key)) if !key.expose().trim_ascii().is_empty() => Ok(key.trimmed()),
         Ok(_) => Err(StrategyError::permanent(format!(
             "secret {}/{secret_name} referenced by pipeline {reference} has no {HMAC_KEY:?} key to sign notifications with",
             reference.namespace
