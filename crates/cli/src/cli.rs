@@ -69,6 +69,10 @@ pub enum Command {
     },
     /// Print the CustomResourceDefinitions (Pipeline, Promotion) as YAML.
     Crds,
+    /// Write the Flux Provider and Alert every leaf cluster needs (a folder per cluster
+    /// and namespace) and a Flux Kustomization per cluster that applies them from the
+    /// management cluster, for a GitOps repository.
+    FluxConfig(FluxConfigArgs),
     /// Inspect promotions.
     Promotions {
         /// What to do with promotions.
@@ -134,6 +138,35 @@ pub struct RecordSource {
     /// access to Promotions when reading from the cluster).
     #[arg(short = 'A', long)]
     pub all_namespaces: bool,
+}
+
+/// Where `flux-config` reads pipelines and writes its folder.
+#[derive(Debug, Args)]
+pub struct FluxConfigArgs {
+    /// Base URL leaf clusters reach the webhook at; each Provider's address is
+    /// `<URL>/pipelines/promotions/<namespace>/<name>/<environment>`.
+    #[arg(long, value_name = "URL", value_parser = crate::values::parse_http_url)]
+    pub public_url: reqwest::Url,
+    /// Folder to write (its clusters/ and management/ subfolders are replaced).
+    #[arg(long, value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Read pipelines (and GitopsClusters) from this manifests folder instead of the
+    /// cluster (KUBECONFIG).
+    #[arg(long, value_name = "DIR")]
+    pub manifests: Option<PathBuf>,
+    /// Only this pipeline (NAMESPACE/NAME) [default: every pipeline].
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub pipeline: Option<String>,
+    /// The output folder's path inside the Git repository the management cluster's Flux
+    /// reads (the Kustomizations' spec.path).
+    #[arg(long, default_value = "./pipelines-wiring")]
+    pub repo_path: String,
+    /// The management cluster's GitRepository holding that repository (NAMESPACE/NAME).
+    #[arg(long, default_value = "flux-system/flux-system")]
+    pub source: String,
+    /// Namespace of the generated Flux Kustomizations in the management cluster.
+    #[arg(long, default_value = "flux-system")]
+    pub kustomization_namespace: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -337,6 +370,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Validate { dir } => Ok(validate::run(&dir)),
+        Command::FluxConfig(args) => {
+            crate::flux_config::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crds => {
             print!(
                 "{}",

@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod embedded;
 mod errors;
+mod flux_config;
 mod keyfile;
 mod kubeconfig;
 mod kubernetes;

@@ -983,3 +983,92 @@ async fn mistaken_invocations_get_one_line_and_exit_code_2() {
         &stdout[..stdout.len().min(300)]
     );
 }
+
+#[tokio::test]
+async fn flux_config_writes_the_wiring_for_gitops_deterministically() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    // The quickstart's dev clusterRef names GitopsCluster flux-system/dev: add it.
+    std::fs::write(
+        manifests.join("clusters.yaml"),
+        "apiVersion: gitops.weave.works/v1alpha1\nkind: GitopsCluster\nmetadata:\n  name: dev\n  namespace: flux-system\nspec:\n  secretRef:\n    name: dev-kubeconfig\n",
+    )
+    .unwrap();
+    let out = dir.path().join("wiring");
+    let run = |out: &std::path::Path| {
+        run_cli(&[
+            "flux-config",
+            "--public-url",
+            "https://pipelines.example.com",
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--manifests",
+            manifests.to_str().unwrap(),
+        ])
+    };
+    let (code, stdout, stderr) = run(&out);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("wrote"), "{stdout}");
+    // staging's GitopsCluster is missing: said, not guessed.
+    assert!(
+        stderr.contains("GitopsCluster flux-system/staging not found"),
+        "{stderr}"
+    );
+    let read = |path: &str| std::fs::read_to_string(out.join(path)).unwrap();
+    let remote = read("management/flux-system-dev.yaml");
+    assert!(remote.contains("name: dev-kubeconfig"), "{remote}");
+    assert!(
+        remote.contains("path: ./pipelines-wiring/clusters/flux-system-dev"),
+        "{remote}"
+    );
+    let folder = out.join("clusters/flux-system-dev/podinfo-dev");
+    let mut names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let provider = std::fs::read_to_string(folder.join(&names[1])).unwrap();
+    assert!(
+        provider.contains(
+            "address: https://pipelines.example.com/pipelines/promotions/flux-system/podinfo/dev"
+        ),
+        "{provider}"
+    );
+    assert!(provider.contains("type: generic-hmac"), "{provider}");
+    // Never a key in the output.
+    for entry in walk(&out) {
+        let text = std::fs::read_to_string(entry).unwrap();
+        assert!(!text.contains(KEY) && !text.contains(APPROVAL_KEY));
+    }
+    // Deterministic: a second run over the same folder changes nothing.
+    let before: Vec<(std::path::PathBuf, String)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap()))
+        .collect();
+    let (code, _, _) = run(&out);
+    assert_eq!(code, 0);
+    let after: Vec<(std::path::PathBuf, String)> = walk(&out)
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read_to_string(&p).unwrap()))
+        .collect();
+    assert_eq!(before, after);
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in std::fs::read_dir(&current).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}

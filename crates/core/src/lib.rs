@@ -8,6 +8,7 @@
 pub mod deployment;
 pub mod event;
 pub mod executor;
+pub mod flux_wiring;
 pub mod intake;
 pub mod metrics;
 pub mod observe;
