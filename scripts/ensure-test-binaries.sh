@@ -3,6 +3,8 @@
 #   etcd, kube-apiserver   from tools/envtest (Go module pinning k8s.io/kubernetes + etcd)
 #   gitea                  from tools/gitea   (Go module pinning code.gitea.io/gitea)
 #   helm                   from tools/helm    (Go module pinning helm.sh/helm/v3; renders the chart)
+#   flux-crds              Flux's HelmRelease and Kustomization CRDs (config/crd/bases/*.yaml of
+#                          github.com/fluxcd/helm-controller and kustomize-controller, pinned below)
 #
 # Everything comes from the Go module proxy; nothing is downloaded from release pages.
 # Binaries are cached OUTSIDE the checkout, keyed by version:
@@ -12,7 +14,7 @@
 # nothing half-written behind. The shared GOCACHE/GOMODCACHE are used as they are.
 #
 # Usage:
-#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea|helm ...]
+#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea|helm|flux-crds ...]
 #
 #   (no component)   same as "all"
 #   kube             etcd + kube-apiserver
@@ -23,11 +25,17 @@
 #   PIPELINE_ETCD_BIN, PIPELINE_KUBE_APISERVER_BIN, PIPELINE_GITEA_BIN,
 #   PIPELINE_GITEA_STATIC_ROOT (dir holding Gitea's options/ templates/ public/; put it in
 #   app.ini as [server] STATIC_ROOT_PATH), PIPELINE_ETCD_VERSION, PIPELINE_KUBE_VERSION,
-#   PIPELINE_GITEA_VERSION, PIPELINE_HELM_BIN, PIPELINE_HELM_VERSION, PIPELINE_TOOLS_CACHE.
+#   PIPELINE_GITEA_VERSION, PIPELINE_HELM_BIN, PIPELINE_HELM_VERSION, PIPELINE_TOOLS_CACHE,
+#   PIPELINE_FLUX_CRDS_DIR (dir holding the Flux CRD YAML files).
 set -euo pipefail
 
 # Bump when the way binaries are built changes (flags, layout) to force a rebuild.
 RECIPE=1
+
+# Flux controllers whose CRDs the watch tests install (their config/crd/bases/*.yaml, taken
+# from the Go module proxy like everything else; nothing is built).
+FLUX_HELM_CONTROLLER_VERSION=v1.4.0
+FLUX_KUSTOMIZE_CONTROLLER_VERSION=v1.6.0
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}"
@@ -38,22 +46,23 @@ die() { log "error: $*"; exit 1; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 print_env=0
-want_etcd=0 want_kas=0 want_gitea=0 want_helm=0
+want_etcd=0 want_kas=0 want_gitea=0 want_helm=0 want_flux=0
 for arg in "$@"; do
   case "$arg" in
     --print-env) print_env=1 ;;
-    all) want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 ;;
+    all) want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1 ;;
     kube | envtest) want_etcd=1 want_kas=1 ;;
     etcd) want_etcd=1 ;;
     kube-apiserver) want_kas=1 ;;
     gitea) want_gitea=1 ;;
     helm) want_helm=1 ;;
+    flux-crds) want_flux=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $arg" ;;
   esac
 done
-if ((want_etcd + want_kas + want_gitea + want_helm == 0)); then
-  want_etcd=1 want_kas=1 want_gitea=1 want_helm=1
+if ((want_etcd + want_kas + want_gitea + want_helm + want_flux == 0)); then
+  want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1
 fi
 
 
@@ -84,6 +93,9 @@ ETCD_BIN="$ETCD_HOME/etcd"
 KAS_BIN="$KAS_HOME/kube-apiserver"
 GITEA_BIN="$GITEA_HOME/gitea"
 HELM_BIN="$HELM_HOME/helm"
+FLUX_CRDS_HOME="$CACHE/flux-crds-hc${FLUX_HELM_CONTROLLER_VERSION#v}-kc${FLUX_KUSTOMIZE_CONTROLLER_VERSION#v}-r$RECIPE"
+# Written last into the staging dir, so its presence in the published dir means complete.
+FLUX_CRDS_STAMP="$FLUX_CRDS_HOME/MODULES"
 
 missing() {
   local need=0
@@ -91,6 +103,7 @@ missing() {
   ((want_kas)) && [[ ! -x "$KAS_BIN" ]] && need=1
   ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]] && need=1
   ((want_helm)) && [[ ! -x "$HELM_BIN" ]] && need=1
+  ((want_flux)) && [[ ! -f "$FLUX_CRDS_STAMP" ]] && need=1
   ((need))
 }
 
@@ -98,12 +111,14 @@ TMPDIRS=()
 cleanup() { local d; for d in "${TMPDIRS[@]+"${TMPDIRS[@]}"}"; do rm -rf "$d"; done; }
 trap cleanup EXIT
 
-# new_tmp NAME -> prints a fresh temp dir inside the cache (same filesystem, so mv is atomic)
+# new_tmp NAME VAR: sets VAR to a fresh temp dir inside the cache (same filesystem, so mv
+# is atomic), removed on exit unless published. Not `$(new_tmp ...)`: in a subshell the
+# dir would never reach TMPDIRS, and a failed build would leave it behind.
 new_tmp() {
   local d
   d=$(mktemp -d "$CACHE/.tmp-$1.XXXXXX")
   TMPDIRS+=("$d")
-  printf '%s' "$d"
+  printf -v "$2" '%s' "$d"
 }
 
 # publish TMP FINAL: atomically move a finished build into place.
@@ -123,7 +138,7 @@ go_build() {
 
 build_etcd() {
   local tmp start
-  tmp=$(new_tmp etcd)
+  new_tmp etcd tmp
   start=$SECONDS
   log "building etcd $ETCD_VERSION (go.etcd.io/etcd/server/v3) ..."
   CGO_ENABLED=0 go_build "$ENVTEST_DIR" "$tmp/etcd" go.etcd.io/etcd/server/v3 "-s -w"
@@ -142,7 +157,7 @@ build_kas() {
     ldflags+=" -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=$major -X $p.gitMinor=$minor"
     ldflags+=" -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
   done
-  tmp=$(new_tmp kube-apiserver)
+  new_tmp kube-apiserver tmp
   start=$SECONDS
   log "building kube-apiserver $KUBE_VERSION (k8s.io/kubernetes/cmd/kube-apiserver); this takes a while ..."
   CGO_ENABLED=0 go_build "$ENVTEST_DIR" "$tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver "$ldflags"
@@ -153,7 +168,7 @@ build_kas() {
 build_gitea() {
   local tmp start src tags="sqlite sqlite_unlock_notify"
   command -v "${CC:-gcc}" >/dev/null 2>&1 || die "Gitea's SQLite driver needs cgo: install gcc (apt-get install gcc)"
-  tmp=$(new_tmp gitea)
+  new_tmp gitea tmp
   start=$SECONDS
   log "building gitea $GITEA_VERSION (code.gitea.io/gitea, tags: $tags); this takes a while ..."
   CGO_ENABLED=1 go_build "$GITEA_DIR" "$tmp/gitea" code.gitea.io/gitea \
@@ -172,7 +187,7 @@ build_gitea() {
 
 build_helm() {
   local tmp start pkg=helm.sh/helm/v3/internal/version
-  tmp=$(new_tmp helm)
+  new_tmp helm tmp
   start=$SECONDS
   log "building helm $HELM_VERSION (helm.sh/helm/v3/cmd/helm) ..."
   CGO_ENABLED=0 go_build "$HELM_DIR" "$tmp/helm" helm.sh/helm/v3/cmd/helm \
@@ -181,19 +196,54 @@ build_helm() {
   log "built $HELM_BIN in $((SECONDS - start))s"
 }
 
+fetch_flux_crds() {
+  local tmp start work out dirs mod dir n=0
+  local hc=github.com/fluxcd/helm-controller kc=github.com/fluxcd/kustomize-controller
+  new_tmp flux-crds tmp
+  start=$SECONDS
+  log "fetching Flux CRDs ($hc@$FLUX_HELM_CONTROLLER_VERSION, $kc@$FLUX_KUSTOMIZE_CONTROLLER_VERSION) ..."
+  # Outside any module (an empty dir; GOWORK=off above): `go mod download` then fetches
+  # exactly the named module versions into the shared module cache.
+  new_tmp flux-crds-work work
+  [[ "$(cd "$work" && go env GOMOD)" == /dev/null ]] ||
+    die "$work is inside a Go module; cannot fetch the Flux CRDs there"
+  out=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json \
+    "$hc@$FLUX_HELM_CONTROLLER_VERSION" "$kc@$FLUX_KUSTOMIZE_CONTROLLER_VERSION") ||
+    die "go mod download of the Flux controllers failed: $out"
+  # Top-level keys are indented by one tab; "Origin" nests its own by two.
+  if grep -q $'^\t"Error":' <<<"$out"; then die "go mod download: $out"; fi
+  dirs=$(awk -F'"' '/^\t"Path":/ { p = $4 } /^\t"Dir":/ { print p "\t" $4 }' <<<"$out")
+  for mod in "$hc" "$kc"; do
+    dir=$(awk -F'\t' -v m="$mod" '$1 == m { print $2 }' <<<"$dirs")
+    [[ -n "$dir" && -d "$dir/config/crd/bases" ]] || die "no config/crd/bases in $mod (${dir:-not downloaded})"
+    for f in "$dir"/config/crd/bases/*.yaml; do
+      [[ -e "$f" ]] || die "no CRD files in $dir/config/crd/bases"
+      cp "$f" "$tmp/"
+      n=$((n + 1))
+    done
+  done
+  chmod 644 "$tmp"/*.yaml # module cache files are read-only
+  {
+    echo "$hc $FLUX_HELM_CONTROLLER_VERSION"
+    echo "$kc $FLUX_KUSTOMIZE_CONTROLLER_VERSION"
+  } >"$tmp/MODULES"
+  publish "$tmp" "$FLUX_CRDS_HOME"
+  log "fetched $n Flux CRD files into $FLUX_CRDS_HOME in $((SECONDS - start))s"
+}
+
 write_env_file() {
   local tmp
   tmp=$(mktemp "$CACHE/.env.sh.XXXXXX")
   {
     echo "# Written by scripts/ensure-test-binaries.sh; source it to find the test binaries."
     printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-    env_lines 1 1 1 1
+    env_lines 1 1 1 1 1
   } >"$tmp"
   chmod 644 "$tmp"
   mv -f "$tmp" "$CACHE/env.sh"
 }
 
-# env_lines ETCD KAS GITEA HELM: export lines for the selected binaries that exist.
+# env_lines ETCD KAS GITEA HELM FLUX: export lines for the selected components that exist.
 env_lines() {
   if (($1)) && [[ -x "$ETCD_BIN" ]]; then
     printf 'export PIPELINE_ETCD_BIN=%q\n' "$ETCD_BIN"
@@ -212,6 +262,9 @@ env_lines() {
     printf 'export PIPELINE_HELM_BIN=%q\n' "$HELM_BIN"
     printf 'export PIPELINE_HELM_VERSION=%q\n' "$HELM_VERSION"
   fi
+  if (($5)) && [[ -f "$FLUX_CRDS_STAMP" ]]; then
+    printf 'export PIPELINE_FLUX_CRDS_DIR=%q\n' "$FLUX_CRDS_HOME"
+  fi
 }
 
 mkdir -p "$CACHE"
@@ -229,6 +282,7 @@ if missing; then
   if ((want_kas)) && [[ ! -x "$KAS_BIN" ]]; then build_kas; fi
   if ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]]; then build_gitea; fi
   if ((want_helm)) && [[ ! -x "$HELM_BIN" ]]; then build_helm; fi
+  if ((want_flux)) && [[ ! -f "$FLUX_CRDS_STAMP" ]]; then fetch_flux_crds; fi
   write_env_file
   flock -u 9
   exec 9>&-
@@ -238,11 +292,12 @@ fi
 
 if ((print_env)); then
   printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-  env_lines "$want_etcd" "$want_kas" "$want_gitea" "$want_helm"
+  env_lines "$want_etcd" "$want_kas" "$want_gitea" "$want_helm" "$want_flux"
 else
   ((want_etcd)) && echo "etcd            $ETCD_VERSION  $ETCD_BIN"
   ((want_kas)) && echo "kube-apiserver  $KUBE_VERSION  $KAS_BIN"
   ((want_gitea)) && echo "gitea           $GITEA_VERSION  $GITEA_BIN  (STATIC_ROOT_PATH=$GITEA_HOME)"
   ((want_helm)) && echo "helm            $HELM_VERSION  $HELM_BIN"
+  ((want_flux)) && echo "flux-crds       helm-controller $FLUX_HELM_CONTROLLER_VERSION, kustomize-controller $FLUX_KUSTOMIZE_CONTROLLER_VERSION  $FLUX_CRDS_HOME"
   echo "env file: $CACHE/env.sh"
 fi

@@ -50,6 +50,23 @@ pub fn helm_binary() -> Result<PathBuf, Error> {
     )
 }
 
+/// The directory of Flux's CRD manifests (HelmRelease, Kustomization) fetched by
+/// `scripts/ensure-test-binaries.sh flux-crds`: `PIPELINE_FLUX_CRDS_DIR`, else the tools
+/// cache's env.sh (as [`Binaries::locate`]). Fails, saying how to fetch them, when missing.
+pub fn flux_crds_dir() -> Result<PathBuf, Error> {
+    const HINT: &str = "run `scripts/ensure-test-binaries.sh flux-crds` (it copies them from the Go module proxy into the cache once), or point PIPELINE_FLUX_CRDS_DIR at a directory of CRD YAML files";
+    match lookup("PIPELINE_FLUX_CRDS_DIR") {
+        Some(dir) if dir.is_dir() => Ok(dir),
+        Some(dir) => Err(Error::MissingBinaries(format!(
+            "Flux CRD directory {} (PIPELINE_FLUX_CRDS_DIR) does not exist: {HINT}",
+            dir.display()
+        ))),
+        None => Err(Error::MissingBinaries(format!(
+            "no Flux CRDs: PIPELINE_FLUX_CRDS_DIR is unset and the tools cache has none: {HINT}"
+        ))),
+    }
+}
+
 /// `var` from the environment, else from `<cache>/env.sh`.
 fn lookup(var: &str) -> Option<PathBuf> {
     if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {

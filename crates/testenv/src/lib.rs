@@ -18,9 +18,17 @@
 //! ```
 //!
 //! Environment: `PIPELINE_ETCD_BIN`, `PIPELINE_KUBE_APISERVER_BIN` (else the tools cache,
-//! see [`Binaries::locate`]); `PIPELINE_TESTENV_KEEP=1` keeps each cluster's directory
-//! (certificates, kubeconfigs, logs) and prints its path; `PIPELINE_TESTENV_TIMEOUT_SECS`
-//! bounds each readiness wait (default 90).
+//! see [`Binaries::locate`]); `PIPELINE_FLUX_CRDS_DIR` for
+//! [`TestCluster::install_flux_crds`] (else the tools cache, see [`flux_crds_dir`]);
+//! `PIPELINE_TESTENV_KEEP=1` keeps each cluster's directory (certificates, kubeconfigs,
+//! logs) and prints its path; `PIPELINE_TESTENV_TIMEOUT_SECS` bounds each readiness wait
+//! (default 90).
+//!
+//! For tests of the deployment watch: [`TestCluster::install_flux_crds`] (Flux's real
+//! HelmRelease and Kustomization CRDs), [`TestCluster::install_gitops_cluster_crd`],
+//! [`TestCluster::kubeconfig_yaml`] / [`TestCluster::user_kubeconfig_yaml`] (inline
+//! kubeconfigs to put in a leaf cluster's kubeconfig Secret) and
+//! [`TestCluster::active_watches`] (the API server's count of open WATCH requests).
 #![forbid(unsafe_code)]
 
 mod apply;
@@ -46,7 +54,7 @@ use kube::{Client, Config};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub use apply::{apply_yaml, parse_yaml_documents};
-pub use binaries::{Binaries, helm_binary};
+pub use binaries::{Binaries, flux_crds_dir, helm_binary};
 
 /// Field manager of everything this crate applies.
 pub const FIELD_MANAGER: &str = "pipeline-testenv";
@@ -234,6 +242,20 @@ impl TestCluster {
     /// (`KUBECONFIG=...` or `--kubeconfig`).
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig_path
+    }
+
+    /// The admin kubeconfig as YAML: server `https://127.0.0.1:<port>`, the CA and the
+    /// admin client certificate and key inline (`*-data`, no file paths), so it works
+    /// from anywhere, e.g. as the kubeconfig Secret of a leaf cluster.
+    pub fn kubeconfig_yaml(&self) -> Result<String, Error> {
+        to_yaml(&read_json(&self.kubeconfig_path)?)
+    }
+
+    /// A kubeconfig (YAML, certificates inline) for `user` in `groups`, with a client
+    /// certificate minted now: each call gives different bytes for the same cluster
+    /// (`&["system:masters"]` makes the user an admin). At most two groups.
+    pub fn user_kubeconfig_yaml(&self, user: &str, groups: &[&str]) -> Result<String, Error> {
+        to_yaml(&self.user_kubeconfig_json(user, groups)?)
     }
 
     /// `https://127.0.0.1:<port>`.
@@ -453,6 +475,81 @@ impl TestCluster {
         Ok(())
     }
 
+    /// Applies every CRD in the Flux CRD directory ([`flux_crds_dir`]: HelmRelease and
+    /// Kustomization, as fetched by `scripts/ensure-test-binaries.sh flux-crds`) and waits
+    /// until each is `Established` and its versions are served.
+    pub async fn install_flux_crds(&self) -> Result<(), Error> {
+        let dir = flux_crds_dir()?;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|ext| ext == "yaml" || ext == "yml")
+            })
+            .collect();
+        files.sort();
+        let mut crds = Vec::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Error::io(format!("reading {}", file.display()), e))?;
+            for doc in parse_yaml_documents(&text)? {
+                if doc["kind"] != "CustomResourceDefinition" {
+                    continue;
+                }
+                let crd: CustomResourceDefinition = serde_json::from_value(doc)
+                    .map_err(|e| Error::Other(format!("{}: not a CRD: {e}", file.display())))?;
+                crds.push(crd);
+            }
+        }
+        if crds.is_empty() {
+            return Err(Error::Other(format!(
+                "no CustomResourceDefinition in {}",
+                dir.display()
+            )));
+        }
+        self.install_crd_list(&crds).await
+    }
+
+    /// Applies a minimal CRD for Weave GitOps' `GitopsCluster`
+    /// (`gitopsclusters.gitops.weave.works`, `v1alpha1`, namespaced, with a status
+    /// subresource; `spec` and `status` keep any fields) and waits until it is served.
+    /// Enough to create GitopsClusters whose `spec.secretRef` / `spec.capiClusterRef`
+    /// name a kubeconfig Secret.
+    pub async fn install_gitops_cluster_crd(&self) -> Result<(), Error> {
+        let crd: CustomResourceDefinition = serde_json::from_value(serde_json::json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "gitopsclusters.gitops.weave.works"},
+            "spec": {
+                "group": "gitops.weave.works",
+                "names": {
+                    "kind": "GitopsCluster",
+                    "listKind": "GitopsClusterList",
+                    "plural": "gitopsclusters",
+                    "singular": "gitopscluster",
+                    "shortNames": ["gc"],
+                },
+                "scope": "Namespaced",
+                "versions": [{
+                    "name": "v1alpha1",
+                    "served": true,
+                    "storage": true,
+                    "subresources": {"status": {}},
+                    "schema": {"openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        },
+                    }},
+                }],
+            },
+        }))
+        .map_err(|e| Error::Other(format!("GitopsCluster CRD: {e}")))?;
+        self.install_crd_list(&[crd]).await
+    }
+
     /// Server-side applies every document of a (multi-document) YAML stream as admin,
     /// in order; see [`apply_yaml`].
     pub async fn apply_yaml(&self, yaml: &str) -> Result<Vec<kube::api::DynamicObject>, Error> {
@@ -463,6 +560,24 @@ impl TestCluster {
     /// API server, nothing stored.
     pub async fn dry_run_yaml(&self, yaml: &str) -> Result<Vec<kube::api::DynamicObject>, Error> {
         apply_yaml(&self.client(), yaml, true).await
+    }
+
+    /// kube-apiserver's Prometheus metrics (`GET /metrics` as admin), as text.
+    pub async fn metrics_text(&self) -> Result<String, Error> {
+        let request = http::Request::get("/metrics")
+            .body(Vec::new())
+            .map_err(|e| Error::Other(format!("building GET /metrics: {e}")))?;
+        self.client
+            .request_text(request)
+            .await
+            .map_err(|e| Error::kube("GET /metrics", e))
+    }
+
+    /// How many WATCH requests on `resource` (plural) of API group `group` (`""` for the
+    /// core group) the API server is serving now, from any client: the sum of
+    /// `apiserver_longrunning_requests{verb="WATCH",group=...,resource=...}`.
+    pub async fn active_watches(&self, group: &str, resource: &str) -> Result<u64, Error> {
+        Ok(sum_watches(&self.metrics_text().await?, group, resource))
     }
 
     /// Stops kube-apiserver gracefully (SIGTERM, SIGKILL after 10 s); etcd keeps running
@@ -841,6 +956,30 @@ async fn client_from_kubeconfig(json: serde_json::Value) -> Result<Client, Error
     Client::try_from(config).map_err(|e| Error::kube("building a client", e))
 }
 
+/// Sums the `apiserver_longrunning_requests` samples for WATCHes of `group`/`resource`.
+fn sum_watches(metrics: &str, group: &str, resource: &str) -> u64 {
+    let want = [
+        "verb=\"WATCH\"".to_owned(),
+        format!("group=\"{group}\""),
+        format!("resource=\"{resource}\""),
+    ];
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("apiserver_longrunning_requests{"))
+        .filter_map(|rest| rest.split_once('}'))
+        .filter(|(labels, _)| {
+            let labels: Vec<&str> = labels.split(',').collect();
+            want.iter().all(|w| labels.contains(&w.as_str()))
+        })
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .map(|value| value.max(0.0) as u64)
+        .sum()
+}
+
+fn to_yaml(value: &serde_json::Value) -> Result<String, Error> {
+    serde_saphyr::to_string(value).map_err(|e| Error::Other(format!("writing YAML: {e}")))
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value, Error> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
@@ -879,4 +1018,24 @@ fn tail(path: &Path, lines: usize) -> String {
     };
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn watches_are_summed_from_longrunning_requests() {
+        let metrics = r#"# HELP apiserver_longrunning_requests [STABLE] Gauge
+# TYPE apiserver_longrunning_requests gauge
+apiserver_longrunning_requests{component="apiserver",group="helm.toolkit.fluxcd.io",resource="helmreleases",scope="cluster",subresource="",verb="WATCH",version="v2"} 2
+apiserver_longrunning_requests{component="apiserver",group="helm.toolkit.fluxcd.io",resource="helmreleases",scope="namespace",subresource="",verb="WATCH",version="v2"} 1
+apiserver_longrunning_requests{component="apiserver",group="",resource="secrets",scope="cluster",subresource="",verb="WATCH",version="v1"} 5
+apiserver_longrunning_requests{component="apiserver",group="helm.toolkit.fluxcd.io",resource="helmreleases",scope="cluster",subresource="",verb="LIST",version="v2"} 7
+"#;
+        assert_eq!(
+            super::sum_watches(metrics, "helm.toolkit.fluxcd.io", "helmreleases"),
+            3
+        );
+        assert_eq!(super::sum_watches(metrics, "", "secrets"), 5);
+        assert_eq!(super::sum_watches(metrics, "apps", "deployments"), 0);
+    }
 }
