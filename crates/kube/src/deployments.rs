@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client, ResourceExt};
 use pipeline_core::PipelineSource;
@@ -281,15 +280,22 @@ impl DeploymentWatcher {
             }
         };
         let api: Api<DynamicObject> = Api::all_with(client, &resource);
-        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        // Backoff is ours, not kube-runtime's: that one only resets after an event and
+        // adds up to 100% jitter, so a leaf that came back could wait a grown delay twice
+        // (reconnect, then the 410 a restarted server gives the old resourceVersion).
+        let stream = watcher(api, watcher::Config::default());
         futures::pin_mut!(stream);
         let mut listing: Objects = HashMap::new();
+        let mut backoff = Duration::from_millis(500);
         loop {
             let item = tokio::select! {
                 () = stop.cancelled() => return,
                 item = stream.next() => item,
             };
             let Some(item) = item else { return };
+            if item.is_ok() {
+                backoff = Duration::from_millis(500);
+            }
             match item {
                 Ok(Event::Init) => listing.clear(),
                 Ok(Event::InitApply(object)) => {
@@ -317,10 +323,20 @@ impl DeploymentWatcher {
                     let key = object_key(&object);
                     self.update(&cluster, kind, |watch| watch.objects.remove(&key).is_some());
                 }
+                // The server no longer has our position (e.g. it restarted): the watcher
+                // lists again on the next poll, which is now.
+                Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                    tracing::debug!(%cluster, %kind, "watch position expired; listing again");
+                }
                 Err(err) => {
                     let why = err.to_string();
-                    tracing::debug!(%cluster, %kind, error = %why, "watch failed; retrying with backoff");
+                    tracing::debug!(%cluster, %kind, error = %why, retry_in_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX), "watch failed; retrying with backoff");
                     self.kind_failed(&cluster, kind, why);
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
