@@ -841,3 +841,101 @@ async fn deleting_the_pipeline_releases_its_watches() {
     let recorded = wait_recorded(&fleet.kube(), "staging", "1.2.0", Duration::from_secs(10)).await;
     wait_succeeded(&fleet.kube(), &recorded).await;
 }
+
+/// Embedded mode watches leaf clusters too: the manifests folder holds the Pipeline, a
+/// GitopsCluster and its kubeconfig Secret; a dev target becoming Ready at a version is
+/// promoted without any webhook, and a signed event for a version the leaf does not run
+/// waits at the health gate.
+#[tokio::test]
+async fn embedded_mode_watches_a_leaf_cluster_named_in_the_folder() {
+    let _turn = TURN.lock().await;
+    let leaf = TestCluster::start_named("embedded-leaf").await.unwrap();
+    leaf.install_flux_crds().await.unwrap();
+    leaf.ensure_namespace("podinfo-dev").await.unwrap();
+    create_release(&leaf, "podinfo-dev").await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).unwrap();
+    std::fs::write(manifests.join("secret.yaml"), QUICKSTART_SECRET).unwrap();
+    let kubeconfig = leaf.kubeconfig_yaml().unwrap();
+    let indented: String = kubeconfig.lines().map(|l| format!("    {l}\n")).collect();
+    std::fs::write(
+        manifests.join("leaf.yaml"),
+        format!(
+            "apiVersion: gitops.weave.works/v1alpha1\nkind: GitopsCluster\nmetadata:\n  name: leaf\n  namespace: flux-system\nspec:\n  secretRef:\n    name: leaf-kubeconfig\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: leaf-kubeconfig\n  namespace: flux-system\nstringData:\n  value.yaml: |\n{indented}"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        manifests.join("pipeline.yaml"),
+        "apiVersion: pipelines.weave.works/v1alpha1\nkind: Pipeline\nmetadata:\n  name: podinfo\n  namespace: flux-system\nspec:\n  appRef:\n    apiVersion: helm.toolkit.fluxcd.io/v2\n    kind: HelmRelease\n    name: podinfo\n  environments:\n    - name: dev\n      targets:\n        - namespace: podinfo-dev\n          clusterRef:\n            kind: GitopsCluster\n            name: leaf\n    - name: staging\n      targets:\n        - namespace: podinfo-staging\n  promotion:\n    strategy:\n      secretRef:\n        name: podinfo-promotion-hmac\n      notification: {}\n",
+    )
+    .unwrap();
+    let receiver = Receiver::start(vec![], Duration::ZERO).await;
+    let service = support::Service::start(
+        &manifests,
+        &dir.path().join("state.redb"),
+        &["--notify-url", &receiver.url()],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !service.logs().contains("watching a cluster's app objects") {
+        assert!(
+            Instant::now() < deadline,
+            "never watched the leaf:\n{}",
+            service.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The leaf deploys 1.5.0: observed and promoted, no webhook.
+    release(&leaf, "podinfo-dev", "1.5.0", Outcome::Deployed).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let observed = loop {
+        let records = support::get_json(&service, "/api/v1/promotions").await;
+        if let Some(found) = records
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["revision"] == "1.5.0")
+        {
+            break found.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "1.5.0 never proposed:\n{}",
+            service.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(observed["trigger"]["source"], "observed");
+    assert_eq!(
+        observed["trigger"]["cluster"],
+        "GitopsCluster/flux-system/leaf"
+    );
+    let id = observed["id"].as_str().unwrap();
+    support::wait_for(&service, id, "Succeeded", |r| r["phase"] == "Succeeded").await;
+
+    // A signed event for 2.0.0 while the leaf still runs 1.5.0: held at the gate.
+    let (status, held) = support::post_event(&service, "dev", event("podinfo-dev", "2.0.0")).await;
+    assert_eq!(status, 202, "{held}");
+    let held_id = held["id"].as_str().unwrap().to_string();
+    support::wait_for(&service, &held_id, "held", |r| {
+        r["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("waiting for 1 of 1 targets"))
+    })
+    .await;
+    assert_eq!(receiver.count(), 1);
+
+    // Then it deploys 2.0.0: the held promotion runs (and is not proposed twice).
+    release(&leaf, "podinfo-dev", "2.0.0", Outcome::Deployed).await;
+    let done = support::wait_for(&service, &held_id, "Succeeded", |r| {
+        r["phase"] == "Succeeded"
+    })
+    .await;
+    assert_eq!(done["trigger"]["source"], "webhook");
+    let records = support::get_json(&service, "/api/v1/promotions").await;
+    assert_eq!(records.as_array().unwrap().len(), 2, "{records:#}");
+    assert_eq!(receiver.count(), 2);
+}
