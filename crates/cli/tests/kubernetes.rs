@@ -499,3 +499,76 @@ async fn manual_approval_through_the_kubernetes_api() {
     drop(with_hmac);
     drop(controller);
 }
+
+#[tokio::test]
+async fn a_failed_promotion_is_retried_through_the_kubernetes_api() {
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    cluster
+        .apply_yaml(include_str!("../../../deploy/user-roles.yaml"))
+        .await
+        .unwrap();
+    cluster
+        .apply_yaml(include_str!("../../../deploy/admission-policy.yaml"))
+        .await
+        .unwrap();
+    cluster
+        .apply_yaml(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: approvers\n  namespace: flux-system\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: ClusterRole\n  name: pipeline-approver\nsubjects:\n  - kind: User\n    name: carol\n    apiGroup: rbac.authorization.k8s.io\n",
+        )
+        .await
+        .unwrap();
+    // The receiver refuses the first delivery; one attempt allowed: Failed.
+    let receiver = Receiver::start(vec![500], Duration::ZERO).await;
+    let controller = Controller::start(
+        &cluster,
+        "solo",
+        &["--events-addr", &receiver.url(), "--max-attempts", "1"],
+    );
+    let response = post_ready(&controller, "dev", "8.0.0", "podinfo-dev").await;
+    let id = recorded_id(response).await;
+    wait_promotion(&kube, &id, "Failed", |p| phase(p) == "Failed").await;
+
+    let carol = cluster.user_kubeconfig("carol", &[]).unwrap();
+    // The policy may need a moment after it is created: retry the command, bounded.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = run_cli(&carol, &["promotions", "retry", &id, "-n", "flux-system"]);
+        if code == 0 {
+            assert!(out.contains("re-queued 8.0.0"), "{out}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "retry refused: {out}{err}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
+    let status = done.status.unwrap();
+    assert_eq!(status.decided_by.as_deref(), Some("carol"));
+    let reasons: Vec<&str> = status.history.iter().map(|h| h.reason.as_str()).collect();
+    assert!(
+        reasons.ends_with(&["Failed", "Retried", "Started", "Succeeded"]),
+        "{reasons:?}"
+    );
+    // Taken once: the same request is not applied again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let again = Api::<Promotion>::namespaced(kube.clone(), "flux-system")
+        .get(&id)
+        .await
+        .unwrap();
+    assert_eq!(phase(&again), "Succeeded");
+    // A retried-by naming someone else is refused by the admission policy.
+    let forged = serde_json::json!({"metadata": {"annotations": {
+        "pipelines.weave.works/retry": "again",
+        "pipelines.weave.works/retried-by": "alice",
+    }}});
+    let err = Api::<Promotion>::namespaced(
+        cluster.user_client("carol", &[]).await.unwrap(),
+        "flux-system",
+    )
+    .patch(&id, &PatchParams::default(), &Patch::Merge(&forged))
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("must be your own username"), "{err}");
+    drop(controller);
+}
