@@ -20,6 +20,7 @@ use pipeline_crds::{Approval, Promotion, RETRIED_BY_ANNOTATION, RETRY_ANNOTATION
 use tokio::sync::Notify;
 
 use crate::convert;
+use crate::watch::AbortOnDrop;
 
 /// What is kept of one Promotion.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,20 +76,7 @@ pub struct PromotionCache {
     /// Woken on every change (the executor: a record another replica created is run
     /// without waiting for a scan).
     wake: Arc<Notify>,
-    task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-}
-
-impl Drop for PromotionCache {
-    fn drop(&mut self) {
-        if let Some(task) = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
-        }
-    }
+    task: std::sync::Mutex<Option<AbortOnDrop>>,
 }
 
 impl PromotionCache {
@@ -146,7 +134,7 @@ impl PromotionCache {
                 }
             }
         });
-        *cache.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(task);
+        *cache.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(AbortOnDrop(task));
         cache
     }
 

@@ -15,8 +15,9 @@ use pipeline_core::deployment::{ClusterKey, ClusterSource, kubeconfig_ref, read_
 use pipeline_core::{SecretBytes, SecretSource};
 use sha2::{Digest, Sha256};
 
-use futures::StreamExt;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use tokio::sync::Notify;
+
+use crate::watch::{AbortOnDrop, spawn_reflector};
 
 /// How long connecting to a leaf cluster may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,50 +127,27 @@ impl ClusterRegistry {
 pub struct KubeClusterSource<S> {
     gitops_clusters: Store<DynamicObject>,
     secrets: S,
-    watch: tokio::task::JoinHandle<()>,
-}
-
-impl<S> Drop for KubeClusterSource<S> {
-    fn drop(&mut self) {
-        self.watch.abort();
-    }
+    _watch: AbortOnDrop,
 }
 
 impl<S: SecretSource> KubeClusterSource<S> {
     /// Watches GitopsClusters of the whole cluster (a missing CRD only means none).
     pub fn start(client: Client, secrets: S) -> Self {
-        let gvk = GroupVersionKind::gvk("gitops.weave.works", "v1alpha1", "GitopsCluster");
-        let resource = ApiResource::from_gvk_with_plural(&gvk, "gitopsclusters");
+        let resource = gitops_cluster_resource();
         let api: Api<DynamicObject> = Api::all_with(client, &resource);
-        let writer = reflector::store::Writer::new(resource);
-        let reader = writer.as_reader();
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .touched_objects();
-        let warnings = pipeline_core::Throttle::new(Duration::from_secs(300));
-        let watch = tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(item) = stream.next().await {
-                if let Err(err) = item
-                    && warnings.admit().is_some()
-                {
-                    tracing::warn!(error = %err, "cannot watch GitopsClusters (is their CRD installed?); retrying");
-                }
-            }
-        });
+        let (gitops_clusters, watch) =
+            spawn_reflector(api, resource, "gitopsclusters", Arc::new(Notify::new()));
         Self {
-            gitops_clusters: reader,
+            gitops_clusters,
             secrets,
-            watch,
+            _watch: watch,
         }
     }
 }
 
-impl<S> KubeClusterSource<S> {
-    fn resource(&self) -> ApiResource {
-        let gvk = GroupVersionKind::gvk("gitops.weave.works", "v1alpha1", "GitopsCluster");
-        ApiResource::from_gvk_with_plural(&gvk, "gitopsclusters")
-    }
+fn gitops_cluster_resource() -> ApiResource {
+    let gvk = GroupVersionKind::gvk("gitops.weave.works", "v1alpha1", "GitopsCluster");
+    ApiResource::from_gvk_with_plural(&gvk, "gitopsclusters")
 }
 
 #[async_trait]
@@ -187,7 +165,7 @@ impl<S: SecretSource> ClusterSource for KubeClusterSource<S> {
                 )
                 .await;
                 self.gitops_clusters
-                    .get(&ObjectRef::new_with(name, self.resource()).within(namespace))
+                    .get(&ObjectRef::new_with(name, gitops_cluster_resource()).within(namespace))
                     .map(|o| serde_json::to_value(&*o).unwrap_or_default())
             }
             _ => None,

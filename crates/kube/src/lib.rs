@@ -21,6 +21,7 @@ pub mod notification;
 pub mod reconciler;
 pub mod sources;
 pub mod store;
+pub mod watch;
 
 pub use cache::{CachedPromotion, PromotionCache};
 pub use client::{ApproveError, decide, find_promotion, list_promotions};

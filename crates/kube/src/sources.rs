@@ -14,11 +14,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::watch::{AbortOnDrop, spawn_reflector};
 use async_trait::async_trait;
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, ResourceExt};
 use pipeline_core::pipeline::{FieldError, parse_pipeline_spec};
 use pipeline_core::{
@@ -27,42 +27,9 @@ use pipeline_core::{
 };
 use pipeline_crds::Pipeline as PipelineObject;
 use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 
 /// Longest wait for a cache's initial listing before a lookup reports unavailability.
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Starts a reflector for `api` in a task; the returned store fills as it runs, and
-/// `changed` is notified after every change the watch delivers.
-fn spawn_reflector<K>(
-    api: Api<K>,
-    what: &'static str,
-    changed: Arc<Notify>,
-) -> (Store<K>, JoinHandle<()>)
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
-        .default_backoff()
-        .touched_objects();
-    let task = tokio::spawn(async move {
-        futures::pin_mut!(stream);
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(_) => changed.notify_one(),
-                Err(err) => tracing::warn!(cache = what, error = %err, "watch failed; retrying"),
-            }
-        }
-    });
-    (reader, task)
-}
 
 async fn ready<K>(store: &Store<K>) -> bool
 where
@@ -82,26 +49,19 @@ pub struct KubePipelineSource {
     _task: Arc<AbortOnDrop>,
 }
 
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 impl KubePipelineSource {
     pub fn start(client: Client) -> Self {
         let changed = Arc::new(Notify::new());
         let (store, task) = spawn_reflector(
             Api::<PipelineObject>::all(client),
+            (),
             "pipelines",
             changed.clone(),
         );
         Self {
             store,
             changed,
-            _task: Arc::new(AbortOnDrop(task)),
+            _task: Arc::new(task),
         }
     }
 
@@ -249,13 +209,11 @@ impl KubeSecretSource {
             );
             let (store, task) = spawn_reflector(
                 Api::<Secret>::namespaced(self.client.clone(), namespace),
+                (),
                 "secrets",
                 self.changed.clone(),
             );
-            Arc::new(NamespaceCache {
-                store,
-                _task: AbortOnDrop(task),
-            })
+            Arc::new(NamespaceCache { store, _task: task })
         });
         Some(cache.clone())
     }
