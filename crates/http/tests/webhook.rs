@@ -91,13 +91,23 @@ struct Harness {
 }
 
 fn harness_with(store: Option<Arc<dyn PromotionStore>>, settings: HttpSettings) -> Harness {
+    harness_from(catalog(), store, settings, true)
+}
+
+/// The router over `catalog` and `store` (a fresh redb file when `None`).
+fn harness_from(
+    catalog: MemoryCatalog,
+    store: Option<Arc<dyn PromotionStore>>,
+    settings: HttpSettings,
+    hmac_approvals: bool,
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let store = store.unwrap_or_else(|| {
         Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap())
     });
-    let catalog = Arc::new(catalog());
+    let catalog = Arc::new(catalog);
     let metrics = Arc::new(Metrics::new());
-    let intake = Arc::new(Intake::new(
+    let intake = Intake::new(
         catalog.clone(),
         catalog,
         store,
@@ -105,8 +115,9 @@ fn harness_with(store: Option<Arc<dyn PromotionStore>>, settings: HttpSettings) 
         TimeWindow::default(),
         metrics.clone(),
         Arc::new(tokio::sync::Notify::new()),
-    ));
-    let app = router(AppState::new(intake, metrics, settings))
+    )
+    .with_hmac_approvals(hmac_approvals);
+    let app = router(AppState::new(Arc::new(intake), metrics, settings))
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
     Harness { app, _dir: dir }
 }
@@ -1026,26 +1037,8 @@ async fn newer_revisions_supersede_older_waiting_ones() {
 
 #[tokio::test]
 async fn signed_approvals_can_be_turned_off() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap());
-    let catalog = Arc::new(catalog());
-    let metrics = Arc::new(Metrics::new());
-    let intake = Intake::new(
-        catalog.clone(),
-        catalog,
-        store,
-        Arc::new(SystemClock),
-        TimeWindow::default(),
-        metrics.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-    )
-    .with_hmac_approvals(false);
-    let app = router(AppState::new(
-        Arc::new(intake),
-        metrics,
-        HttpSettings::default(),
-    ))
-    .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
+    let h = harness_from(catalog(), None, HttpSettings::default(), false);
+    let app = h.app.clone();
     record_waiting(&app, "podinfo", "6.5.1").await;
     let answer = post_approval(
         &app,
@@ -1067,25 +1060,8 @@ async fn a_key_stored_with_a_trailing_newline_verifies_what_flux_signs() {
             "newline",
             [("hmac-key", [KEY, b"\n"].concat())],
         );
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(RedbPromotionStore::open(&dir.path().join("state.redb")).unwrap());
-    let catalog = Arc::new(catalog);
-    let metrics = Arc::new(Metrics::new());
-    let intake = Intake::new(
-        catalog.clone(),
-        catalog,
-        store,
-        Arc::new(SystemClock),
-        TimeWindow::default(),
-        metrics.clone(),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    let app = router(AppState::new(
-        Arc::new(intake),
-        metrics,
-        HttpSettings::default(),
-    ))
-    .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 7], 40000))));
+    let h = harness_from(catalog, None, HttpSettings::default(), true);
+    let app = h.app.clone();
     let answer = post_signed(&app, DEV, event()).await;
     assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.json);
 }
