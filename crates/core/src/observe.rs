@@ -7,6 +7,8 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::StreamExt;
+
 use crate::deployment::{DeploymentView, EnvironmentState};
 use crate::intake::{Decision, Intake};
 use crate::pipeline::Pipeline;
@@ -15,6 +17,9 @@ use crate::promotion::{Phase, Trigger, parse_version, promotion_id};
 
 /// Full evaluations happen at least this often, changes or not.
 const RESYNC: Duration = Duration::from_secs(30);
+/// Pipelines evaluated (and their promotions recorded) at the same time.
+const PROPOSALS_AT_ONCE: usize = 32;
+
 /// Changes arriving this close together are evaluated once.
 const SETTLE: Duration = Duration::from_millis(50);
 
@@ -66,11 +71,12 @@ impl Proposer {
                 return 0;
             }
         };
-        let mut recorded = 0;
-        for pipeline in &pipelines {
-            recorded += self.evaluate(pipeline).await;
-        }
-        recorded
+        // Several at once: when many environments become ready together (a fleet-wide
+        // release), their promotions are recorded side by side, not one after another.
+        futures::stream::iter(pipelines.iter().map(|pipeline| self.evaluate(pipeline)))
+            .buffer_unordered(PROPOSALS_AT_ONCE)
+            .fold(0, |sum, recorded| async move { sum + recorded })
+            .await
     }
 
     async fn evaluate(&self, pipeline: &Pipeline) -> usize {
