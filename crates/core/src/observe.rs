@@ -73,10 +73,22 @@ impl Proposer {
         };
         // Several at once: when many environments become ready together (a fleet-wide
         // release), their promotions are recorded side by side, not one after another.
-        futures::stream::iter(pipelines.iter().map(|pipeline| self.evaluate(pipeline)))
-            .buffer_unordered(PROPOSALS_AT_ONCE)
-            .fold(0, |sum, recorded| async move { sum + recorded })
-            .await
+        // (A plain loop over a FuturesUnordered: closures here would make the future
+        // not `Send` for every lifetime, which spawning it needs.)
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut waiting = pipelines.iter();
+        let mut recorded = 0;
+        loop {
+            while running.len() < PROPOSALS_AT_ONCE {
+                let Some(pipeline) = waiting.next() else { break };
+                running.push(self.evaluate(pipeline));
+            }
+            match running.next().await {
+                Some(count) => recorded += count,
+                None => break,
+            }
+        }
+        recorded
     }
 
     async fn evaluate(&self, pipeline: &Pipeline) -> usize {
