@@ -80,7 +80,9 @@ impl Proposer {
         let mut recorded = 0;
         loop {
             while running.len() < PROPOSALS_AT_ONCE {
-                let Some(pipeline) = waiting.next() else { break };
+                let Some(pipeline) = waiting.next() else {
+                    break;
+                };
                 running.push(self.evaluate(pipeline));
             }
             match running.next().await {
