@@ -272,6 +272,22 @@ async fn pull_request_promotions_against_a_real_gitea() {
     assert_eq!(changes, expected_changes("6.5.2"), "{diff}");
     let head = gitea.branch_head(REPO, BRANCH).await.unwrap().unwrap();
     let updated_at = settled_updated_at(&gitea).await;
+    // The second promotion ran in the clone the first one left in the cache.
+    assert_eq!(
+        service
+            .logs()
+            .matches("cloned into the clone cache")
+            .count(),
+        1,
+        "{}",
+        service.logs()
+    );
+    assert_eq!(
+        service.logs().matches("cached clone refreshed").count(),
+        1,
+        "{}",
+        service.logs()
+    );
 
     // 3. The identical promotion again creates nothing: the webhook answers with the
     //    record it has, and re-running the attempt itself (as after a crash) pushes and
@@ -419,9 +435,38 @@ async fn pull_request_promotions_against_a_real_gitea() {
         base64::engine::general_purpose::STANDARD.encode(format!("{ADMIN_USER}:{WRONG_PASSWORD}"));
     assert!(!all.contains(&basic) && !logs.contains(&basic));
     assert_eq!(gitea.pulls(REPO, "all").await.unwrap().len(), 1);
-    // Workspaces are cleaned up.
-    let left: Vec<_> = std::fs::read_dir(&work).unwrap().collect();
-    assert!(left.is_empty(), "{left:?}");
+    // Workspaces and private git homes are cleaned up; the one clone of the repository
+    // stays in the cache, with no credential in its configuration.
+    let left: Vec<String> = std::fs::read_dir(&work)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["clones"], "{left:?}");
+    let clones: Vec<std::path::PathBuf> = std::fs::read_dir(work.join("clones"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(clones.len(), 1, "{clones:?}");
+    let config = std::fs::read_to_string(clones[0].join(".git/config")).unwrap();
+    assert!(config.contains(&format!("url = {url}")), "{config}");
+    let config = config.to_lowercase();
+    for secret in [
+        WRONG_PASSWORD,
+        WRONG_TOKEN,
+        ADMIN_PASSWORD,
+        gitea.token.as_str(),
+        &basic,
+        "extraheader",
+        "authorization",
+    ] {
+        assert!(
+            !config.contains(&secret.to_lowercase()),
+            ".git/config holds {secret:?}:\n{config}"
+        );
+    }
 }
 
 /// The `spec` of a Pipeline manifest, as JSON.

@@ -1,23 +1,31 @@
-//! Benchmark: a pull-request promotion on a repository of 10,000 files, against a real
-//! Gitea on loopback.
+//! Benchmark: pull-request promotions on a repository of 10,000 files, against a real
+//! Gitea on loopback, cold (first promotion, empty clone cache) and warm (later promotions
+//! of the same repository, from the cached clone).
 //!
 //! Two modes:
 //!
-//! - default (in process): hands two promotions straight to `PullRequestStrategy::promote`
+//! - default (in process): hands the promotions straight to `PullRequestStrategy::promote`
 //!   and prints the time of each and the peak memory (VmHWM) of this process and of the
 //!   largest git child process;
 //! - `--controller PATH`: starts the real `pipeline-controller serve` binary (embedded mode,
-//!   a manifests folder with the pipeline and its Secrets) and, for two revisions, POSTs a
+//!   a manifests folder with the pipeline and its Secrets) and, for each revision, POSTs a
 //!   signed Flux event and polls `GET /api/v1/promotions/{id}` until the record's `result`
 //!   holds the pull request URL. Prints the time from the event to the pull request, the
-//!   phases from the record's history, the git commands the controller ran (from its
-//!   debug log), and the peak memory (VmHWM) of the controller and of its largest git child.
+//!   phases from the record's history, the git commands the controller ran and the forge
+//!   API requests it made (both from its debug log), and the peak memory (VmHWM) of the
+//!   controller and of its largest git child.
+//!
+//! Event 1 is cold; the `--warm N` (default 10) later events are warm, and before every
+//! `--base-commit-every K`-th (default 2) of them a commit lands on the base branch, so the
+//! warm clone has something to fetch. Before the promotions, the time Gitea takes to
+//! answer an API request authenticated with the password (what git over HTTP sends on
+//! every request) and with the token is measured.
 //!
 //! ```sh
 //! scripts/ensure-test-binaries.sh gitea
 //! cargo build --release -p pipeline-controller
 //! cargo run --release -p pipeline-git --features testing --example pr-bench -- \
-//!     [--files N] [--controller target/release/pipeline-controller]
+//!     [--files N] [--warm N] [--base-commit-every K] [--controller target/release/pipeline-controller]
 //! ```
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -39,17 +47,22 @@ use pipeline_git::testing::{ADMIN_PASSWORD, ADMIN_USER, Gitea};
 use pipeline_git::{PullRequestSettings, PullRequestStrategy};
 use serde_json::{Value, json};
 
-/// The pipeline's `pull-request.secretRef` Secret, flux-system/git.
-fn git_secret(token: &str) -> MemoryCatalog {
-    MemoryCatalog::new().with_secret(
-        "flux-system",
-        "git",
-        [
-            ("username", ADMIN_USER),
-            ("password", ADMIN_PASSWORD),
-            ("token", token),
-        ],
-    )
+/// The pipeline's `pull-request.secretRef` Secret, flux-system/git: with the password,
+/// or with the token alone (then git sends the token as its password).
+fn git_secret(token: &str, password: bool) -> MemoryCatalog {
+    if password {
+        MemoryCatalog::new().with_secret(
+            "flux-system",
+            "git",
+            [
+                ("username", ADMIN_USER),
+                ("password", ADMIN_PASSWORD),
+                ("token", token),
+            ],
+        )
+    } else {
+        MemoryCatalog::new().with_secret("flux-system", "git", [("token", token)])
+    }
 }
 
 fn status_kib(pid: &str, field: &str) -> Option<u64> {
@@ -89,7 +102,7 @@ fn comm(pid: &str) -> String {
 
 #[tokio::main]
 async fn main() {
-    let Args { files, controller } = parse_args();
+    let args = parse_args();
     // RUST_LOG=pipeline_git=debug shows each git command and its duration.
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -105,6 +118,7 @@ async fn main() {
     let gitea_pid = gitea_pid();
 
     // A fleet repository: `files` files, most YAML, 10 of them marked for the promotion.
+    let files = args.files;
     let mut content = Vec::with_capacity(files);
     for i in 0..files {
         let app = format!("app-{i:05}");
@@ -131,8 +145,17 @@ async fn main() {
         "repository: {files} files pushed to Gitea in {:.2}s",
         setup.elapsed().as_secs_f64()
     );
-    if let Some(controller) = controller {
-        through_the_controller(&controller, &gitea, &url).await;
+    auth_cost(&gitea).await;
+    println!(
+        "git authenticates with the {}",
+        if args.password {
+            "password (username/password in the Secret)"
+        } else {
+            "token (token alone in the Secret)"
+        }
+    );
+    if let Some(controller) = &args.controller {
+        through_the_controller(controller, &gitea, &url, &args).await;
         drop(gitea);
         return;
     }
@@ -159,7 +182,7 @@ async fn main() {
         },
         pipeline_git::forge::http_client().unwrap(),
     );
-    let secrets = git_secret(&gitea.token);
+    let secrets = git_secret(&gitea.token, args.password);
 
     let own_before = status_kib("self", "VmHWM:").unwrap_or(0);
     let stop = Arc::new(AtomicBool::new(false));
@@ -183,12 +206,18 @@ async fn main() {
         })
     };
 
-    for (round, revision) in ["2.0.0", "2.0.1"].into_iter().enumerate() {
+    let mut warm = Vec::new();
+    for round in 0..=args.warm {
+        let revision = format!("2.0.{round}");
+        let kind = round_kind(round, &args);
+        if kind == Kind::WarmBaseMoved {
+            base_commit(&gitea, round).await;
+        }
         let record = PromotionRecord::new(
             pipeline.reference.clone(),
             "staging",
             "prod",
-            revision,
+            &revision,
             false,
             Trigger::default(),
             chrono::Utc::now(),
@@ -205,21 +234,26 @@ async fn main() {
         let elapsed = start.elapsed();
         match outcome {
             Ok(outcome) => println!(
-                "promotion {} ({revision}): {:.3}s: {} -> {}",
+                "promotion {} ({revision}, {}): {:.0} ms: {} -> {}",
                 round + 1,
-                elapsed.as_secs_f64(),
+                kind.label(),
+                ms(elapsed),
                 outcome.message,
                 outcome.result.unwrap_or_default()
             ),
             Err(err) => {
-                println!(
-                    "promotion failed after {:.3}s: {err}",
-                    elapsed.as_secs_f64()
-                );
+                println!("promotion failed after {:.0} ms: {err}", ms(elapsed));
                 std::process::exit(1);
             }
         }
+        if round > 0 {
+            warm.push(ms(elapsed));
+        }
     }
+    println!(
+        "warm promotions: {}",
+        summary(&warm).unwrap_or_else(|| "none".into())
+    );
     stop.store(true, Ordering::Relaxed);
     let child_peak = sampler.join().unwrap();
     let own_after = status_kib("self", "VmHWM:").unwrap_or(0);
@@ -246,10 +280,18 @@ fn gitea_pid() -> Option<String> {
 struct Args {
     files: usize,
     controller: Option<PathBuf>,
+    /// Warm promotions after the cold one.
+    warm: usize,
+    /// A commit lands on the base branch before every K-th warm promotion (0: never).
+    base_commit_every: usize,
+    /// git authenticates with the password (else with the token).
+    password: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: pr-bench [--files N | N] [--controller PATH/TO/pipeline-controller]");
+    eprintln!(
+        "usage: pr-bench [--files N | N] [--warm N] [--base-commit-every K] [--git-auth password|token] [--controller PATH/TO/pipeline-controller]"
+    );
     std::process::exit(2);
 }
 
@@ -257,23 +299,121 @@ fn parse_args() -> Args {
     let mut args = Args {
         files: 10_000,
         controller: None,
+        warm: 10,
+        base_commit_every: 2,
+        password: true,
     };
     let mut argv = std::env::args().skip(1);
+    let number = |argv: &mut dyn Iterator<Item = String>| -> usize {
+        argv.next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| usage())
+    };
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--controller" => {
                 args.controller = Some(PathBuf::from(argv.next().unwrap_or_else(|| usage())));
             }
-            "--files" => {
-                args.files = argv
-                    .next()
-                    .and_then(|n| n.parse().ok())
-                    .unwrap_or_else(|| usage());
+            "--files" => args.files = number(&mut argv),
+            "--warm" => args.warm = number(&mut argv),
+            "--base-commit-every" => args.base_commit_every = number(&mut argv),
+            "--git-auth" => {
+                args.password = match argv.next().as_deref() {
+                    Some("password") => true,
+                    Some("token") => false,
+                    _ => usage(),
+                }
             }
             other => args.files = other.parse().unwrap_or_else(|_| usage()),
         }
     }
     args
+}
+
+/// What a promotion of the benchmark is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// The first: no clone yet.
+    Cold,
+    /// From the cached clone, the base branch unchanged.
+    Warm,
+    /// From the cached clone, after a commit landed on the base branch.
+    WarmBaseMoved,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Cold => "cold",
+            Kind::Warm => "warm",
+            Kind::WarmBaseMoved => "warm, base moved",
+        }
+    }
+}
+
+fn round_kind(round: usize, args: &Args) -> Kind {
+    if round == 0 {
+        Kind::Cold
+    } else if args.base_commit_every > 0 && round.is_multiple_of(args.base_commit_every) {
+        Kind::WarmBaseMoved
+    } else {
+        Kind::Warm
+    }
+}
+
+/// A commit on the base branch (one new Markdown file), through Gitea's API.
+async fn base_commit(gitea: &Gitea, round: usize) {
+    gitea
+        .commit_file(
+            "fleet",
+            "main",
+            &format!("docs/bench-{round}.md"),
+            &format!("# round {round}\n"),
+        )
+        .await
+        .unwrap();
+}
+
+/// p50 / p90 / min / max of `values` (nearest rank).
+fn summary(values: &[f64]) -> Option<String> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank =
+        |p: f64| sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1];
+    Some(format!(
+        "n={} p50 {:.0} ms, p90 {:.0} ms, min {:.0} ms, max {:.0} ms",
+        sorted.len(),
+        rank(0.5),
+        rank(0.9),
+        sorted[0],
+        sorted[sorted.len() - 1]
+    ))
+}
+
+/// What authenticating a request costs Gitea: the median time of an API request
+/// authenticated with the password (as git over HTTP authenticates every request here)
+/// and with the token (as the forge API calls are).
+async fn auth_cost(gitea: &Gitea) {
+    let mut line = Vec::new();
+    for (label, password) in [("password (basic)", true), ("token", false)] {
+        let mut times = Vec::new();
+        for _ in 0..10 {
+            let start = Instant::now();
+            let response = gitea.request("/user", password).send().await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            let _ = response.bytes().await;
+            times.push(ms(start.elapsed()));
+        }
+        times.sort_by(f64::total_cmp);
+        line.push(format!("{label} {:.0} ms", times[times.len() / 2]));
+    }
+    println!(
+        "Gitea API request GET /user, median of 10: {}",
+        line.join(", ")
+    );
 }
 
 const HMAC_KEY: &str = "pr-bench-hmac-key-0123456789abcdef";
@@ -282,12 +422,23 @@ const PR_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the record is polled.
 const POLL: Duration = Duration::from_millis(10);
 
-/// What the controller logged: its address, and each git command with its duration.
+/// One line of the controller's log that the benchmark uses.
+enum Logged {
+    /// git subcommand, elapsed ms
+    Git(String, u64),
+    /// forge operation, elapsed ms
+    Forge(String, u64),
+    /// "cloned into the clone cache" / "cached clone refreshed", elapsed ms
+    Clone(&'static str, u64),
+    /// "markers rewritten": scanned files, elapsed ms
+    Markers(u64, u64),
+}
+
+/// What the controller logged: its address, and the lines above with when they were read.
 #[derive(Default)]
 struct ControllerLog {
     lines: Vec<String>,
-    /// (when the line was read, git subcommand, elapsed ms)
-    git: Vec<(Instant, String, u64)>,
+    events: Vec<(Instant, Logged)>,
 }
 
 /// A Flux event from `namespace` about `podinfo` at `revision`, as helm-controller sends it.
@@ -313,8 +464,25 @@ fn chrono_ms(d: chrono::Duration) -> f64 {
     d.num_microseconds().unwrap_or(0) as f64 / 1000.0
 }
 
+/// git subcommands that talk to the remote.
+fn is_network(command: &str) -> bool {
+    matches!(command, "clone" | "fetch" | "push" | "ls-remote")
+}
+
+/// The figures of one event.
+struct Figures {
+    kind: Kind,
+    total: f64,
+    attempt: f64,
+    git_network: f64,
+    git_local: f64,
+    forge: f64,
+    forge_requests: usize,
+    markers: f64,
+}
+
 /// Event in, pull request out, through the real `pipeline-controller serve`.
-async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
+async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, args: &Args) {
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -333,12 +501,18 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
     std::fs::write(
         manifests.join("git-credentials.yaml"),
         format!(
-            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: git-credentials\n  namespace: flux-system\nstringData:\n  username: {ADMIN_USER}\n  password: {ADMIN_PASSWORD}\n  token: {}\n",
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: git-credentials\n  namespace: flux-system\nstringData:\n{}  token: {}\n",
+            if args.password {
+                format!("  username: {ADMIN_USER}\n  password: {ADMIN_PASSWORD}\n")
+            } else {
+                String::new()
+            },
             gitea.token
         ),
     )
     .unwrap();
 
+    let work = dir.path().join("work");
     let mut child = Command::new(controller)
         .arg("serve")
         .arg("--manifests")
@@ -346,9 +520,9 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
         .arg("--state")
         .arg(dir.path().join("state.redb"))
         .arg("--pr-work-dir")
-        .arg(dir.path().join("work"))
+        .arg(&work)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
-        // pipeline_git=debug: one line per git command with its duration.
+        // pipeline_git=debug: one line per git command and per forge request.
         .env("RUST_LOG", "info,pipeline_git=debug")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -374,11 +548,28 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
                 {
                     let _ = address_tx.send(address.to_string());
                 }
-                if value["message"] == "git command finished"
-                    && let (Some(command), Some(elapsed)) =
-                        (value["command"].as_str(), value["elapsed_ms"].as_u64())
-                {
-                    log.git.push((now, command.to_string(), elapsed));
+                let elapsed = value["elapsed_ms"].as_u64();
+                let logged = match (value["message"].as_str(), elapsed) {
+                    (Some("git command finished"), Some(elapsed)) => value["command"]
+                        .as_str()
+                        .map(|c| Logged::Git(c.to_string(), elapsed)),
+                    (Some("forge request finished"), Some(elapsed)) => value["operation"]
+                        .as_str()
+                        .map(|o| Logged::Forge(o.to_string(), elapsed)),
+                    (Some("cloned into the clone cache"), Some(elapsed)) => {
+                        Some(Logged::Clone("clone into the cache", elapsed))
+                    }
+                    (Some("cached clone refreshed"), Some(elapsed)) => {
+                        Some(Logged::Clone("refresh of the cached clone", elapsed))
+                    }
+                    (Some("markers rewritten"), Some(elapsed)) => Some(Logged::Markers(
+                        value["scanned"].as_u64().unwrap_or(0),
+                        elapsed,
+                    )),
+                    _ => None,
+                };
+                if let Some(logged) = logged {
+                    log.events.push((now, logged));
                 }
                 log.lines.push(line);
             }
@@ -432,8 +623,14 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
         .unwrap();
     let base = format!("http://{address}");
     let mut failed = false;
-    for (round, revision) in ["2.0.0", "2.0.1"].into_iter().enumerate() {
-        let body = flux_event("staging", revision);
+    let mut figures: Vec<Figures> = Vec::new();
+    for round in 0..=args.warm {
+        let revision = format!("2.0.{round}");
+        let kind = round_kind(round, args);
+        if kind == Kind::WarmBaseMoved {
+            base_commit(gitea, round).await;
+        }
+        let body = flux_event("staging", &revision);
         let signature = sign(HmacAlgorithm::Sha256, HMAC_KEY.as_bytes(), &body);
         let sent_at = chrono::Utc::now();
         let start = Instant::now();
@@ -488,9 +685,12 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
             failed = true;
             break;
         };
+        // The log lines of this promotion have been written; let the reader catch up.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         println!(
-            "event {} ({revision}): event -> pull request {:.0} ms ({pr})",
+            "event {} ({revision}, {}): event -> pull request {:.0} ms ({pr})",
             round + 1,
+            kind.label(),
             ms(total)
         );
         println!(
@@ -501,44 +701,144 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str) {
             record.message
         );
         let mut previous = sent_at;
+        let mut attempt = 0.0;
         for (i, change) in record.history.iter().enumerate() {
             let from = if i == 0 {
                 "event sent".to_string()
             } else {
                 record.history[i - 1].phase.to_string()
             };
+            let took = chrono_ms(change.at - previous);
+            if from == "Running" {
+                attempt += took;
+            }
             println!(
-                "  {from:>10} -> {:<10} {:>8.1} ms ({})",
+                "  {from:>10} -> {:<10} {took:>8.1} ms ({})",
                 change.phase.to_string(),
-                chrono_ms(change.at - previous),
                 change.reason
             );
             previous = change.at;
         }
-        // Git commands the controller logged while this promotion ran.
+        // What the controller logged while this promotion ran.
         let mut git: BTreeMap<String, (u32, u64)> = BTreeMap::new();
-        for (at, command, elapsed) in &log.lock().unwrap().git {
-            if *at >= start {
-                let entry = git.entry(command.clone()).or_default();
-                entry.0 += 1;
-                entry.1 += elapsed;
+        let mut forge: BTreeMap<String, (u32, u64)> = BTreeMap::new();
+        let mut clone_steps = Vec::new();
+        let mut markers = 0.0;
+        let mut scanned = 0;
+        for (at, logged) in &log.lock().unwrap().events {
+            if *at < start {
+                continue;
+            }
+            match logged {
+                Logged::Git(command, elapsed) => {
+                    let entry = git.entry(command.clone()).or_default();
+                    entry.0 += 1;
+                    entry.1 += elapsed;
+                }
+                Logged::Forge(operation, elapsed) => {
+                    let entry = forge.entry(operation.clone()).or_default();
+                    entry.0 += 1;
+                    entry.1 += elapsed;
+                }
+                Logged::Clone(what, elapsed) => clone_steps.push(format!("{what} {elapsed} ms")),
+                Logged::Markers(files, elapsed) => {
+                    markers += *elapsed as f64;
+                    scanned = *files;
+                }
             }
         }
-        let git: Vec<String> = git
-            .into_iter()
-            .map(|(command, (n, ms))| {
-                if n > 1 {
-                    format!("{command} {ms} ms ({n}x)")
-                } else {
-                    format!("{command} {ms} ms")
-                }
-            })
-            .collect();
-        println!("  git commands: {}", git.join(", "));
+        let list = |map: &BTreeMap<String, (u32, u64)>| {
+            map.iter()
+                .map(|(name, (n, ms))| {
+                    if *n > 1 {
+                        format!("{name} {ms} ms ({n}x)")
+                    } else {
+                        format!("{name} {ms} ms")
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        // `clean` runs while the fetch does: not on the critical path, not counted.
+        let sum = |map: &BTreeMap<String, (u32, u64)>, network: Option<bool>| -> f64 {
+            map.iter()
+                .filter(|(name, _)| name.as_str() != "clean")
+                .filter(|(name, _)| network.is_none_or(|n| is_network(name) == n))
+                .map(|(_, (_, ms))| *ms as f64)
+                .sum()
+        };
+        let git_network = sum(&git, Some(true));
+        let git_local = sum(&git, Some(false));
+        let forge_ms = sum(&forge, None);
+        let forge_requests: usize = forge.values().map(|(n, _)| *n as usize).sum();
+        println!("  git commands: {}", list(&git));
+        if !clone_steps.is_empty() {
+            println!("  clone cache: {}", clone_steps.join(", "));
+        }
+        println!(
+            "  forge API: {forge_ms:.0} ms in {forge_requests} request(s): {}",
+            list(&forge)
+        );
+        println!(
+            "  split: git network {git_network:.0} ms, git local {git_local:.0} ms (without clean, which runs during the fetch), forge API {forge_ms:.0} ms, markers {markers:.0} ms ({scanned} YAML files), rest {:.0} ms",
+            (attempt - git_network - git_local - forge_ms - markers).max(0.0)
+        );
+        figures.push(Figures {
+            kind,
+            total: ms(total),
+            attempt,
+            git_network,
+            git_local,
+            forge: forge_ms,
+            forge_requests,
+            markers,
+        });
     }
     stop.store(true, Ordering::Relaxed);
     let (child_peak, sampled_rss) = sampler.join().unwrap();
     let hwm = status_kib(&pid, "VmHWM:").unwrap_or(0);
+    if !failed {
+        println!("summary (event -> pull request; attempt = Running -> Succeeded):");
+        for (label, filter) in [
+            ("cold", &[Kind::Cold][..]),
+            ("warm", &[Kind::Warm, Kind::WarmBaseMoved][..]),
+            ("  warm, base unchanged", &[Kind::Warm][..]),
+            ("  warm, base moved", &[Kind::WarmBaseMoved][..]),
+        ] {
+            let pick = |f: fn(&Figures) -> f64| -> Vec<f64> {
+                figures
+                    .iter()
+                    .filter(|x| filter.contains(&x.kind))
+                    .map(f)
+                    .collect()
+            };
+            let Some(total) = summary(&pick(|f| f.total)) else {
+                continue;
+            };
+            println!("  {label}: {total}");
+            for (part, values) in [
+                (
+                    "git network (clone/fetch/push, incl. Gitea)",
+                    pick(|f| f.git_network),
+                ),
+                ("git local", pick(|f| f.git_local)),
+                ("forge API (Gitea)", pick(|f| f.forge)),
+                ("markers", pick(|f| f.markers)),
+                ("attempt", pick(|f| f.attempt)),
+            ] {
+                if let Some(line) = summary(&values) {
+                    println!("      {part}: {line}");
+                }
+            }
+        }
+        let requests: Vec<usize> = figures.iter().map(|f| f.forge_requests).collect();
+        println!("  forge API requests per promotion: {requests:?}");
+        let cache = pipeline_git::clones::dir_size(&work.join(pipeline_git::clones::CLONES_DIR));
+        println!(
+            "  clone cache on disk: {:.1} MiB",
+            cache as f64 / 1024.0 / 1024.0
+        );
+    }
     println!(
         "peak memory: controller VmHWM {:.1} MiB (RSS {:.1} MiB idle, at most {:.1} MiB sampled during the promotions)",
         hwm as f64 / 1024.0,

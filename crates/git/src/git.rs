@@ -8,6 +8,7 @@
 //! with the identity and `known_hosts` written to owner-only files of the workspace and
 //! strict host key checking. Everything git prints is scrubbed before it is surfaced.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -199,6 +200,10 @@ impl Git {
             ("init.defaultBranch".into(), "main".into()),
             ("advice.detachedHead".into(), "false".into()),
             ("gc.auto".into(), "0".into()),
+            ("maintenance.auto".into(), "false".into()),
+            // No reflogs: objects of old promotion commits become unreachable, and the
+            // periodic `gc` of a cached clone can drop them.
+            ("core.logAllRefUpdates".into(), "false".into()),
             ("core.hooksPath".into(), "/dev/null".into()),
             ("protocol.file.allow".into(), "never".into()),
         ];
@@ -275,13 +280,27 @@ impl Git {
         args: &[&str],
         extra_env: &[(&str, &str)],
     ) -> Result<String, GitError> {
+        self.run_full(dir, args, extra_env, None).await
+    }
+
+    async fn run_full(
+        &self,
+        dir: Option<&Path>,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        input: Option<&str>,
+    ) -> Result<String, GitError> {
         let mut command = Command::new("git");
         command
             .args(args)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra_env.iter().copied())
-            .stdin(Stdio::null())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -290,7 +309,15 @@ impl Git {
         }
         let what = args.first().copied().unwrap_or("git");
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout, command.output()).await;
+        let result = tokio::time::timeout(self.timeout, async {
+            let mut child = command.spawn()?;
+            if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+                use tokio::io::AsyncWriteExt;
+                stdin.write_all(input.as_bytes()).await?;
+            }
+            child.wait_with_output().await
+        })
+        .await;
         tracing::debug!(
             command = what,
             repository = %self.url,
@@ -373,21 +400,109 @@ impl Git {
     /// Fetches the tip of `branch` (depth 1) and returns its commit id.
     pub async fn fetch_branch(&self, repo: &Path, branch: &str) -> Result<String, GitError> {
         let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+        self.fetch(repo, &[refspec], false).await?;
+        self.rev_parse(repo, &format!("refs/remotes/origin/{branch}"))
+            .await
+    }
+
+    /// Fetches `refspecs` from `origin` with depth 1 and no tags, in one request; only
+    /// objects the clone lacks are transferred. With `prune`, remote-tracking refs the
+    /// refspecs cover that no longer exist on `origin` are deleted. A refspec with a `*`
+    /// that matches nothing is no error.
+    pub async fn fetch(
+        &self,
+        repo: &Path,
+        refspecs: &[String],
+        prune: bool,
+    ) -> Result<(), GitError> {
+        let mut args = vec!["fetch", "--quiet", "--depth", "1", "--no-tags"];
+        if prune {
+            args.push("--prune");
+        }
+        args.push("origin");
+        args.extend(refspecs.iter().map(String::as_str));
+        self.run(Some(repo), &args).await.map(|_| ())
+    }
+
+    /// Every ref of the repository: full name to commit id.
+    pub async fn refs(&self, repo: &Path) -> Result<HashMap<String, String>, GitError> {
+        let out = self
+            .run(
+                Some(repo),
+                &["for-each-ref", "--format=%(objectname) %(refname)"],
+            )
+            .await?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(sha, name)| (name.to_string(), sha.to_string()))
+            .collect())
+    }
+
+    /// Deletes the refs `names` (full names such as `refs/heads/x`), in one command.
+    pub async fn delete_refs(&self, repo: &Path, names: &[&str]) -> Result<(), GitError> {
+        if names.is_empty() {
+            return Ok(());
+        }
+        let commands: String = names.iter().map(|n| format!("delete {n}\n")).collect();
+        self.run_full(
+            Some(repo),
+            &["update-ref", "--no-deref", "--stdin"],
+            &[],
+            Some(&commands),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Checks out `refs/remotes/origin/<base>` as local branch `base`, discarding every
+    /// change of the index and work tree (like `git reset --hard`).
+    pub async fn reset_to_base(&self, repo: &Path, base: &str) -> Result<(), GitError> {
+        let start = format!("refs/remotes/origin/{base}");
         self.run(
             Some(repo),
             &[
-                "fetch",
+                "checkout",
                 "--quiet",
-                "--depth",
-                "1",
-                "--no-tags",
-                "origin",
-                &refspec,
+                "--force",
+                "--no-track",
+                "-B",
+                base,
+                &start,
             ],
         )
-        .await?;
-        self.rev_parse(repo, &format!("refs/remotes/origin/{branch}"))
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes untracked and ignored files and directories (`git clean -ffdx`).
+    pub async fn clean(&self, repo: &Path) -> Result<(), GitError> {
+        self.run(Some(repo), &["clean", "--quiet", "-ffdx"])
             .await
+            .map(|_| ())
+    }
+
+    /// Drops unreachable objects and repacks (`git gc --prune=now`).
+    pub async fn gc(&self, repo: &Path) -> Result<(), GitError> {
+        self.run(Some(repo), &["gc", "--quiet", "--prune=now"])
+            .await
+            .map(|_| ())
+    }
+
+    /// Checks that every object reachable from the refs is present
+    /// (`git fsck --connectivity-only`).
+    pub async fn fsck(&self, repo: &Path) -> Result<(), GitError> {
+        self.run(
+            Some(repo),
+            &[
+                "fsck",
+                "--connectivity-only",
+                "--no-progress",
+                "--no-dangling",
+            ],
+        )
+        .await
+        .map(|_| ())
     }
 
     pub async fn rev_parse(&self, repo: &Path, rev: &str) -> Result<String, GitError> {
@@ -414,14 +529,16 @@ impl Git {
         author: &Author,
         message: &str,
     ) -> Result<String, GitError> {
-        self.run(Some(repo), &["checkout", "--quiet", "-B", branch])
-            .await?;
+        // Plumbing rather than `checkout -B` and `commit`: both of those refresh the whole
+        // index (a stat of every file), which is most of their time in a big checkout.
         let mut add: Vec<String> = vec!["add".into(), "--".into()];
         add.extend(paths.iter().map(|p| path_text(p)));
         let add_args: Vec<&str> = add.iter().map(String::as_str).collect();
         self.run(Some(repo), &add_args).await?;
+        let tree = self.run(Some(repo), &["write-tree"]).await?;
+        let tree = tree.trim();
         let message_file = repo.join(".git").join("PROMOTION_MSG");
-        std::fs::write(&message_file, message).map_err(|e| {
+        std::fs::write(&message_file, cleanup_message(message)).map_err(|e| {
             GitError::new(
                 GitErrorKind::Other,
                 format!("cannot write the commit message: {e}"),
@@ -434,21 +551,28 @@ impl Git {
             ("GIT_COMMITTER_NAME", author.name.as_str()),
             ("GIT_COMMITTER_EMAIL", author.email.as_str()),
         ];
-        self.run_with_env(
-            Some(repo),
-            &[
-                "commit",
-                "--quiet",
-                "--no-verify",
-                "--no-gpg-sign",
-                "--cleanup=strip",
-                "-F",
-                &message_path,
-            ],
-            &identity,
-        )
-        .await?;
-        self.rev_parse(repo, "HEAD").await
+        let commit = self
+            .run_with_env(
+                Some(repo),
+                &[
+                    "commit-tree",
+                    "--no-gpg-sign",
+                    tree,
+                    "-p",
+                    "HEAD",
+                    "-F",
+                    &message_path,
+                ],
+                &identity,
+            )
+            .await?;
+        let commit = commit.trim().to_string();
+        let refname = format!("refs/heads/{branch}");
+        self.run(Some(repo), &["update-ref", &refname, &commit])
+            .await?;
+        self.run(Some(repo), &["symbolic-ref", "HEAD", &refname])
+            .await?;
+        Ok(commit)
     }
 
     /// Pushes `HEAD` to `refs/heads/<branch>`, replacing it only if it still points to
@@ -469,6 +593,27 @@ impl Git {
         .await
         .map(|_| ())
     }
+}
+
+/// A commit message as `git commit --cleanup=whitespace` leaves it: no trailing
+/// whitespace, no leading or trailing blank lines, runs of blank lines collapsed, one final
+/// newline.
+fn cleanup_message(message: &str) -> String {
+    let mut out = String::new();
+    let mut blank = false;
+    for line in message.lines().map(str::trim_end) {
+        if line.is_empty() {
+            blank = !out.is_empty();
+            continue;
+        }
+        if blank {
+            out.push('\n');
+            blank = false;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 fn path_text(path: &Path) -> String {
@@ -591,6 +736,15 @@ mod tests {
             classify("fatal: Remote branch nope not found in upstream origin"),
             GitErrorKind::NotFound
         );
+    }
+
+    #[test]
+    fn cleans_commit_messages_up() {
+        assert_eq!(
+            cleanup_message("\n\nTitle  \n\n\n\nbody \n  indented\n\nTrailer: x\n\n"),
+            "Title\n\nbody\n  indented\n\nTrailer: x\n"
+        );
+        assert_eq!(cleanup_message("#1 title"), "#1 title\n");
     }
 
     #[test]

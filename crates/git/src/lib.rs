@@ -6,9 +6,11 @@
 //!   messages.
 //! - [`forge`] opens and updates pull requests on GitHub, GitLab, Gitea/Forgejo, Bitbucket
 //!   Server and Azure DevOps.
+//! - [`clones`] keeps a warm clone per repository and base branch between promotions.
 //! - [`PullRequestStrategy`] puts them together as the `pull-request` promotion strategy.
 #![forbid(unsafe_code)]
 
+pub mod clones;
 pub mod credentials;
 pub mod forge;
 pub mod git;
@@ -18,6 +20,7 @@ mod strategy;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use clones::{CloneCacheLimits, DEFAULT_CLONE_CACHE_MAX_BYTES, DEFAULT_CLONE_CACHE_MAX_CLONES};
 pub use strategy::{
     DEFAULT_AUTHOR_EMAIL, DEFAULT_AUTHOR_NAME, DEFAULT_MESSAGE, PullRequestSettings,
     PullRequestStrategy, promotion_branch,

@@ -4,7 +4,12 @@
 //!
 //! An attempt looks at the world before acting, so repeating it changes nothing visible:
 //!
-//! 1. shallow clone of the base branch (`git clone --depth 1 --single-branch`);
+//! 1. the base branch, checked out: the repository's cached clone ([`crate::clones`])
+//!    refreshed with one `git fetch --depth 1 --prune` of the base and the promotion
+//!    branch, the base checked out discarding local changes, `git clean -ffdx` and every
+//!    other ref deleted; or, the first time, when the clone is broken (then it is replaced
+//!    automatically) or with the cache off, a shallow clone (`git clone --depth 1
+//!    --single-branch`) and a fetch of the promotion branch;
 //! 2. rewrite every value marked `<ns>:<name>:<env>` to the revision. No marker at all is
 //!    an error (the pipeline points at the wrong repository or branch); markers already at
 //!    the revision end the promotion successfully, with no branch and no pull request;
@@ -12,13 +17,14 @@
 //!    with the same tree, nothing is pushed; when its head was made for a *newer*
 //!    promotion of the same environment (commit trailers say which), this older one is
 //!    superseded and stops; otherwise the branch is force-pushed from the fresh base with
-//!    `--force-with-lease` against the commit seen, so a newer version replaces an older
-//!    one and a concurrent push is never overwritten blindly (a lost race starts over on
-//!    a fresh clone, a bounded number of times);
+//!    `--force-with-lease` against the commit fetched, so a newer version replaces an older
+//!    one and a concurrent push is never overwritten blindly (a lost race starts over from
+//!    step 1, a bounded number of times);
 //! 4. the open pull request from that branch is updated (title, body) or one is created.
 //!    Its URL is the record's result.
 //!
-//! Promotions of the same repository run one at a time in this process.
+//! Promotions of the same repository run one at a time in this process; the clone is used
+//! under that lock.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +37,10 @@ use pipeline_core::{
     StrategyError, StrategyOutcome,
 };
 
+use crate::clones::{
+    CloneCache, CloneCacheLimits, DEFAULT_CLONE_CACHE_MAX_BYTES, DEFAULT_CLONE_CACHE_MAX_CLONES,
+    Lease, clone_key,
+};
 use crate::credentials::Credentials;
 use crate::forge::{
     self, Forge, ForgeError, ForgeErrorKind, ForgeKind, ForgeTarget, PullRequest, PullRequestDraft,
@@ -50,12 +60,18 @@ pub struct PullRequestSettings {
     /// Commit subject and pull request title; `{pipeline}`, `{namespace}`, `{name}`,
     /// `{environment}`, `{version}` and `{source}` are replaced.
     pub message_template: String,
-    /// Where clones are made (a fresh temporary directory per attempt, removed after).
+    /// Holds the clone cache (`clones/`) and each attempt's private git home (removed
+    /// after the attempt); with the cache off, each attempt's temporary clone.
     pub work_dir: PathBuf,
     /// Fresh-clone attempts when the push loses a race.
     pub push_attempts: u32,
     /// API base URL per repository URL prefix, for forges the URL rules do not fit.
     pub api_overrides: Vec<(String, String)>,
+    /// Largest size on disk of the clone cache, in bytes (least recently used clones are
+    /// removed beyond it); 0 turns the cache off: a fresh clone per attempt.
+    pub clone_cache_max_bytes: u64,
+    /// Most clones the cache keeps; 0 turns the cache off.
+    pub clone_cache_max_clones: usize,
 }
 
 pub const DEFAULT_AUTHOR_NAME: &str = "pipeline-controller";
@@ -73,6 +89,8 @@ impl Default for PullRequestSettings {
             work_dir: std::env::temp_dir(),
             push_attempts: 3,
             api_overrides: Vec::new(),
+            clone_cache_max_bytes: DEFAULT_CLONE_CACHE_MAX_BYTES,
+            clone_cache_max_clones: DEFAULT_CLONE_CACHE_MAX_CLONES,
         }
     }
 }
@@ -82,6 +100,7 @@ pub struct PullRequestStrategy {
     settings: PullRequestSettings,
     client: reqwest::Client,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    clones: Arc<CloneCache>,
 }
 
 impl std::fmt::Debug for PullRequestStrategy {
@@ -111,11 +130,25 @@ pub fn promotion_branch(namespace: &str, name: &str, environment: &str) -> Strin
 impl PullRequestStrategy {
     /// `client` should come from [`forge::http_client`].
     pub fn new(settings: PullRequestSettings, client: reqwest::Client) -> Self {
+        let clones = Arc::new(CloneCache::new(
+            &settings.work_dir,
+            CloneCacheLimits {
+                max_bytes: settings.clone_cache_max_bytes,
+                max_clones: settings.clone_cache_max_clones,
+            },
+        ));
         Self {
             settings,
             client,
             locks: Mutex::new(HashMap::new()),
+            clones,
         }
+    }
+
+    /// Waits until the clone cache's background upkeep (measuring the clones used so far,
+    /// evicting beyond the limits) is done.
+    pub async fn settle_clone_cache(&self) {
+        self.clones.settle().await;
     }
 
     fn lock_for(&self, key: String) -> Arc<tokio::sync::Mutex<()>> {
@@ -308,7 +341,7 @@ impl Attempt<'_> {
                         promotion = %record.id,
                         branch = %branch,
                         round,
-                        "promotion branch moved while pushing; starting over on a fresh clone"
+                        "promotion branch moved while pushing; starting over on a refreshed clone"
                     );
                 }
                 Err(err) => return Err(git_error(err)),
@@ -456,13 +489,33 @@ impl Attempt<'_> {
         message
     }
 
-    /// Clone, rewrite, commit and push; `Err` with kind `Rejected` means "start over".
+    /// Clone (or refresh the cached clone), rewrite, commit and push; `Err` with kind
+    /// `Rejected` means "start over".
     async fn prepare_branch(&self, branch: &str) -> Result<BranchState, GitError> {
         let settings = &self.strategy.settings;
         std::fs::create_dir_all(&settings.work_dir).map_err(|e| GitError {
             kind: GitErrorKind::Other,
             message: format!("cannot create {}: {e}", settings.work_dir.display()),
         })?;
+        // Its private home (and SSH key files) go when it is dropped.
+        let git = Git::new(self.url, self.credentials, &settings.work_dir)?;
+        let key = clone_key(self.url, &self.spec.base_branch);
+        match self.strategy.clones.acquire(self.url, &key).await? {
+            Some(lease) => {
+                let mut gc_done = false;
+                let result = self
+                    .prepare_cached(&git, &lease, branch, &mut gc_done)
+                    .await;
+                self.strategy.clones.release(lease, gc_done);
+                result
+            }
+            None => self.prepare_uncached(&git, branch).await,
+        }
+    }
+
+    /// Without the clone cache: a fresh clone in a temporary workspace, removed after.
+    async fn prepare_uncached(&self, git: &Git, branch: &str) -> Result<BranchState, GitError> {
+        let settings = &self.strategy.settings;
         let workspace = tempfile::Builder::new()
             .prefix("promotion-")
             .tempdir_in(&settings.work_dir)
@@ -473,21 +526,176 @@ impl Attempt<'_> {
                     settings.work_dir.display()
                 ),
             })?;
-        let result = self.prepare_in(workspace.path(), branch).await;
+        let repo = workspace.path().join("repo");
+        let result = async {
+            git.clone_branch(&self.spec.base_branch, &repo).await?;
+            let remote = self
+                .promotion_branch_of_fresh_clone(git, &repo, branch)
+                .await?;
+            self.prepare_in(git, &repo, branch, remote).await
+        }
+        .await;
         // Removing a big checkout takes a while; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(workspace)).await;
         result
     }
 
-    async fn prepare_in(&self, workspace: &Path, branch: &str) -> Result<BranchState, GitError> {
-        let record = self.record;
-        let git = Git::new(self.url, self.credentials, workspace)?;
-        let repo = workspace.join("repo");
-        git.clone_branch(&self.spec.base_branch, &repo).await?;
+    /// In the cached clone: refreshed when it exists and is sound, else cloned afresh.
+    async fn prepare_cached(
+        &self,
+        git: &Git,
+        lease: &Lease,
+        branch: &str,
+        gc_done: &mut bool,
+    ) -> Result<BranchState, GitError> {
+        let repo = lease.path();
+        let mut remote = None;
+        let mut ready = false;
+        if lease.exists() {
+            let started = std::time::Instant::now();
+            match self.refresh(git, repo, branch, lease.gc_due()).await {
+                Ok((seen, gc)) => {
+                    tracing::debug!(
+                        repository = %self.url,
+                        clone = %repo.display(),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        gc,
+                        "cached clone refreshed"
+                    );
+                    remote = seen;
+                    *gc_done = gc;
+                    ready = true;
+                }
+                Err(Refresh::Remote(err)) => return Err(err),
+                Err(Refresh::Broken(err)) => {
+                    tracing::warn!(
+                        repository = %self.url,
+                        clone = %repo.display(),
+                        error = %err.message,
+                        "cached clone unusable; replacing it with a fresh clone"
+                    );
+                    lease.discard().await?;
+                }
+            }
+        }
+        if !ready {
+            let started = std::time::Instant::now();
+            let fresh = lease.fresh_dir()?;
+            if let Err(err) = git.clone_branch(&self.spec.base_branch, fresh.path()).await {
+                let _ = tokio::task::spawn_blocking(move || drop(fresh)).await;
+                return Err(err);
+            }
+            lease.install(fresh).await?;
+            tracing::info!(
+                repository = %self.url,
+                base = %self.spec.base_branch,
+                clone = %repo.display(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "cloned into the clone cache"
+            );
+            remote = self
+                .promotion_branch_of_fresh_clone(git, repo, branch)
+                .await?;
+        }
+        let result = self.prepare_in(git, repo, branch, remote).await;
+        if let Err(err) = &result {
+            // A git command failed for no remote reason: make sure the clone is sound.
+            if err.kind == GitErrorKind::Other
+                && err.message.starts_with("git ")
+                && let Err(fsck) = git.fsck(repo).await
+            {
+                tracing::warn!(
+                    repository = %self.url,
+                    clone = %repo.display(),
+                    error = %fsck.message,
+                    "cached clone corrupt; removing it (the next attempt clones afresh)"
+                );
+                lease.discard().await?;
+            }
+        }
+        result
+    }
 
+    /// Brings the cached clone at `repo` to the remote base branch, with nothing left of
+    /// earlier promotions: one `fetch --depth 1 --prune` of the base and the promotion
+    /// branch (only what changed is transferred) while the work tree is cleaned
+    /// (`clean -ffdx`), then the base checked out discarding every local change (like
+    /// `reset --hard`) and every other ref deleted. Returns the promotion branch's remote
+    /// head (fetched), and whether the clone was garbage-collected.
+    async fn refresh(
+        &self,
+        git: &Git,
+        repo: &Path,
+        branch: &str,
+        gc_due: bool,
+    ) -> Result<(Option<String>, bool), Refresh> {
+        let base = self.spec.base_branch.as_str();
+        git.rev_parse(repo, "HEAD^{commit}")
+            .await
+            .map_err(Refresh::Broken)?;
+        let refspecs = [
+            format!("+refs/heads/{base}:refs/remotes/origin/{base}"),
+            promotion_refspec(branch),
+        ];
+        let (fetched, cleaned) = tokio::join!(git.fetch(repo, &refspecs, true), git.clean(repo));
+        fetched.map_err(Refresh::from_remote)?;
+        cleaned.map_err(Refresh::Broken)?;
+        git.reset_to_base(repo, base)
+            .await
+            .map_err(Refresh::Broken)?;
+        let refs = git.refs(repo).await.map_err(Refresh::Broken)?;
+        let keep = [
+            format!("refs/heads/{base}"),
+            format!("refs/remotes/origin/{base}"),
+            format!("refs/remotes/origin/{branch}"),
+        ];
+        let stale: Vec<&str> = refs
+            .keys()
+            .map(String::as_str)
+            .filter(|name| !keep.iter().any(|k| k == name))
+            .collect();
+        git.delete_refs(repo, &stale)
+            .await
+            .map_err(Refresh::Broken)?;
+        if gc_due {
+            git.gc(repo).await.map_err(Refresh::Broken)?;
+        }
+        Ok((refs.get(&keep[2]).cloned(), gc_due))
+    }
+
+    /// The promotion branch's remote head, fetched into a fresh clone, if it exists.
+    async fn promotion_branch_of_fresh_clone(
+        &self,
+        git: &Git,
+        repo: &Path,
+        branch: &str,
+    ) -> Result<Option<String>, GitError> {
+        // With the base: a shallow fetch of a pattern that matches nothing fails.
+        let base = &self.spec.base_branch;
+        let refspecs = [
+            format!("+refs/heads/{base}:refs/remotes/origin/{base}"),
+            promotion_refspec(branch),
+        ];
+        git.fetch(repo, &refspecs, false).await?;
+        let tracking = format!("refs/remotes/origin/{branch}");
+        Ok(git.refs(repo).await?.remove(&tracking))
+    }
+
+    /// Rewrites, commits and pushes in `repo`, a clone of the base branch; `remote` is the
+    /// promotion branch's remote head, fetched (`refs/remotes/origin/<branch>`), if it
+    /// exists.
+    async fn prepare_in(
+        &self,
+        git: &Git,
+        repo: &Path,
+        branch: &str,
+        remote: Option<String>,
+    ) -> Result<BranchState, GitError> {
+        let record = self.record;
         let key = self.key();
         let revision = record.revision.clone();
-        let root = repo.clone();
+        let root = repo.to_path_buf();
+        let rewrite_started = std::time::Instant::now();
         let rewrite = tokio::task::spawn_blocking(move || rewrite_tree(&root, &key, &revision))
             .await
             .map_err(|e| GitError {
@@ -505,6 +713,14 @@ impl Attempt<'_> {
                     TreeError::Io { .. } => format!("rewriting markers: {e}"),
                 },
             })?;
+        tracing::debug!(
+            promotion = %record.id,
+            scanned = rewrite.scanned,
+            matched = rewrite.matched(),
+            changed = rewrite.changed(),
+            elapsed_ms = rewrite_started.elapsed().as_millis() as u64,
+            "markers rewritten"
+        );
         for warning in &rewrite.warnings {
             tracing::warn!(
                 promotion = %record.id,
@@ -531,7 +747,7 @@ impl Attempt<'_> {
         }
         let files: Vec<PathBuf> = rewrite.changed_paths().map(Path::to_path_buf).collect();
         git.commit(
-            &repo,
+            repo,
             branch,
             &files,
             &self.strategy.settings.author,
@@ -539,29 +755,58 @@ impl Attempt<'_> {
         )
         .await?;
 
-        let remote = git.remote_branch(&repo, branch).await?;
         if let Some(remote_sha) = &remote {
-            let fetched = git.fetch_branch(&repo, branch).await?;
-            let ours = git.rev_parse(&repo, "HEAD^{tree}").await?;
-            let theirs = git.rev_parse(&repo, &format!("{fetched}^{{tree}}")).await?;
+            let ours = git.rev_parse(repo, "HEAD^{tree}").await?;
+            let theirs = git
+                .rev_parse(repo, &format!("{remote_sha}^{{tree}}"))
+                .await?;
             if ours == theirs {
                 return Ok(BranchState::Proposed {
                     pushed: false,
                     files,
                 });
             }
-            let message = git.message(&repo, &fetched).await?;
+            let message = git.message(repo, remote_sha).await?;
             if let Some(by) = newer_promotion(&message, record) {
                 return Ok(BranchState::Superseded { by });
             }
-            git.push_with_lease(&repo, branch, Some(remote_sha)).await?;
+            git.push_with_lease(repo, branch, Some(remote_sha)).await?;
         } else {
-            git.push_with_lease(&repo, branch, None).await?;
+            git.push_with_lease(repo, branch, None).await?;
         }
         Ok(BranchState::Proposed {
             pushed: true,
             files,
         })
+    }
+}
+
+/// Fetches the promotion branch if it exists: a pattern, because a refspec naming a
+/// missing branch fails the fetch. It may also match longer names (`…-prod-eu` for
+/// `…-prod`); those refs are deleted at the next refresh.
+fn promotion_refspec(branch: &str) -> String {
+    format!("+refs/heads/{branch}*:refs/remotes/origin/{branch}*")
+}
+
+/// Why a cached clone could not be refreshed.
+enum Refresh {
+    /// The remote said no (credentials, missing repository or branch, network): the
+    /// clone is fine, the attempt fails.
+    Remote(GitError),
+    /// The clone itself is broken: it is replaced by a fresh clone.
+    Broken(GitError),
+}
+
+impl Refresh {
+    /// A failed `fetch`: the remote's fault unless git could not say why
+    /// (a corrupt object store, a stale lock file, a `.git/HEAD` that is no ref).
+    fn from_remote(err: GitError) -> Self {
+        match err.kind {
+            GitErrorKind::Auth | GitErrorKind::NotFound | GitErrorKind::Transient => {
+                Self::Remote(err)
+            }
+            GitErrorKind::Rejected | GitErrorKind::Other => Self::Broken(err),
+        }
     }
 }
 

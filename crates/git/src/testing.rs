@@ -406,6 +406,51 @@ SHOW_FOOTER_VERSION = false
         .await
     }
 
+    /// Commits a new file `path` holding `content` to `branch` through the API (nothing is
+    /// cloned); returns the new commit id.
+    pub async fn commit_file(
+        &self,
+        repo: &str,
+        branch: &str,
+        path: &str,
+        content: &str,
+    ) -> Result<String, String> {
+        let response = self
+            .api(
+                reqwest::Method::POST,
+                &format!("/repos/{ADMIN_USER}/{repo}/contents/{path}"),
+            )
+            .json(&json!({
+                "branch": branch,
+                "content": STANDARD.encode(content),
+                "message": format!("add {path}"),
+            }))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("committing {path}: {status}: {text}"));
+        }
+        let value: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        value["commit"]["sha"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| format!("committing {path}: no commit in {text}"))
+    }
+
+    /// A request to the API at `path` (`/user`, ...), authenticated as the admin with its
+    /// password (`basic`) or its token; for measuring what authentication costs Gitea.
+    pub fn request(&self, path: &str, password: bool) -> reqwest::RequestBuilder {
+        let request = self.client.get(format!("{}/api/v1{path}", self.base_url));
+        if password {
+            request.basic_auth(ADMIN_USER, Some(ADMIN_PASSWORD))
+        } else {
+            request.header("Authorization", format!("token {}", self.token))
+        }
+    }
+
     /// The commit `branch` points to, if it exists.
     pub async fn branch_head(&self, repo: &str, branch: &str) -> Result<Option<String>, String> {
         match self

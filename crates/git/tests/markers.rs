@@ -380,3 +380,63 @@ fn tree_error_leaves_every_file_untouched() {
         m("version: 6.0.0 # MARK\n")
     );
 }
+
+/// A tree big enough to be scanned on several threads gives what a sequential scan gives:
+/// files and warnings in path order, and the error of the first failing file.
+#[test]
+fn big_trees_are_scanned_in_parallel_with_sequential_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let good = format!("version: 1.0.0 # {M}\n");
+    let warn = "# {\"$promotion\": \"not a marker\n";
+    let bad = format!("key: | # {M}\n  text\n");
+    for i in 0..1200 {
+        let sub = root.join(format!("apps/{:02}", i / 100));
+        fs::create_dir_all(&sub).unwrap();
+        let text = match i % 100 {
+            7 => good.clone(),
+            42 => warn.to_string(),
+            _ => "plain: yaml\n".to_string(),
+        };
+        fs::write(sub.join(format!("f{i:04}.yaml")), text).unwrap();
+    }
+    let out = rewrite_tree(root, &key(), "2.0.0").unwrap();
+    assert_eq!(out.scanned, 1200);
+    let files: Vec<String> = out
+        .files
+        .iter()
+        .map(|f| f.path.display().to_string())
+        .collect();
+    let expected: Vec<String> = (0..12)
+        .map(|c| format!("apps/{c:02}/f{:04}.yaml", c * 100 + 7))
+        .collect();
+    assert_eq!(files, expected);
+    let warned: Vec<String> = out
+        .warnings
+        .iter()
+        .map(|w| w.path.display().to_string())
+        .collect();
+    let expected: Vec<String> = (0..12)
+        .map(|c| format!("apps/{c:02}/f{:04}.yaml", c * 100 + 42))
+        .collect();
+    assert_eq!(warned, expected);
+    assert_eq!(
+        fs::read_to_string(root.join("apps/05/f0507.yaml")).unwrap(),
+        good.replace("1.0.0", "2.0.0")
+    );
+
+    // Two bad files far apart: the first one in path order is reported, nothing written.
+    fs::write(root.join("apps/03/f0350.yaml"), &bad).unwrap();
+    fs::write(root.join("apps/10/f1050.yaml"), &bad).unwrap();
+    let err = rewrite_tree(root, &key(), "3.0.0").unwrap_err();
+    match &err {
+        TreeError::Marker { path, .. } => {
+            assert_eq!(path, Path::new("apps/03/f0350.yaml"), "{err}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        fs::read_to_string(root.join("apps/05/f0507.yaml")).unwrap(),
+        good.replace("1.0.0", "2.0.0")
+    );
+}

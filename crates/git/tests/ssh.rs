@@ -772,9 +772,36 @@ async fn promotes_over_ssh_with_identity_and_known_hosts() {
     );
     assert_eq!(forge.pulls().len(), 1);
 
-    // Workspaces (clones, key files) are gone; no log line quotes the key.
-    let left: Vec<_> = std::fs::read_dir(setup.work.path()).unwrap().collect();
-    assert!(left.is_empty(), "{left:?}");
+    // The private homes with the key files are gone; what is left is the clone cache,
+    // which holds no key material; no log line quotes the key.
+    let left: Vec<String> = std::fs::read_dir(setup.work.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, ["clones"], "{left:?}");
+    let mut files = Vec::new();
+    let mut dirs = vec![setup.work.path().join("clones")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                if !path.ends_with(".git/objects") {
+                    dirs.push(path);
+                }
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    assert!(
+        files.iter().any(|f| f.ends_with(".git/config")),
+        "{files:?}"
+    );
+    for file in files {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+        assert_no_key_material(&file.display().to_string(), &text, &[&client]);
+    }
     assert_no_key_material("the logs", &logs_text(), &[&client]);
 }
 

@@ -235,6 +235,23 @@ impl ApiClient {
         what: &str,
         request: RequestBuilder,
     ) -> Result<T, ForgeError> {
+        let started = std::time::Instant::now();
+        let result = self.send_inner(what, request).await;
+        // Like git's "git command finished": how long the forge took, per request.
+        tracing::debug!(
+            operation = what,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            ok = result.is_ok(),
+            "forge request finished"
+        );
+        result
+    }
+
+    async fn send_inner<T: DeserializeOwned>(
+        &self,
+        what: &str,
+        request: RequestBuilder,
+    ) -> Result<T, ForgeError> {
         let response = request.send().await.map_err(|err| {
             let text = pipeline_core::report::error_chain(&err.without_url());
             ForgeError::new(

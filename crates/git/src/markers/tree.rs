@@ -134,13 +134,95 @@ fn replace_file(path: &Path, text: &str) -> Result<(), TreeError> {
     Ok(())
 }
 
+/// What scanning one YAML file found.
+enum Scanned {
+    NonUtf8(PathBuf),
+    Yaml {
+        rel: PathBuf,
+        warnings: Vec<MarkerWarning>,
+        matched: usize,
+        changed: usize,
+        /// The new text, when it differs.
+        rewritten: Option<String>,
+    },
+}
+
+fn scan_file(
+    root: &Path,
+    rel: &Path,
+    key: &MarkerKey,
+    new_value: &str,
+) -> Result<Scanned, TreeError> {
+    let path = root.join(rel);
+    let bytes = fs::read(&path).map_err(io_error(&path))?;
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Ok(Scanned::NonUtf8(rel.to_path_buf()));
+    };
+    let scan = scan_text(&text, key, new_value).map_err(|source| TreeError::Marker {
+        path: rel.to_path_buf(),
+        source,
+    })?;
+    let rewritten = (scan.matched > 0 && !scan.edits.is_empty()).then(|| scan.apply(&text));
+    Ok(Scanned::Yaml {
+        rel: rel.to_path_buf(),
+        matched: scan.matched,
+        changed: scan.edits.len(),
+        warnings: scan.warnings,
+        rewritten,
+    })
+}
+
+/// Files per scanning thread below which one thread does it all.
+const FILES_PER_THREAD: usize = 256;
+/// Most threads a scan uses.
+const MAX_THREADS: usize = 4;
+
+/// Scans `files` (in order), on several threads for big trees. The result is what a
+/// sequential scan gives: the files in order, or the error of the first failing file.
+fn scan_files(
+    root: &Path,
+    files: &[PathBuf],
+    key: &MarkerKey,
+    new_value: &str,
+) -> Result<Vec<Scanned>, TreeError> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .min(MAX_THREADS)
+        .min(files.len() / FILES_PER_THREAD)
+        .max(1);
+    let scan_part = |part: &[PathBuf]| -> Result<Vec<Scanned>, TreeError> {
+        part.iter()
+            .map(|rel| scan_file(root, rel, key, new_value))
+            .collect()
+    };
+    if threads == 1 {
+        return scan_part(files);
+    }
+    let chunk = files.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = files
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || scan_part(part)))
+            .collect();
+        let mut all = Vec::with_capacity(files.len());
+        for worker in workers {
+            match worker.join() {
+                Ok(part) => all.extend(part?),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(all)
+    })
+}
+
 /// Rewrites every value marked for `key` in the `*.yaml`/`*.yml` files under `root`.
 ///
-/// All files are scanned before any is written, so a marker error leaves the tree untouched.
-/// Only files whose text changes are written, each atomically (temporary file + rename, with
-/// the original permissions); an I/O error while writing can still leave earlier files
-/// rewritten. `.git` directories and symlinks (to files or directories) are skipped, so that
-/// nothing outside the tree is read or written.
+/// All files are scanned before any is written (on several threads for big trees), so a
+/// marker error leaves the tree untouched; the error reported is that of the first failing
+/// file in path order. Only files whose text changes are written, each atomically
+/// (temporary file + rename, with the original permissions); an I/O error while writing can
+/// still leave earlier files rewritten. `.git` directories and symlinks (to files or
+/// directories) are skipped, so that nothing outside the tree is read or written.
 pub fn rewrite_tree(
     root: &Path,
     key: &MarkerKey,
@@ -148,34 +230,38 @@ pub fn rewrite_tree(
 ) -> Result<TreeRewrite, TreeError> {
     let mut report = TreeRewrite::default();
     let mut writes = Vec::new();
-    for rel in yaml_files(root)? {
-        let path = root.join(&rel);
-        let bytes = fs::read(&path).map_err(io_error(&path))?;
+    let files = yaml_files(root)?;
+    for scanned in scan_files(root, &files, key, new_value)? {
         report.scanned += 1;
-        let Ok(text) = String::from_utf8(bytes) else {
-            report.skipped_non_utf8.push(rel);
-            continue;
+        let (rel, warnings, matched, changed, rewritten) = match scanned {
+            Scanned::NonUtf8(rel) => {
+                report.skipped_non_utf8.push(rel);
+                continue;
+            }
+            Scanned::Yaml {
+                rel,
+                warnings,
+                matched,
+                changed,
+                rewritten,
+            } => (rel, warnings, matched, changed, rewritten),
         };
-        let scan = scan_text(&text, key, new_value).map_err(|source| TreeError::Marker {
-            path: rel.clone(),
-            source,
-        })?;
         report
             .warnings
-            .extend(scan.warnings.iter().map(|warning| TreeWarning {
+            .extend(warnings.into_iter().map(|warning| TreeWarning {
                 path: rel.clone(),
-                warning: warning.clone(),
+                warning,
             }));
-        if scan.matched == 0 {
+        if matched == 0 {
             continue;
         }
-        if !scan.edits.is_empty() {
-            writes.push((path, scan.apply(&text)));
+        if let Some(text) = rewritten {
+            writes.push((root.join(&rel), text));
         }
         report.files.push(FileRewrite {
             path: rel,
-            matched: scan.matched,
-            changed: scan.edits.len(),
+            matched,
+            changed,
         });
     }
     for (path, text) in &writes {
