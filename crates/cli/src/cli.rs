@@ -359,6 +359,14 @@ pub struct PullRequestArgs {
     /// https://git.example/gitlab/=https://git.example/gitlab/api/v4
     #[arg(long = "forge-api", value_name = "PREFIX=URL")]
     pub forge_api: Vec<String>,
+    /// Largest size on disk of the pull-request clone cache (in --pr-work-dir/clones),
+    /// e.g. 2Gi, 500Mi; 0 turns it off (a fresh clone per promotion).
+    #[arg(long, env = "PIPELINE_CONTROLLER_PR_CLONE_CACHE_MAX_BYTES", default_value = "2Gi", value_parser = pipeline_git::clones::parse_size)]
+    pub pr_clone_cache_max_bytes: u64,
+    /// Most clones the pull-request clone cache keeps (least recently used go first);
+    /// 0 turns it off.
+    #[arg(long, env = "PIPELINE_CONTROLLER_PR_CLONE_CACHE_MAX_CLONES", default_value_t = pipeline_git::DEFAULT_CLONE_CACHE_MAX_CLONES)]
+    pub pr_clone_cache_max_clones: usize,
 }
 
 fn parse_algorithm(text: &str) -> Result<HmacAlgorithm, String> {

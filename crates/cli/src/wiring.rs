@@ -235,6 +235,8 @@ pub(crate) fn pull_request_settings(args: &PullRequestArgs) -> anyhow::Result<Pu
         work_dir: args.pr_work_dir.clone().unwrap_or(defaults.work_dir),
         push_attempts: defaults.push_attempts,
         api_overrides,
+        clone_cache_max_bytes: args.pr_clone_cache_max_bytes,
+        clone_cache_max_clones: args.pr_clone_cache_max_clones,
     })
 }
 
