@@ -54,6 +54,11 @@ pub struct KubernetesArgs {
     /// RBAC-checked action on the Promotion through the Kubernetes API.
     #[arg(long, env = "PIPELINE_CONTROLLER_ENABLE_HMAC_APPROVALS")]
     pub enable_hmac_approvals: bool,
+    /// Kubernetes mode: watch Secrets with one cluster-wide watch instead of one per
+    /// namespace holding Pipelines (needs cluster-wide read of Secrets, the chart's
+    /// rbac.secrets.clusterWide); for many namespaces, at the cost of caching every Secret.
+    #[arg(long, env = "PIPELINE_CONTROLLER_SECRETS_CLUSTER_WIDE")]
+    pub secrets_cluster_wide: bool,
     /// Kubernetes mode: name of the leader-election Lease.
     #[arg(long, default_value = "pipeline-controller-leader")]
     pub lease_name: String,
@@ -113,7 +118,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|| client.default_namespace().to_string());
 
     let pipelines = KubePipelineSource::start(client.clone());
-    let secrets = KubeSecretSource::new(client.clone());
+    let secrets = if k8s.secrets_cluster_wide {
+        KubeSecretSource::cluster_wide(client.clone())
+    } else {
+        KubeSecretSource::new(client.clone())
+    };
     let publisher = EventPublisher::new(client.clone(), identity.clone());
     // One watch of every Promotion, shared by the store, the reconciler and the
     // executor's wake-ups: no LIST on a timer, duplicates answered without a call.

@@ -156,11 +156,15 @@ struct NamespaceCache {
     _task: AbortOnDrop,
 }
 
-/// Secrets of the namespaces that hold Pipelines, from per-namespace watches.
+/// Secrets of the namespaces that hold Pipelines, from per-namespace watches (the
+/// controller may read Secrets only where bound), or from one cluster-wide watch when it
+/// may read them everywhere: then the number of watches no longer grows with the number
+/// of namespaces, at the cost of caching every Secret of the cluster.
 #[derive(Clone)]
 pub struct KubeSecretSource {
     client: Client,
     caches: Arc<Mutex<HashMap<String, Arc<NamespaceCache>>>>,
+    cluster_wide: Option<Arc<NamespaceCache>>,
     changed: Arc<Notify>,
 }
 
@@ -169,7 +173,27 @@ impl KubeSecretSource {
         Self {
             client,
             caches: Arc::default(),
+            cluster_wide: None,
             changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// One watch of every Secret of the cluster (needs cluster-wide `list`/`watch` on
+    /// Secrets, the chart's `rbac.secrets.clusterWide`).
+    pub fn cluster_wide(client: Client) -> Self {
+        let changed = Arc::new(Notify::new());
+        tracing::info!("watching Secrets cluster-wide");
+        let (store, task) = spawn_reflector(
+            Api::<Secret>::all(client.clone()),
+            (),
+            "secrets",
+            changed.clone(),
+        );
+        Self {
+            client,
+            caches: Arc::default(),
+            cluster_wide: Some(Arc::new(NamespaceCache { store, _task: task })),
+            changed,
         }
     }
 
@@ -201,6 +225,9 @@ impl KubeSecretSource {
     }
 
     fn cache(&self, namespace: &str) -> Option<Arc<NamespaceCache>> {
+        if let Some(all) = &self.cluster_wide {
+            return Some(all.clone());
+        }
         let mut caches = self.caches.lock().ok()?;
         let cache = caches.entry(namespace.to_string()).or_insert_with(|| {
             tracing::info!(
