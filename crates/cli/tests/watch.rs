@@ -939,3 +939,44 @@ async fn embedded_mode_watches_a_leaf_cluster_named_in_the_folder() {
     assert_eq!(records.as_array().unwrap().len(), 2, "{records:#}");
     assert_eq!(receiver.count(), 2);
 }
+
+/// A deployment that happens while the controller is down is promoted once it is back,
+/// and what was promoted before is not promoted again.
+#[tokio::test]
+async fn a_controller_restarted_mid_way_misses_nothing_and_doubles_nothing() {
+    let _turn = TURN.lock().await;
+    let mut fleet = Fleet::start().await;
+    let kube = fleet.kube();
+    fleet.deploy_dev("1.2.0").await;
+    let first = wait_recorded(&kube, "staging", "1.2.0", Duration::from_secs(10)).await;
+    wait_succeeded(&kube, &first).await;
+
+    // The controller goes away (SIGKILL); dev deploys 1.3.0 meanwhile.
+    fleet.controller.kill9();
+    fleet.deploy_dev("1.3.0").await;
+    assert_none_recorded(
+        &kube,
+        "staging",
+        "1.3.0",
+        Duration::from_secs(2),
+        "nobody is watching",
+    )
+    .await;
+
+    // Back: 1.3.0 is promoted, 1.2.0 is not again.
+    fleet.controller = Controller::start(
+        &fleet.management,
+        "watcher-restarted",
+        &["--events-addr", &fleet.receiver.url()],
+    );
+    let missed = wait_recorded(&kube, "staging", "1.3.0", Duration::from_secs(30)).await;
+    wait_succeeded(&kube, &missed).await;
+    assert_eq!(promotions(&kube, "staging", "1.2.0").await.len(), 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        fleet.notified("staging", "1.2.0"),
+        1,
+        "1.2.0 promoted twice"
+    );
+    assert_eq!(fleet.notified("staging", "1.3.0"), 1);
+}
