@@ -571,6 +571,29 @@ mod tests {
         Arc::new(MemoryCatalog::new().with_pipeline_spec("ns", "p", spec))
     }
 
+    /// An executor over `catalog` and `store` that runs every kind with `strategy`.
+    fn executor(
+        store: Arc<MemoryStore>,
+        catalog: Arc<MemoryCatalog>,
+        strategy: Arc<dyn PromotionStrategy>,
+        settings: ExecutorSettings,
+        wake: Arc<Notify>,
+    ) -> Executor {
+        Executor::new(
+            store,
+            catalog.clone(),
+            catalog,
+            StrategySet {
+                notification: strategy.clone(),
+                pull_request: strategy,
+            },
+            Arc::new(SystemClock),
+            Arc::new(Metrics::new()),
+            settings,
+            wake,
+        )
+    }
+
     /// Counts calls per revision; fails the first attempt of revisions ending in 7.
     #[derive(Default)]
     struct Counting {
@@ -633,16 +656,10 @@ mod tests {
             store.create_if_absent(record).await.unwrap();
         }
         let strategy = Arc::new(Counting::default());
-        let executor = Arc::new(Executor::new(
+        let executor = Arc::new(executor(
             store.clone(),
-            pipeline.clone(),
             pipeline,
-            StrategySet {
-                notification: strategy.clone(),
-                pull_request: strategy.clone(),
-            },
-            Arc::new(SystemClock),
-            Arc::new(Metrics::new()),
+            strategy.clone(),
             ExecutorSettings {
                 retry: RetryPolicy {
                     base_delay: Duration::from_millis(5),
@@ -722,16 +739,10 @@ mod tests {
             store: store.clone(),
             calls: AtomicUsize::new(0),
         });
-        let executor = Arc::new(Executor::new(
+        let executor = Arc::new(executor(
             store.clone(),
-            pipeline.clone(),
             pipeline,
-            StrategySet {
-                notification: strategy.clone(),
-                pull_request: strategy.clone(),
-            },
-            Arc::new(SystemClock),
-            Arc::new(Metrics::new()),
+            strategy.clone(),
             ExecutorSettings {
                 idle_poll: Duration::from_millis(10),
                 ..ExecutorSettings::default()
@@ -813,16 +824,10 @@ mod tests {
         let strategy = Arc::new(Counting::default());
         let wake = Arc::new(Notify::new());
         let executor = Arc::new(
-            Executor::new(
+            executor(
                 store.clone(),
-                pipeline.clone(),
                 pipeline,
-                StrategySet {
-                    notification: strategy.clone(),
-                    pull_request: strategy.clone(),
-                },
-                Arc::new(SystemClock),
-                Arc::new(Metrics::new()),
+                strategy.clone(),
                 ExecutorSettings {
                     idle_poll: Duration::from_millis(20),
                     ..ExecutorSettings::default()
