@@ -18,9 +18,7 @@ use axum::http::{HeaderName, HeaderValue};
 use clap::Args;
 use kube::Api;
 use kube::api::ListParams;
-use pipeline_core::{
-    Metrics, PipelineRef, PipelineSource, PromotionFilter, PromotionRecord, StrategySet, Verdict,
-};
+use pipeline_core::{Metrics, PipelineRef, PromotionFilter, PromotionRecord, StrategySet, Verdict};
 use pipeline_crds::Promotion;
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
@@ -226,14 +224,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(Duration::from_secs(60)) => {
-                        // Namespaces of Pipelines, and of the clusters they target.
-                        let mut keep = pipelines.namespaces();
-                        if let Ok(all) = pipelines.list().await {
-                            keep.extend(pipeline_core::deployment::cluster_namespaces(
-                                all.iter().map(|p| p.as_ref()),
-                            ));
-                        }
-                        secrets.prune(&keep);
+                        secrets.prune(&pipelines.secret_namespaces());
                     }
                 }
             }

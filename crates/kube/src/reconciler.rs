@@ -150,17 +150,7 @@ impl Reconciler {
                 _ => {}
             }
         }
-        // Namespaces of Pipelines, and of the kubeconfig Secrets of the clusters they target.
-        let mut keep = self.pipelines.namespaces();
-        let valid: Vec<Pipeline> = self
-            .pipelines
-            .cache()
-            .state()
-            .iter()
-            .filter_map(|object| validate(object).ok())
-            .collect();
-        keep.extend(pipeline_core::deployment::cluster_namespaces(&valid));
-        self.secrets.prune(&keep);
+        self.secrets.prune(&self.pipelines.secret_namespaces());
         for pipeline in self.pipelines.cache().state() {
             if let Err(err) = self.update_pipeline(&pipeline, &waiting).await {
                 tracing::warn!(pipeline = %format!("{}/{}", pipeline.namespace().unwrap_or_default(), pipeline.name_any()), error = %describe(&err), "cannot update the Pipeline status");

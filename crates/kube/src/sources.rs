@@ -98,6 +98,20 @@ impl KubePipelineSource {
             .filter_map(|p| p.namespace())
             .collect()
     }
+
+    /// Namespaces whose Secrets the controller reads: those holding Pipelines, and those
+    /// holding the kubeconfig Secrets of the clusters valid Pipelines target.
+    pub fn secret_namespaces(&self) -> BTreeSet<String> {
+        let mut namespaces = self.namespaces();
+        let valid: Vec<Pipeline> = self
+            .store
+            .state()
+            .iter()
+            .filter_map(|object| validate(object).ok())
+            .collect();
+        namespaces.extend(pipeline_core::deployment::cluster_namespaces(&valid));
+        namespaces
+    }
 }
 
 /// The validated model of a Pipeline object, or every problem with it.
