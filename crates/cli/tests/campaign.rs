@@ -1601,6 +1601,9 @@ async fn kill_9_under_load_keeps_every_acknowledged_promotion() {
     let receiver = Receiver::start(vec![], Duration::from_millis(5)).await;
     let (mut rng, seed) = Lcg::seeded();
     eprintln!("kill -9 campaign seed {seed} (PIPELINE_TEST_SEED to repeat)");
+    // Hundreds of promotions of one pipeline and environment: keep them all (the default
+    // retention keeps the newest 100 finished ones, and every restart sweeps), so what is
+    // checked is durability, not the retention policy.
     let extra = [
         "--notify-url",
         &receiver.url(),
@@ -1608,6 +1611,8 @@ async fn kill_9_under_load_keeps_every_acknowledged_promotion() {
         "100ms",
         "--retry-max",
         "1s",
+        "--retention-per-environment",
+        "0",
     ];
     let started = Instant::now();
     let mut acked: BTreeMap<String, String> = BTreeMap::new();
