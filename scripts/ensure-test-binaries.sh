@@ -3,8 +3,8 @@
 #   etcd, kube-apiserver   from tools/envtest (Go module pinning k8s.io/kubernetes + etcd)
 #   gitea                  from tools/gitea   (Go module pinning code.gitea.io/gitea)
 #   helm                   from tools/helm    (Go module pinning helm.sh/helm/v3; renders the chart)
-#   flux-crds              Flux's HelmRelease and Kustomization CRDs (config/crd/bases/*.yaml of
-#                          github.com/fluxcd/helm-controller and kustomize-controller, pinned below)
+#   flux-crds              Flux's CRDs (config/crd/bases/*.yaml of github.com/fluxcd/source-,
+#                          kustomize-, helm- and notification-controller, pinned below)
 #
 # Everything comes from the Go module proxy; nothing is downloaded from release pages.
 # Binaries are cached OUTSIDE the checkout, keyed by version:
@@ -32,10 +32,12 @@ set -euo pipefail
 # Bump when the way binaries are built changes (flags, layout) to force a rebuild.
 RECIPE=1
 
-# Flux controllers whose CRDs the watch tests install (their config/crd/bases/*.yaml, taken
-# from the Go module proxy like everything else; nothing is built).
-FLUX_HELM_CONTROLLER_VERSION=v1.4.0
+# Flux controllers whose CRDs the tests install (their config/crd/bases/*.yaml, taken from
+# the Go module proxy like everything else).
+FLUX_SOURCE_CONTROLLER_VERSION=v1.7.0
 FLUX_KUSTOMIZE_CONTROLLER_VERSION=v1.6.0
+FLUX_HELM_CONTROLLER_VERSION=v1.4.0
+FLUX_NOTIFICATION_CONTROLLER_VERSION=v1.6.0
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${PIPELINE_TOOLS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pipeline-controller/tools}"
@@ -93,7 +95,7 @@ ETCD_BIN="$ETCD_HOME/etcd"
 KAS_BIN="$KAS_HOME/kube-apiserver"
 GITEA_BIN="$GITEA_HOME/gitea"
 HELM_BIN="$HELM_HOME/helm"
-FLUX_CRDS_HOME="$CACHE/flux-crds-hc${FLUX_HELM_CONTROLLER_VERSION#v}-kc${FLUX_KUSTOMIZE_CONTROLLER_VERSION#v}-r$RECIPE"
+FLUX_CRDS_HOME="$CACHE/flux-crds-sc${FLUX_SOURCE_CONTROLLER_VERSION#v}-kc${FLUX_KUSTOMIZE_CONTROLLER_VERSION#v}-hc${FLUX_HELM_CONTROLLER_VERSION#v}-nc${FLUX_NOTIFICATION_CONTROLLER_VERSION#v}-r$RECIPE"
 # Written last into the staging dir, so its presence in the published dir means complete.
 FLUX_CRDS_STAMP="$FLUX_CRDS_HOME/MODULES"
 
@@ -196,25 +198,34 @@ build_helm() {
   log "built $HELM_BIN in $((SECONDS - start))s"
 }
 
+# "module@version" of each Flux controller whose CRDs we install.
+flux_modules() {
+  printf '%s\n' \
+    "github.com/fluxcd/source-controller@$FLUX_SOURCE_CONTROLLER_VERSION" \
+    "github.com/fluxcd/kustomize-controller@$FLUX_KUSTOMIZE_CONTROLLER_VERSION" \
+    "github.com/fluxcd/helm-controller@$FLUX_HELM_CONTROLLER_VERSION" \
+    "github.com/fluxcd/notification-controller@$FLUX_NOTIFICATION_CONTROLLER_VERSION"
+}
+
 fetch_flux_crds() {
-  local tmp start work out dirs mod dir n=0
-  local hc=github.com/fluxcd/helm-controller kc=github.com/fluxcd/kustomize-controller
+  local tmp start work out dirs mod dir n=0 f
+  local -a mods
+  mapfile -t mods < <(flux_modules)
   new_tmp flux-crds tmp
   start=$SECONDS
-  log "fetching Flux CRDs ($hc@$FLUX_HELM_CONTROLLER_VERSION, $kc@$FLUX_KUSTOMIZE_CONTROLLER_VERSION) ..."
+  log "fetching Flux CRDs (${mods[*]}) ..."
   # Outside any module (an empty dir; GOWORK=off above): `go mod download` then fetches
   # exactly the named module versions into the shared module cache.
   new_tmp flux-crds-work work
   [[ "$(cd "$work" && go env GOMOD)" == /dev/null ]] ||
     die "$work is inside a Go module; cannot fetch the Flux CRDs there"
-  out=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json \
-    "$hc@$FLUX_HELM_CONTROLLER_VERSION" "$kc@$FLUX_KUSTOMIZE_CONTROLLER_VERSION") ||
+  out=$(cd "$work" && GOFLAGS=-mod=mod go mod download -json "${mods[@]}") ||
     die "go mod download of the Flux controllers failed: $out"
   # Top-level keys are indented by one tab; "Origin" nests its own by two.
   if grep -q $'^\t"Error":' <<<"$out"; then die "go mod download: $out"; fi
   dirs=$(awk -F'"' '/^\t"Path":/ { p = $4 } /^\t"Dir":/ { print p "\t" $4 }' <<<"$out")
-  for mod in "$hc" "$kc"; do
-    dir=$(awk -F'\t' -v m="$mod" '$1 == m { print $2 }' <<<"$dirs")
+  for mod in "${mods[@]}"; do
+    dir=$(awk -F'\t' -v m="${mod%@*}" '$1 == m { print $2 }' <<<"$dirs")
     [[ -n "$dir" && -d "$dir/config/crd/bases" ]] || die "no config/crd/bases in $mod (${dir:-not downloaded})"
     for f in "$dir"/config/crd/bases/*.yaml; do
       [[ -e "$f" ]] || die "no CRD files in $dir/config/crd/bases"
@@ -223,10 +234,7 @@ fetch_flux_crds() {
     done
   done
   chmod 644 "$tmp"/*.yaml # module cache files are read-only
-  {
-    echo "$hc $FLUX_HELM_CONTROLLER_VERSION"
-    echo "$kc $FLUX_KUSTOMIZE_CONTROLLER_VERSION"
-  } >"$tmp/MODULES"
+  printf '%s\n' "${mods[@]}" >"$tmp/MODULES"
   publish "$tmp" "$FLUX_CRDS_HOME"
   log "fetched $n Flux CRD files into $FLUX_CRDS_HOME in $((SECONDS - start))s"
 }
@@ -298,6 +306,6 @@ else
   ((want_kas)) && echo "kube-apiserver  $KUBE_VERSION  $KAS_BIN"
   ((want_gitea)) && echo "gitea           $GITEA_VERSION  $GITEA_BIN  (STATIC_ROOT_PATH=$GITEA_HOME)"
   ((want_helm)) && echo "helm            $HELM_VERSION  $HELM_BIN"
-  ((want_flux)) && echo "flux-crds       helm-controller $FLUX_HELM_CONTROLLER_VERSION, kustomize-controller $FLUX_KUSTOMIZE_CONTROLLER_VERSION  $FLUX_CRDS_HOME"
+  ((want_flux)) && echo "flux-crds       $(flux_modules | tr '\n' ' ') $FLUX_CRDS_HOME"
   echo "env file: $CACHE/env.sh"
 fi

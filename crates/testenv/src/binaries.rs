@@ -50,7 +50,7 @@ pub fn helm_binary() -> Result<PathBuf, Error> {
     )
 }
 
-/// The directory of Flux's CRD manifests (HelmRelease, Kustomization) fetched by
+/// The directory of Flux's CRD manifests (source, kustomize, helm, notification) fetched by
 /// `scripts/ensure-test-binaries.sh flux-crds`: `PIPELINE_FLUX_CRDS_DIR`, else the tools
 /// cache's env.sh (as [`Binaries::locate`]). Fails, saying how to fetch them, when missing.
 pub fn flux_crds_dir() -> Result<PathBuf, Error> {

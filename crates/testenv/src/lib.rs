@@ -475,7 +475,7 @@ impl TestCluster {
         Ok(())
     }
 
-    /// Applies every CRD in the Flux CRD directory ([`flux_crds_dir`]: HelmRelease and
+    /// Applies every CRD in the Flux CRD directory ([`flux_crds_dir`]: those of source-,
     /// Kustomization, as fetched by `scripts/ensure-test-binaries.sh flux-crds`) and waits
     /// until each is `Established` and its versions are served.
     pub async fn install_flux_crds(&self) -> Result<(), Error> {
