@@ -476,7 +476,8 @@ impl TestCluster {
     }
 
     /// Applies every CRD in the Flux CRD directory ([`flux_crds_dir`]: those of source-,
-    /// Kustomization, as fetched by `scripts/ensure-test-binaries.sh flux-crds`) and waits
+    /// kustomize-, helm- and notification-controller, as fetched by
+    /// `scripts/ensure-test-binaries.sh flux-crds`) and waits
     /// until each is `Established` and its versions are served.
     pub async fn install_flux_crds(&self) -> Result<(), Error> {
         let dir = flux_crds_dir()?;
