@@ -5,6 +5,9 @@
 #   helm                   from tools/helm    (Go module pinning helm.sh/helm/v3; renders the chart)
 #   flux-crds              Flux's CRDs (config/crd/bases/*.yaml of github.com/fluxcd/source-,
 #                          kustomize-, helm- and notification-controller, pinned below)
+#   flux                   Flux's four controllers (source-, kustomize-, helm-, notification-
+#                          controller), each from its own tools/flux-* module (their
+#                          dependencies clash: k8s 0.33 vs 0.34); implies flux-crds
 #
 # Everything comes from the Go module proxy; nothing is downloaded from release pages.
 # Binaries are cached OUTSIDE the checkout, keyed by version:
@@ -14,7 +17,7 @@
 # nothing half-written behind. The shared GOCACHE/GOMODCACHE are used as they are.
 #
 # Usage:
-#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea|helm|flux-crds ...]
+#   scripts/ensure-test-binaries.sh [--print-env] [all|kube|etcd|kube-apiserver|gitea|helm|flux-crds|flux ...]
 #
 #   (no component)   same as "all"
 #   kube             etcd + kube-apiserver
@@ -26,7 +29,8 @@
 #   PIPELINE_GITEA_STATIC_ROOT (dir holding Gitea's options/ templates/ public/; put it in
 #   app.ini as [server] STATIC_ROOT_PATH), PIPELINE_ETCD_VERSION, PIPELINE_KUBE_VERSION,
 #   PIPELINE_GITEA_VERSION, PIPELINE_HELM_BIN, PIPELINE_HELM_VERSION, PIPELINE_TOOLS_CACHE,
-#   PIPELINE_FLUX_CRDS_DIR (dir holding the Flux CRD YAML files).
+#   PIPELINE_FLUX_CRDS_DIR (dir holding the Flux CRD YAML files), PIPELINE_FLUX_SOURCE_BIN,
+#   PIPELINE_FLUX_KUSTOMIZE_BIN, PIPELINE_FLUX_HELM_BIN, PIPELINE_FLUX_NOTIFICATION_BIN.
 set -euo pipefail
 
 # Bump when the way binaries are built changes (flags, layout) to force a rebuild.
@@ -48,23 +52,24 @@ die() { log "error: $*"; exit 1; }
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 
 print_env=0
-want_etcd=0 want_kas=0 want_gitea=0 want_helm=0 want_flux=0
+want_etcd=0 want_kas=0 want_gitea=0 want_helm=0 want_flux=0 want_fluxbin=0
 for arg in "$@"; do
   case "$arg" in
     --print-env) print_env=1 ;;
-    all) want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1 ;;
+    all) want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1 want_fluxbin=1 ;;
     kube | envtest) want_etcd=1 want_kas=1 ;;
     etcd) want_etcd=1 ;;
     kube-apiserver) want_kas=1 ;;
     gitea) want_gitea=1 ;;
     helm) want_helm=1 ;;
     flux-crds) want_flux=1 ;;
+    flux) want_flux=1 want_fluxbin=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $arg" ;;
   esac
 done
 if ((want_etcd + want_kas + want_gitea + want_helm + want_flux == 0)); then
-  want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1
+  want_etcd=1 want_kas=1 want_gitea=1 want_helm=1 want_flux=1 want_fluxbin=1
 fi
 
 
@@ -74,7 +79,7 @@ export GOWORK=off
 # Version of MODULE as pinned in the require block of DIR/go.mod.
 pinned_version() {
   local dir=$1 mod=$2 v
-  v=$(awk -v m="$mod" '!/=>/ { for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$dir/go.mod")
+  v=$(awk -v m="$mod" '!/=>/ && !/^[[:space:]]*\/\// { for (i = 1; i < NF; i++) if ($i == m) { print $(i + 1); exit } }' "$dir/go.mod")
   [[ -n "$v" ]] || die "$mod is not pinned in $dir/go.mod"
   printf '%s' "$v"
 }
@@ -98,6 +103,33 @@ HELM_BIN="$HELM_HOME/helm"
 FLUX_CRDS_HOME="$CACHE/flux-crds-sc${FLUX_SOURCE_CONTROLLER_VERSION#v}-kc${FLUX_KUSTOMIZE_CONTROLLER_VERSION#v}-hc${FLUX_HELM_CONTROLLER_VERSION#v}-nc${FLUX_NOTIFICATION_CONTROLLER_VERSION#v}-r$RECIPE"
 # Written last into the staging dir, so its presence in the published dir means complete.
 FLUX_CRDS_STAMP="$FLUX_CRDS_HOME/MODULES"
+# The controllers themselves: "<short name> <tools dir> <module>" (version read from go.mod).
+FLUX_CONTROLLERS=(
+  "source $ROOT/tools/flux-source github.com/fluxcd/source-controller"
+  "kustomize $ROOT/tools/flux-kustomize github.com/fluxcd/kustomize-controller"
+  "helm $ROOT/tools/flux-helm github.com/fluxcd/helm-controller"
+  "notification $ROOT/tools/flux-notification github.com/fluxcd/notification-controller"
+)
+# flux_bin NAME: path of that controller's binary in the cache.
+flux_bin() {
+  local c name dir mod
+  for c in "${FLUX_CONTROLLERS[@]}"; do
+    read -r name dir mod <<<"$c"
+    if [[ "$name" == "$1" ]]; then
+      printf '%s/flux-%s-controller-%s-r%s/%s-controller' "$CACHE" "$name" "$(pinned_version "$dir" "$mod")" "$RECIPE" "$name"
+      return
+    fi
+  done
+  die "unknown Flux controller $1"
+}
+flux_bins_missing() {
+  local c name dir mod
+  for c in "${FLUX_CONTROLLERS[@]}"; do
+    read -r name dir mod <<<"$c"
+    [[ -x "$(flux_bin "$name")" ]] || return 0
+  done
+  return 1
+}
 
 missing() {
   local need=0
@@ -106,6 +138,7 @@ missing() {
   ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]] && need=1
   ((want_helm)) && [[ ! -x "$HELM_BIN" ]] && need=1
   ((want_flux)) && [[ ! -f "$FLUX_CRDS_STAMP" ]] && need=1
+  ((want_fluxbin)) && flux_bins_missing && need=1
   ((need))
 }
 
@@ -198,6 +231,23 @@ build_helm() {
   log "built $HELM_BIN in $((SECONDS - start))s"
 }
 
+# build_flux NAME: one Flux controller, from its tools module (same flags as upstream's
+# Dockerfile: static, trimmed; the module's build list is exactly upstream's go.mod).
+build_flux() {
+  local c name dir mod tmp start out final
+  for c in "${FLUX_CONTROLLERS[@]}"; do
+    read -r name dir mod <<<"$c"
+    [[ "$name" == "$1" ]] && break
+  done
+  final=$(flux_bin "$name")
+  new_tmp "flux-$name" tmp
+  start=$SECONDS
+  log "building $mod $(pinned_version "$dir" "$mod") ..."
+  CGO_ENABLED=0 go_build "$dir" "$tmp/$name-controller" "$mod" "-s -w"
+  publish "$tmp" "$(dirname "$final")"
+  log "built $final in $((SECONDS - start))s"
+}
+
 # "module@version" of each Flux controller whose CRDs we install.
 flux_modules() {
   printf '%s\n' \
@@ -245,13 +295,13 @@ write_env_file() {
   {
     echo "# Written by scripts/ensure-test-binaries.sh; source it to find the test binaries."
     printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-    env_lines 1 1 1 1 1
+    env_lines 1 1 1 1 1 1
   } >"$tmp"
   chmod 644 "$tmp"
   mv -f "$tmp" "$CACHE/env.sh"
 }
 
-# env_lines ETCD KAS GITEA HELM FLUX: export lines for the selected components that exist.
+# env_lines ETCD KAS GITEA HELM FLUX FLUXBIN: export lines for the selected components that exist.
 env_lines() {
   if (($1)) && [[ -x "$ETCD_BIN" ]]; then
     printf 'export PIPELINE_ETCD_BIN=%q\n' "$ETCD_BIN"
@@ -273,6 +323,14 @@ env_lines() {
   if (($5)) && [[ -f "$FLUX_CRDS_STAMP" ]]; then
     printf 'export PIPELINE_FLUX_CRDS_DIR=%q\n' "$FLUX_CRDS_HOME"
   fi
+  local n b
+  if (($6)); then
+    for n in source kustomize helm notification; do
+      b=$(flux_bin "$n")
+      [[ -x "$b" ]] && printf 'export PIPELINE_FLUX_%s_BIN=%q\n' "${n^^}" "$b"
+    done
+  fi
+  return 0
 }
 
 mkdir -p "$CACHE"
@@ -291,6 +349,11 @@ if missing; then
   if ((want_gitea)) && [[ ! -x "$GITEA_BIN" ]]; then build_gitea; fi
   if ((want_helm)) && [[ ! -x "$HELM_BIN" ]]; then build_helm; fi
   if ((want_flux)) && [[ ! -f "$FLUX_CRDS_STAMP" ]]; then fetch_flux_crds; fi
+  if ((want_fluxbin)); then
+    for n in source kustomize helm notification; do
+      [[ -x "$(flux_bin "$n")" ]] || build_flux "$n"
+    done
+  fi
   write_env_file
   flock -u 9
   exec 9>&-
@@ -300,12 +363,15 @@ fi
 
 if ((print_env)); then
   printf 'export PIPELINE_TOOLS_CACHE=%q\n' "$CACHE"
-  env_lines "$want_etcd" "$want_kas" "$want_gitea" "$want_helm" "$want_flux"
+  env_lines "$want_etcd" "$want_kas" "$want_gitea" "$want_helm" "$want_flux" "$want_fluxbin"
 else
   ((want_etcd)) && echo "etcd            $ETCD_VERSION  $ETCD_BIN"
   ((want_kas)) && echo "kube-apiserver  $KUBE_VERSION  $KAS_BIN"
   ((want_gitea)) && echo "gitea           $GITEA_VERSION  $GITEA_BIN  (STATIC_ROOT_PATH=$GITEA_HOME)"
   ((want_helm)) && echo "helm            $HELM_VERSION  $HELM_BIN"
   ((want_flux)) && echo "flux-crds       $(flux_modules | tr '\n' ' ') $FLUX_CRDS_HOME"
+  if ((want_fluxbin)); then
+    for n in source kustomize helm notification; do echo "flux $n  $(flux_bin "$n")"; done
+  fi
   echo "env file: $CACHE/env.sh"
 fi

@@ -67,6 +67,20 @@ pub fn flux_crds_dir() -> Result<PathBuf, Error> {
     }
 }
 
+/// The four Flux controllers built by `scripts/ensure-test-binaries.sh flux`:
+/// `PIPELINE_FLUX_{SOURCE,KUSTOMIZE,HELM,NOTIFICATION}_BIN`, else the tools cache's env.sh
+/// (as [`Binaries::locate`]). Fails, saying how to build them, when one is missing.
+pub(crate) fn flux_binaries() -> Result<crate::FluxBinaries, Error> {
+    const HINT: &str = "run `scripts/ensure-test-binaries.sh flux` (it builds Flux's controllers from tools/flux-* into the cache once), or point PIPELINE_FLUX_<NAME>_BIN at them";
+    let find = |var: &str, what: &str| require(lookup(var), what, var, HINT);
+    Ok(crate::FluxBinaries {
+        source: find("PIPELINE_FLUX_SOURCE_BIN", "source-controller")?,
+        kustomize: find("PIPELINE_FLUX_KUSTOMIZE_BIN", "kustomize-controller")?,
+        helm: find("PIPELINE_FLUX_HELM_BIN", "helm-controller")?,
+        notification: find("PIPELINE_FLUX_NOTIFICATION_BIN", "notification-controller")?,
+    })
+}
+
 /// `var` from the environment, else from `<cache>/env.sh`.
 fn lookup(var: &str) -> Option<PathBuf> {
     if let Some(value) = std::env::var_os(var).filter(|v| !v.is_empty()) {

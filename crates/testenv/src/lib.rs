@@ -29,10 +29,14 @@
 //! [`TestCluster::kubeconfig_yaml`] / [`TestCluster::user_kubeconfig_yaml`] (inline
 //! kubeconfigs to put in a leaf cluster's kubeconfig Secret) and
 //! [`TestCluster::active_watches`] (the API server's count of open WATCH requests).
+//!
+//! For the real GitOps loop: [`FluxControllers::start`] runs Flux's four controllers
+//! (`scripts/ensure-test-binaries.sh flux`; `PIPELINE_FLUX_*_BIN`) against a cluster.
 #![forbid(unsafe_code)]
 
 mod apply;
 mod binaries;
+mod flux;
 mod pki;
 
 use std::collections::HashSet;
@@ -55,6 +59,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 pub use apply::{apply_yaml, parse_yaml_documents};
 pub use binaries::{Binaries, flux_crds_dir, helm_binary};
+pub use flux::{FluxBinaries, FluxController, FluxControllers};
 
 /// Field manager of everything this crate applies.
 pub const FIELD_MANAGER: &str = "pipeline-testenv";
