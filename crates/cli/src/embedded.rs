@@ -53,7 +53,7 @@ pub(crate) async fn serve(args: ServeArgs, manifests: &Path) -> anyhow::Result<(
             store,
             strategies,
             clusters: (!args.no_deployment_watch)
-                .then(|| ClusterRegistry::new(None, catalog.clone())),
+                .then(|| Arc::new(ClusterRegistry::new(None, catalog.clone()))),
             hmac_approvals: true,
             wake: Arc::new(tokio::sync::Notify::new()),
         },

@@ -22,10 +22,11 @@ use pipeline_core::{Metrics, PipelineRef, PromotionFilter, PromotionRecord, Stra
 use pipeline_crds::Promotion;
 use pipeline_git::PullRequestStrategy;
 use pipeline_http::AppState;
+use pipeline_kube::public_url::{Exposure, PublicUrl};
 use pipeline_kube::{
-    ClusterRegistry, EventPublisher, KubeClusterSource, KubeNotification, KubePipelineSource,
-    KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings, PromotionCache, Reconciler,
-    promotion_api_path,
+    ClusterRegistry, DirectWiring, EventPublisher, KubeClusterSource, KubeNotification,
+    KubePipelineSource, KubePromotionStore, KubeSecretSource, LeaderElector, LeaseSettings,
+    PromotionCache, Reconciler, promotion_api_path,
 };
 use pipeline_strategies::{DEFAULT_CONTROLLER_NAME, NotificationWebhook};
 use tokio_util::sync::CancellationToken;
@@ -43,8 +44,9 @@ pub const PROMOTION_OBJECT_HEADER: &str = "x-promotion-object";
 #[derive(Debug, Args)]
 pub struct KubernetesArgs {
     /// Kubernetes mode: where the Flux-format event of each notification promotion is
-    /// POSTed (notification-controller's event receiver), as Flux controllers'
-    /// --events-addr.
+    /// POSTed, as Flux controllers' --events-addr. A stock Flux notification-controller
+    /// accepts it but forwards it to no one (no Alert can select kind Pipeline); use
+    /// --notify-url or the Promote Kubernetes Event to reach people.
     #[arg(long, env = "PIPELINE_CONTROLLER_EVENTS_ADDR", value_name = "URL", value_parser = crate::values::parse_http_url)]
     pub events_addr: Option<reqwest::Url>,
     /// Kubernetes mode: also take approvals, rejections and retries over HTTP signed
@@ -57,6 +59,37 @@ pub struct KubernetesArgs {
     /// rbac.secrets.clusterWide); for many namespaces, at the cost of caching every Secret.
     #[arg(long, env = "PIPELINE_CONTROLLER_SECRETS_CLUSTER_WIDE")]
     pub secrets_cluster_wide: bool,
+    /// Kubernetes mode: base URL leaf clusters reach the webhook at; every generated
+    /// Provider's address is `<URL>/pipelines/promotions/<namespace>/<name>/<environment>`.
+    /// [default: derived from an Ingress routing /pipelines/promotions/ to --service-name,
+    /// else that Service's LoadBalancer address; see README "Wiring leaf clusters"]
+    #[arg(long, env = "PIPELINE_CONTROLLER_PUBLIC_URL", value_name = "URL", value_parser = crate::values::parse_http_url)]
+    pub public_url: Option<reqwest::Url>,
+    /// Kubernetes mode: the controller's own Service, whose Ingress or load balancer gives
+    /// the public URL when --public-url is not set.
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_SERVICE_NAME",
+        default_value = "pipeline-controller"
+    )]
+    pub service_name: String,
+    /// Kubernetes mode: namespace of that Service [default: the client's namespace].
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub service_namespace: Option<String>,
+    /// Kubernetes mode: who puts the Flux Provider, Alert and key Secret into each
+    /// target's cluster: `off` (you do, e.g. with `flux-config` and Flux), or `direct`
+    /// (the leader applies and maintains them itself).
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_FLUX_WIRING",
+        value_enum,
+        default_value = "off"
+    )]
+    pub flux_wiring: FluxWiringMode,
+    /// Kubernetes mode, --flux-wiring direct: how often every object is re-applied (a
+    /// changed or deleted one is put back within this time; Pipeline changes apply at once).
+    #[arg(long, env = "PIPELINE_CONTROLLER_FLUX_WIRING_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub flux_wiring_interval: Duration,
     /// Kubernetes mode: name of the leader-election Lease.
     #[arg(long, default_value = "pipeline-controller-leader")]
     pub lease_name: String,
@@ -73,6 +106,15 @@ pub struct KubernetesArgs {
     /// [default: POD_NAME or the host name, with a unique suffix].
     #[arg(long, env = "PIPELINE_CONTROLLER_IDENTITY")]
     pub identity: Option<String>,
+}
+
+/// Who creates the Flux objects that send deployment events to the webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FluxWiringMode {
+    /// Not the controller (`flux-config` output applied by Flux, or by hand).
+    Off,
+    /// The leader applies them to every target's cluster and keeps them there.
+    Direct,
 }
 
 fn default_identity() -> String {
@@ -130,6 +172,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_events(publisher.clone(), pipelines.clone())
         .with_cache(promotions.clone());
     let metrics = Arc::new(Metrics::new());
+    if let Some(address) = &k8s.events_addr {
+        tracing::warn!(events_addr = %address, "--events-addr: {}", pipeline_kube::notification::EVENTS_ADDR_CAVEAT);
+    }
     let http = NotificationWebhook::client().context("building the notification HTTP client")?;
     let webhook = (!args.notify_urls.is_empty()).then(|| {
         NotificationWebhook::new(
@@ -153,11 +198,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     // Targets in this cluster, and in leaf clusters named by clusterRefs (GitopsClusters
     // and Cluster API kubeconfig Secrets in this cluster).
-    let clusters = (!args.no_deployment_watch).then(|| {
-        ClusterRegistry::new(
+    let direct = k8s.flux_wiring == FluxWiringMode::Direct;
+    let registry = (!args.no_deployment_watch || direct).then(|| {
+        Arc::new(ClusterRegistry::new(
             Some(client.clone()),
             Arc::new(KubeClusterSource::start(client.clone(), secrets.clone())),
-        )
+        ))
+    });
+    let clusters = registry.clone().filter(|_| !args.no_deployment_watch);
+    let exposure = Exposure {
+        flag: k8s.public_url.as_ref().map(|u| u.as_str().to_string()),
+        service_namespace: k8s
+            .service_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string()),
+        service_name: k8s.service_name.clone(),
+    };
+    let wiring = registry.filter(|_| direct).map(|registry| {
+        Arc::new(DirectWiring::new(
+            client.clone(),
+            registry,
+            pipelines.clone(),
+            Arc::new(secrets.clone()),
+            exposure.clone(),
+            k8s.flux_wiring_interval,
+        ))
     });
     let core = Arc::new(build_core(
         Ports {
@@ -196,8 +261,13 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let secrets = secrets.clone();
         let promotions = promotions.clone();
         let core = core.clone();
+        let wiring = wiring.clone();
+        let exposure = exposure.clone();
         move |stop: CancellationToken| {
             let core = core.clone();
+            let wiring = wiring.clone();
+            let exposure = exposure.clone();
+            let client = client.clone();
             let reconciler = Reconciler::new(
                 client.clone(),
                 store.clone(),
@@ -211,7 +281,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 None => reconciler,
             };
             async move {
-                tokio::join!(core.lead(stop.clone()), reconciler.run(stop.clone()));
+                let flux_wiring = async {
+                    match wiring {
+                        Some(wiring) => wiring.run(stop.clone()).await,
+                        // Said once per leadership, for `flux-config --public-url`.
+                        None => {
+                            match pipeline_kube::public_url::resolve(&client, &exposure).await {
+                                PublicUrl::Found { url, source } => {
+                                    tracing::info!(public_url = %url, from = %source, "public URL of the webhook (--flux-wiring off: use it with `flux-config --public-url`)")
+                                }
+                                missing => {
+                                    tracing::info!(public_url = %missing, "no public URL of the webhook (--flux-wiring off: pass one to `flux-config --public-url`)")
+                                }
+                            }
+                        }
+                    }
+                };
+                tokio::join!(
+                    core.lead(stop.clone()),
+                    reconciler.run(stop.clone()),
+                    flux_wiring
+                );
             }
         }
     };

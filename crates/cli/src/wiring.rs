@@ -31,7 +31,7 @@ pub(crate) struct Ports {
     pub strategies: StrategySet,
     /// How targets' clusters are reached, for watching their deployments; `None` with
     /// --no-deployment-watch.
-    pub clusters: Option<ClusterRegistry>,
+    pub clusters: Option<Arc<ClusterRegistry>>,
     /// Whether signed HTTP approvals are taken.
     pub hmac_approvals: bool,
     /// Wakes the executor: new records, decisions, deployment changes.
@@ -79,7 +79,7 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
     // Watch every target's app object, propose what is deployed, gate on it.
     let watcher = ports.clusters.map(|clusters| {
         Arc::new(DeploymentWatcher::new(
-            Arc::new(clusters),
+            clusters,
             ports.pipelines,
             wake.clone(),
         ))

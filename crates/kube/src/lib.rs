@@ -8,6 +8,8 @@
 //! - [`Reconciler`]: leader-only housekeeping (approvals given through the API, the
 //!   Pipeline's `status.environments[env].waitingApproval`, Pipeline `Ready`).
 //! - [`KubeNotification`]: the notification strategy of Kubernetes mode.
+//! - [`DirectWiring`]: the Flux Provider, Alert and key Secret applied to each target's
+//!   cluster by the leader (`--flux-wiring direct`), addressed with [`public_url`].
 #![forbid(unsafe_code)]
 
 pub mod cache;
@@ -16,8 +18,10 @@ pub mod clusters;
 pub mod convert;
 pub mod deployments;
 pub mod events;
+pub mod flux_wiring;
 pub mod leader;
 pub mod notification;
+pub mod public_url;
 pub mod reconciler;
 pub mod sources;
 pub mod store;
@@ -28,6 +32,7 @@ pub use client::{ApproveError, decide, find_promotion, list_promotions};
 pub use clusters::{ClusterRegistry, KubeClusterSource};
 pub use deployments::DeploymentWatcher;
 pub use events::EventPublisher;
+pub use flux_wiring::DirectWiring;
 pub use leader::{LeaderElector, LeaseSettings};
 pub use notification::KubeNotification;
 pub use reconciler::Reconciler;

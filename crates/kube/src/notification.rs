@@ -6,7 +6,11 @@
 //!    object's API group, and strips the prefix).
 //! 2. When `--events-addr` is set, the same event in Flux's format POSTed there,
 //!    unsigned, as Flux's own controllers post to notification-controller's event
-//!    receiver; metadata keys carry the same prefix.
+//!    receiver; metadata keys carry the same prefix. Not counted as delivered: a stock
+//!    notification-controller (v1.6.0, `internal/server/event_handlers.go`) answers 202
+//!    and discards it ("no alerts found for the involved object"), since it forwards only
+//!    events matching an Alert's `eventSources`, whose `kind` enum has no `Pipeline`. It
+//!    serves receivers that take Flux's event format and route Pipeline events.
 //! 3. When `--notify-url`s are configured, the embedded-mode signed webhook too.
 //!
 //! A retried attempt may repeat the Event and the POST; the `pipelines.weave.works/promotion`
@@ -58,6 +62,9 @@ const EVENT_CHECKPOINT: &str = "kubernetes event";
 /// Checkpoint: `--events-addr` accepted the event.
 const EVENTS_ADDR_CHECKPOINT: &str = "events-addr";
 
+/// What an accepted `--events-addr` POST means, in the record and the startup log.
+pub const EVENTS_ADDR_CAVEAT: &str = "accepted, which is not delivery: a stock Flux notification-controller forwards only events an Alert selects, and no Alert can select kind Pipeline; reach people with --notify-url or the Promote Kubernetes Event";
+
 /// The promotion's details, keys prefixed with the Pipeline API group.
 pub fn annotations(ctx: &PromotionContext<'_>) -> BTreeMap<String, String> {
     let record = ctx.record;
@@ -94,6 +101,7 @@ impl PromotionStrategy for KubeNotification {
         // handed back with a later step's failure.
         let mut done = BTreeMap::new();
         let mut delivered = vec![];
+        let mut posted = None;
         if !record.checkpoints.contains_key(EVENT_CHECKPOINT) {
             self.events
                 .publish(
@@ -158,7 +166,14 @@ impl PromotionStrategy for KubeNotification {
                 EVENTS_ADDR_CHECKPOINT.to_string(),
                 status.as_u16().to_string(),
             );
-            delivered.push("--events-addr".to_string());
+        }
+        if let Some(address) = &self.events_addr {
+            // Accepted is not delivered: a stock notification-controller forwards only
+            // events an Alert selects, and no Alert can select kind Pipeline.
+            posted = Some(format!(
+                "; posted to --events-addr {} ({EVENTS_ADDR_CAVEAT})",
+                address.as_str()
+            ));
         }
 
         if let Some(webhook) = &self.webhook
@@ -180,10 +195,11 @@ impl PromotionStrategy for KubeNotification {
         }
         Ok(StrategyOutcome {
             message: format!(
-                "announced the promotion of {} to {} with {}",
+                "announced the promotion of {} to {} with {}{}",
                 record.revision,
                 record.target_environment,
-                delivered.join(", ")
+                delivered.join(", "),
+                posted.unwrap_or_default()
             ),
             result: None,
         })

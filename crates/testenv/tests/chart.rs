@@ -174,6 +174,13 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
                 r#"serviceAccount={"create":true,"name":"promoter","annotations":{"iam.example.com/role":"promoter"}}"#,
             ],
         ),
+        (
+            "direct Flux wiring",
+            vec![
+                "--set",
+                "fluxWiring.mode=direct,fluxWiring.interval=30s,publicUrl=https://promote.example.com",
+            ],
+        ),
     ]
 }
 
@@ -1126,4 +1133,100 @@ async fn allowed(
         .status
         .unwrap()
         .allowed
+}
+
+/// The public URL and direct Flux wiring reach the pod; direct mode, and only it, may
+/// write Providers, Alerts and Secrets; the Service the URL is derived from is the
+/// release's, and the controller may read it and the Ingresses next to it.
+#[test]
+fn public_url_and_direct_flux_wiring_reach_the_pod() {
+    let docs = render(&[]);
+    assert_eq!(env_of(&docs, "PIPELINE_CONTROLLER_PUBLIC_URL"), None);
+    assert_eq!(env_of(&docs, "PIPELINE_CONTROLLER_FLUX_WIRING"), None);
+    // The binary's default names the release "pipeline-controller"'s Service.
+    assert_eq!(env_of(&docs, "PIPELINE_CONTROLLER_SERVICE_NAME"), None);
+    let rules = |docs: &[Value]| -> Vec<Value> {
+        of_kind(docs, "ClusterRole")
+            .into_iter()
+            .filter(|r| r["metadata"]["name"] == RELEASE)
+            .flat_map(|r| r["rules"].as_array().unwrap().clone())
+            .collect()
+    };
+    let writes = |rules: &[Value], resource: &str| {
+        rules.iter().any(|r| {
+            r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == resource)
+                && r["verbs"].as_array().unwrap().iter().any(|v| v == "patch")
+        })
+    };
+    for resource in ["providers", "alerts", "secrets"] {
+        assert!(
+            !writes(&rules(&docs), resource),
+            "{resource} writable by default"
+        );
+    }
+    let public_url = one(
+        &of_kind(&docs, "Role")
+            .into_iter()
+            .filter(|r| r["metadata"]["name"] == format!("{RELEASE}-public-url"))
+            .cloned()
+            .collect::<Vec<_>>(),
+        "Role",
+    )
+    .clone();
+    assert_eq!(public_url["metadata"]["namespace"], NS);
+    assert_eq!(
+        public_url["rules"],
+        json!([
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+            {"apiGroups": ["networking.k8s.io"], "resources": ["ingresses"], "verbs": ["list"]}
+        ])
+    );
+
+    let sets = value_sets();
+    let (_, direct) = sets
+        .iter()
+        .find(|(name, _)| *name == "direct Flux wiring")
+        .unwrap();
+    let docs = render(direct);
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_PUBLIC_URL").as_deref(),
+        Some("https://promote.example.com")
+    );
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_FLUX_WIRING").as_deref(),
+        Some("direct")
+    );
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_FLUX_WIRING_INTERVAL").as_deref(),
+        Some("30s")
+    );
+    for resource in ["providers", "alerts", "secrets"] {
+        assert!(
+            writes(&rules(&docs), resource),
+            "{resource} not writable in direct mode"
+        );
+    }
+
+    // Another release: its own Service is named.
+    let docs = render_release("promoter", KUBE, &[]);
+    assert_eq!(
+        env_of(&docs, "PIPELINE_CONTROLLER_SERVICE_NAME").as_deref(),
+        Some("promoter-pipeline-controller")
+    );
+    assert!(
+        of_kind(&docs, "Service")
+            .iter()
+            .any(|s| s["metadata"]["name"] == "promoter-pipeline-controller")
+    );
+    for (values, message) in [
+        ("fluxWiring.mode=sometimes", "fluxWiring"),
+        ("publicUrl=promote.example.com", "publicUrl"),
+    ] {
+        let err = try_render(RELEASE, Some(KUBE), &["--set", values]).unwrap_err();
+        assert!(err.contains(message), "{values}: {err}");
+    }
 }
