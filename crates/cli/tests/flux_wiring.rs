@@ -4,11 +4,14 @@
 //! then an Ingress), the Provider, Alert and key Secret applied to every target of every
 //! environment that has a next one (exactly what `flux-config` writes), drift undone
 //! (edited and deleted objects), objects removed when an environment and when the
-//! pipeline go away, and the key never logged.
+//! pipeline go away, and the key never logged. Then the same objects with Flux's own
+//! notification-controller v1.6.0: a helm-controller-style event for dev reaches the
+//! webhook signed with the copied key and records a promotion, whose `--events-addr`
+//! event notification-controller accepts and discards.
 //!
 //! ```sh
-//! scripts/ensure-test-binaries.sh kube flux-crds
-//! cargo test -p pipeline-controller --test flux_wiring -- --nocapture
+//! scripts/ensure-test-binaries.sh kube flux-crds flux
+//! cargo test -p pipeline-controller --test flux_wiring -- --nocapture   # ~30 s
 //! ```
 #![allow(clippy::unwrap_used)]
 
@@ -523,4 +526,184 @@ async fn direct_wiring_applies_repairs_and_removes_providers_alerts_and_keys() {
         logs.contains("deleted a Flux wiring object no pipeline wants any more"),
         "{logs}"
     );
+}
+
+/// The whole direct path with Flux's own notification-controller (v1.6.0): the Provider,
+/// Alert and key Secret the controller applied carry a helm-controller-style event for
+/// dev to the webhook, signed by notification-controller with the copied (trimmed) key,
+/// and a promotion to staging is recorded. That promotion's notification strategy posts
+/// its Pipeline event to the same notification-controller through --events-addr, which
+/// accepts and discards it; the record says so instead of claiming delivery.
+#[tokio::test]
+async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
+    use pipeline_crds::Promotion;
+    use pipeline_testenv::{FluxController, FluxControllers};
+
+    let management = TestCluster::start_named("management").await.unwrap();
+    let (crds, flux_crds) = tokio::join!(management.install_crds(), management.install_flux_crds());
+    crds.unwrap();
+    flux_crds.unwrap();
+    for namespace in [NS, SYSTEM, "podinfo-dev", "podinfo-staging", "podinfo-prod"] {
+        management.ensure_namespace(namespace).await.unwrap();
+    }
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "podinfo-hmac", "namespace": NS},
+        "stringData": {"hmac-key": format!("{KEY}\n")},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(management.client(), NS)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let spec = json!({
+        "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "podinfo"},
+        "environments": [
+            {"name": "dev", "targets": [{"namespace": "podinfo-dev"}]},
+            {"name": "staging", "targets": [{"namespace": "podinfo-staging"}]},
+            {"name": "prod", "targets": [{"namespace": "podinfo-prod"}]}
+        ],
+        "promotion": {"strategy": {"notification": {}, "secretRef": {"name": "podinfo-hmac"}}}
+    });
+    management
+        .apply_yaml(
+            &serde_json::to_string(&json!({
+                "apiVersion": "pipelines.weave.works/v1alpha1", "kind": "Pipeline",
+                "metadata": {"name": "podinfo", "namespace": NS}, "spec": spec,
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let flux = FluxControllers::start(&management).await.unwrap();
+    eprintln!("Flux controllers started in {:?}", flux.started_in());
+
+    let controller = Controller::start(
+        &management,
+        "real-flux",
+        &[
+            "--no-deployment-watch",
+            "--flux-wiring",
+            "direct",
+            "--flux-wiring-interval",
+            "2s",
+            "--service-namespace",
+            SYSTEM,
+            "--events-addr",
+            &flux.events_url(),
+        ],
+    );
+    // The controller's Service as a LoadBalancer on loopback, at the controller's port.
+    let port = controller.address.port();
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "pipeline-controller", "namespace": SYSTEM},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    }))
+    .unwrap();
+    let services: Api<Service> = Api::namespaced(management.client(), SYSTEM);
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    services
+        .patch_status(
+            "pipeline-controller",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}})),
+        )
+        .await
+        .unwrap();
+    let pipeline = Pipeline {
+        reference: PipelineRef::new(NS, "podinfo"),
+        spec: parse_pipeline_spec(spec).unwrap(),
+    };
+    let wiring = pipeline_wiring(&pipeline, &format!("http://127.0.0.1:{port}"));
+    assert_eq!(wiring.len(), 2, "dev and staging");
+    let provider = &wiring[0].objects[0];
+    let name = provider["metadata"]["name"].as_str().unwrap().to_string();
+    wait_until(
+        &controller,
+        "dev's Provider addressed to the controller",
+        Duration::from_secs(30),
+        || async {
+            spec_of(&management, "Provider", "podinfo-dev", &name)
+                .await
+                .is_some_and(|s| s == provider["spec"])
+        },
+    )
+    .await;
+
+    // What helm-controller posts after upgrading dev; a new message per attempt, since
+    // notification-controller rate-limits identical events (and may not see the Alert
+    // in its cache at once).
+    let revision = "6.0.1";
+    let id = pipeline_core::promotion_id(&pipeline.reference, "staging", revision);
+    let promotions: Api<Promotion> = Api::namespaced(management.client(), NS);
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut attempt = 0;
+    let began = Instant::now();
+    while promotions.get_opt(&id).await.unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no promotion through notification-controller; its log:\n{}\ncontroller log:\n{}",
+            flux.log(FluxController::Notification),
+            controller.logs()
+        );
+        attempt += 1;
+        let event = json!({
+            "involvedObject": {"kind": "HelmRelease", "namespace": "podinfo-dev", "name": "podinfo",
+                               "apiVersion": "helm.toolkit.fluxcd.io/v2", "uid": "u1"},
+            "severity": "info",
+            "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "message": format!("Helm upgrade succeeded for release podinfo-dev/podinfo.v{attempt} with chart podinfo@{revision}"),
+            "reason": "UpgradeSucceeded",
+            "metadata": {"helm.toolkit.fluxcd.io/revision": revision},
+            "reportingController": "helm-controller",
+        });
+        let answer = http
+            .post(flux.events_url())
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            answer.status().is_success(),
+            "notification-controller answered {}",
+            answer.status()
+        );
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    eprintln!(
+        "event → notification-controller → promotion recorded in {:?} ({attempt} post(s))",
+        began.elapsed()
+    );
+    let done =
+        support::k8s::wait_promotion(&management.client(), &id, "the staging promotion", |p| {
+            support::k8s::phase(p) == "Succeeded"
+        })
+        .await;
+    let message = &done.status.as_ref().unwrap().message;
+    assert!(
+        message.contains("posted to --events-addr") && message.contains("which is not delivery"),
+        "{message}"
+    );
+    // notification-controller got the Pipeline event and dropped it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = flux.log(FluxController::Notification);
+        let dropped = log.lines().any(|l| {
+            l.contains("discarding event, no alerts found for the involved object")
+                && l.contains("Pipeline")
+        });
+        if dropped {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "notification-controller log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs = controller.logs();
+    assert!(!logs.contains(KEY), "the key was logged");
 }
