@@ -328,6 +328,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .map(|value| vec![(HeaderName::from_static(PROMOTION_OBJECT_HEADER), value)])
                 .unwrap_or_default()
         }));
+    // The leader's direct wiring says on /readyz when it cannot do its work.
+    let state = match &wiring {
+        Some(wiring) => {
+            let wiring = wiring.clone();
+            state.with_readiness_detail(Arc::new(move || wiring.degradations()))
+        }
+        None => state,
+    };
     serve_http(listener, state, server_settings(&args), &shutdown).await?;
     let _ = election.await;
     let _ = prune.await;

@@ -240,6 +240,19 @@ async fn direct_wiring_applies_repairs_and_removes_providers_alerts_and_keys() {
         logs.contains("of type ClusterIP, not LoadBalancer"),
         "{logs}"
     );
+    // The leader's /readyz says it too (still 200: the webhook works).
+    let readyz: Value = reqwest::get(controller.url("/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        readyz["detail"][0]
+            .as_str()
+            .is_some_and(|d| d.contains("writes no Providers: no public URL")),
+        "{readyz}"
+    );
     assert!(ours(&management, "Provider").await.is_empty());
 
     // A LoadBalancer with an address: its URL.
@@ -279,6 +292,13 @@ async fn direct_wiring_applies_repairs_and_removes_providers_alerts_and_keys() {
     )
     .await;
     eprintln!("LoadBalancer URL wired in {:?}", began.elapsed());
+    let readyz: Value = reqwest::get(controller.url("/readyz"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(readyz, json!({"status": "ready"}));
     let logs = controller.logs();
     assert!(
         logs.lines().any(

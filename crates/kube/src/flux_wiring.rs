@@ -80,6 +80,8 @@ struct State {
     /// The last public URL logged, and the last problems logged, to log changes only.
     logged_url: Option<String>,
     logged_problems: BTreeSet<String>,
+    /// The public URL of the last pass.
+    url: Option<PublicUrl>,
 }
 
 /// The leader's direct-wiring task.
@@ -355,9 +357,36 @@ impl DirectWiring {
         }
     }
 
+    /// What does not work now, for `/readyz`'s detail (on the leader, which runs the
+    /// passes): no public URL, or problems of the last pass.
+    pub fn degradations(&self) -> Vec<String> {
+        let state = self.lock();
+        let mut out = Vec::new();
+        if let Some(PublicUrl::NotFound { .. }) = &state.url {
+            out.push(format!(
+                "direct Flux wiring writes no Providers: no public URL, {}",
+                state.logged_url.clone().unwrap_or_default()
+            ));
+        }
+        if !state.logged_problems.is_empty() {
+            out.push(format!(
+                "direct Flux wiring: {} problem(s) in its last pass, e.g. {}",
+                state.logged_problems.len(),
+                state
+                    .logged_problems
+                    .iter()
+                    .next()
+                    .cloned()
+                    .unwrap_or_default()
+            ));
+        }
+        out
+    }
+
     fn log_url(&self, url: &PublicUrl) {
         let text = url.to_string();
         let mut state = self.lock();
+        state.url = Some(url.clone());
         if state.logged_url.as_deref() == Some(text.as_str()) {
             return;
         }
