@@ -352,6 +352,20 @@ async fn direct_wiring_applies_repairs_and_removes_providers_alerts_and_keys() {
         "{}",
         controller.logs()
     );
+    // In the steady state a pass writes nothing: the 9 objects (3 in the leaf, 6 here)
+    // are as last applied, by their resourceVersion.
+    wait_until(
+        &controller,
+        "a pass that applies nothing",
+        Duration::from_secs(20),
+        || async {
+            controller
+                .logs()
+                .lines()
+                .any(|l| l.contains("pass done") && l.contains("applied=0 unchanged=9"))
+        },
+    )
+    .await;
 
     // Exactly flux-config's objects: dev (both targets) and staging; prod is last.
     assert_eq!(wanted.len(), 6);

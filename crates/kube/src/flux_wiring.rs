@@ -54,8 +54,10 @@ const CHANGE_POLL: Duration = Duration::from_secs(1);
 /// What one pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PassReport {
-    /// Objects applied (created, unchanged or put back).
+    /// Objects applied (created, updated or put back).
     pub applied: usize,
+    /// Objects left alone: as we last applied them, by their resourceVersion.
+    pub unchanged: usize,
     /// Objects that had been changed or deleted since the last pass, and were put back.
     pub restored: Vec<String>,
     /// Objects deleted because no pipeline wants them any more.
@@ -68,6 +70,14 @@ pub struct PassReport {
 
 /// An object's identity: kind, namespace, name.
 type ObjectId = (String, String, String);
+
+/// One of our objects as listed in a cluster.
+struct Listed {
+    id: ObjectId,
+    resource_version: String,
+    /// The pipeline its labels name.
+    owner: PipelineRef,
+}
 
 #[derive(Default)]
 struct State {
@@ -239,18 +249,39 @@ impl DirectWiring {
             };
             let objects = desired.remove(&cluster).unwrap_or_default();
             let wanted: BTreeSet<ObjectId> = objects.iter().map(identity).collect();
+            // What is there now (metadata only), so objects unchanged since our last
+            // apply cost no request, and leftovers are found.
+            let listed = self.list_ours(&client, &cluster, &mut report).await;
+            let live: HashMap<&ObjectId, &str> = listed
+                .iter()
+                .flatten()
+                .map(|l| (&l.id, l.resource_version.as_str()))
+                .collect();
             for object in &objects {
                 let id = identity(object);
+                let key = (cluster.clone(), id.clone());
                 // What we apply, so a change of ours (pipeline edited, public URL moved)
                 // is not taken for someone else's.
                 let wanted_digest = hex::encode(Sha256::digest(object.to_string().as_bytes()));
+                let unchanged = live.get(&id).is_some_and(|live| {
+                    self.lock()
+                        .versions
+                        .get(&key)
+                        .is_some_and(|(digest, version)| {
+                            *digest == wanted_digest && version == live
+                        })
+                });
+                if unchanged {
+                    report.unchanged += 1;
+                    continue;
+                }
                 match apply(&client, object).await {
                     Ok(version) => {
                         report.applied += 1;
-                        let previous = self.lock().versions.insert(
-                            (cluster.clone(), id.clone()),
-                            (wanted_digest.clone(), version.clone()),
-                        );
+                        let previous = self
+                            .lock()
+                            .versions
+                            .insert(key, (wanted_digest.clone(), version.clone()));
                         if previous
                             .is_some_and(|(digest, v)| digest == wanted_digest && v != version)
                         {
@@ -265,8 +296,10 @@ impl DirectWiring {
             if !objects.is_empty() {
                 self.lock().touched.insert(cluster.clone());
             }
-            self.remove_unwanted(&client, &cluster, &wanted, &keep, &mut report)
-                .await;
+            if let Some(listed) = listed {
+                self.remove_unwanted(&client, &cluster, listed, &wanted, &keep, &mut report)
+                    .await;
+            }
         }
         for restored in &report.restored {
             tracing::info!(object = %restored, "put back a Flux wiring object someone changed or deleted");
@@ -275,24 +308,27 @@ impl DirectWiring {
             tracing::info!(object = %deleted, "deleted a Flux wiring object no pipeline wants any more");
         }
         self.log_problems(&report);
-        tracing::debug!(applied = report.applied, "direct Flux wiring pass done");
+        tracing::debug!(
+            applied = report.applied,
+            unchanged = report.unchanged,
+            "direct Flux wiring pass done"
+        );
         report
     }
 
-    /// Deletes our objects in `cluster` that are not `wanted`, except those of `keep`.
-    async fn remove_unwanted(
+    /// Our objects in `cluster` (those labelled [`WIRING_LABEL`]), Alerts first; `None`
+    /// when one kind cannot be listed (then nothing is skipped or deleted there).
+    async fn list_ours(
         &self,
         client: &Client,
         cluster: &ClusterKey,
-        wanted: &BTreeSet<ObjectId>,
-        keep: &BTreeSet<PipelineRef>,
         report: &mut PassReport,
-    ) {
+    ) -> Option<Vec<Listed>> {
         let ours = ListParams::default().labels(&format!("{WIRING_LABEL}={WIRING_DIRECT}"));
+        let mut all = Vec::new();
         // Alerts first: an Alert without its Provider only logs errors.
         for kind in ["Alert", "Provider", "Secret"] {
-            let resource = resource_of(kind);
-            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
+            let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource_of(kind));
             let found = match api.list_metadata(&ours).await {
                 Ok(list) => list.items,
                 Err(err) => {
@@ -300,12 +336,10 @@ impl DirectWiring {
                         "cannot list {kind}s in cluster {cluster}: {}",
                         crate::store::describe(&err)
                     ));
-                    continue;
+                    return None;
                 }
             };
             for object in found {
-                let namespace = object.namespace().unwrap_or_default();
-                let id = (kind.to_string(), namespace.clone(), object.name_any());
                 let labels = object.labels();
                 let owner = PipelineRef::new(
                     labels
@@ -314,23 +348,49 @@ impl DirectWiring {
                         .unwrap_or_default(),
                     labels.get(LABEL_PIPELINE).cloned().unwrap_or_default(),
                 );
-                if wanted.contains(&id) || keep.contains(&owner) {
-                    continue;
+                all.push(Listed {
+                    id: (
+                        kind.to_string(),
+                        object.namespace().unwrap_or_default(),
+                        object.name_any(),
+                    ),
+                    resource_version: object.resource_version().unwrap_or_default(),
+                    owner,
+                });
+            }
+        }
+        Some(all)
+    }
+
+    /// Deletes the `listed` objects of `cluster` that are not `wanted`, except those of
+    /// `keep`.
+    async fn remove_unwanted(
+        &self,
+        client: &Client,
+        cluster: &ClusterKey,
+        listed: Vec<Listed>,
+        wanted: &BTreeSet<ObjectId>,
+        keep: &BTreeSet<PipelineRef>,
+        report: &mut PassReport,
+    ) {
+        for Listed { id, owner, .. } in listed {
+            if wanted.contains(&id) || keep.contains(&owner) {
+                continue;
+            }
+            let (kind, namespace, name) = &id;
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), namespace, &resource_of(kind));
+            match api.delete(name, &DeleteParams::default()).await {
+                Ok(_) => {
+                    self.lock().versions.remove(&(cluster.clone(), id.clone()));
+                    report.deleted.push(describe(cluster, &id));
                 }
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(client.clone(), &namespace, &resource);
-                match api.delete(&id.2, &DeleteParams::default()).await {
-                    Ok(_) => {
-                        self.lock().versions.remove(&(cluster.clone(), id.clone()));
-                        report.deleted.push(describe(cluster, &id));
-                    }
-                    Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                    Err(err) => report.problems.push(format!(
-                        "cannot delete {}: {}",
-                        describe(cluster, &id),
-                        crate::store::describe(&err)
-                    )),
-                }
+                Err(kube::Error::Api(status)) if status.is_not_found() => {}
+                Err(err) => report.problems.push(format!(
+                    "cannot delete {}: {}",
+                    describe(cluster, &id),
+                    crate::store::describe(&err)
+                )),
             }
         }
     }
