@@ -172,7 +172,12 @@ impl DirectWiring {
     pub async fn pass(&self) -> PassReport {
         let mut report = PassReport::default();
         if !self.pipelines.ready().await {
-            tracing::warn!("direct Flux wiring waits: Pipelines are not loaded yet");
+            // Said once (until it changes): nothing is applied or deleted before every
+            // Pipeline is known.
+            report
+                .problems
+                .push("waiting: Pipelines are not loaded yet".to_string());
+            self.log_problems(&report);
             return report;
         }
         let url = resolve(&self.local, &self.exposure).await;
