@@ -41,5 +41,6 @@ python3 examples/quickstart/receiver.py 9099 &
 receiver=$!
 trap 'kill $receiver 2>/dev/null || true' EXIT
 exec_args=(serve --manifests examples/quickstart --state "$state"
-  --listen 127.0.0.1:8080 --notify-url http://127.0.0.1:9099/events)
+  --listen 127.0.0.1:8080 --internal-listen 127.0.0.1:8081
+  --notify-url http://127.0.0.1:9099/events)
 ./target/release/pipeline-controller "${exec_args[@]}" ${serve_args[@]+"${serve_args[@]}"}

@@ -21,6 +21,10 @@ eval "$(scripts/ensure-test-binaries.sh --print-env)"
 # ssh-keygen from openssh-client, a dependency) on loopback for git over SSH.
 command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server)
 
+# crates/cli/tests/dashboard_browser.rs drives Debian's chromium through chromedriver
+# (WebDriver on loopback).
+command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver)
+
 # A clean CI clone gains nothing from incremental state; it only costs disk.
 if [ "${CI:-}" = "true" ]; then export CARGO_INCREMENTAL=0; fi
 

@@ -109,11 +109,17 @@ struct Server {
     name: &'static str,
     child: Child,
     address: SocketAddr,
+    /// pipeline-controller's internal listener (API, metrics); the bare server has one.
+    internal: SocketAddr,
 }
 
 impl Server {
     fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.address, path)
+    }
+
+    fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.internal, path)
     }
 
     fn pid(&self) -> u32 {
@@ -137,6 +143,7 @@ async fn start_controller(
     client: &reqwest::Client,
 ) -> anyhow::Result<Server> {
     let address = free_port()?;
+    let internal = free_port()?;
     let log_file = File::create(log).context("creating the controller log file")?;
     let child = Command::new(bin)
         .arg("serve")
@@ -146,6 +153,8 @@ async fn start_controller(
         .arg(state)
         .arg("--listen")
         .arg(address.to_string())
+        .arg("--internal-listen")
+        .arg(internal.to_string())
         .args(["--notify-url", notify_url, "--log-format", "json"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -157,6 +166,7 @@ async fn start_controller(
         name: "pipeline-controller",
         child,
         address,
+        internal,
     };
     wait_healthy(&mut server, client)
         .await
@@ -191,6 +201,7 @@ async fn start_bare(
         name: "bare-hmac-server",
         child,
         address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        internal: SocketAddr::from(([127, 0, 0, 1], 0)),
     };
     let line = tokio::task::spawn_blocking(move || rx.recv_timeout(START_TIMEOUT))
         .await
@@ -712,7 +723,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Sanity: what the store holds.
     let records: Value = control
-        .get(controller.url("/api/v1/promotions"))
+        .get(controller.internal_url("/api/v1/promotions"))
         .send()
         .await?
         .error_for_status()?

@@ -178,6 +178,11 @@ pub enum PromotionsCommand {
         /// Kubernetes mode: the Promotion's namespace [default: search all namespaces].
         #[arg(short = 'n', long)]
         namespace: Option<String>,
+        /// With --server: read the promotion from the service's internal listener at
+        /// this URL (`serve --internal-listen`, where the promotions API is); the retry
+        /// itself goes to --server, the public listener [default: --server].
+        #[arg(long, env = "PIPELINE_CONTROLLER_INTERNAL_SERVER", requires = "server", value_name = "URL", value_parser = parse_server)]
+        internal_server: Option<String>,
         #[command(flatten)]
         via: DecisionChannel,
     },
@@ -253,7 +258,8 @@ pub struct ServeArgs {
     /// Without it such a file is refused: it usually means the data was lost.
     #[arg(long)]
     pub init_empty_state: bool,
-    /// Address (IP:PORT) the HTTP service listens on; 0.0.0.0:8080 for every interface.
+    /// Address (IP:PORT) of the public listener: the webhook and signed approvals, what
+    /// leaf clusters and approvers call; 0.0.0.0:8080 for every interface.
     #[arg(
         long,
         env = "PIPELINE_CONTROLLER_LISTEN",
@@ -262,6 +268,17 @@ pub struct ServeArgs {
         value_parser = parse_listen
     )]
     pub listen: SocketAddr,
+    /// Address (IP:PORT) of the internal listener: the promotions API
+    /// (`promotions list --server`), the dashboard, /metrics, /healthz and /readyz.
+    /// Keep it inside the cluster: it is not authenticated.
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_INTERNAL_LISTEN",
+        default_value = "127.0.0.1:8081",
+        value_name = "IP:PORT",
+        value_parser = parse_listen
+    )]
+    pub internal_listen: SocketAddr,
     /// Close a connection that has not sent complete request headers within this time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
@@ -407,10 +424,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Promotions {
-            command: PromotionsCommand::Retry { id, namespace, via },
+            command:
+                PromotionsCommand::Retry {
+                    id,
+                    namespace,
+                    internal_server,
+                    via,
+                },
         } => {
             let record = match &via.server {
-                Some(server) => client::get(server, &id).await?,
+                Some(server) => {
+                    client::get(internal_server.as_ref().unwrap_or(server), &id).await?
+                }
                 None => kubernetes::find(namespace.as_deref(), &id).await?,
             };
             decide(

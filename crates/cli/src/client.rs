@@ -95,9 +95,24 @@ pub async fn get(server: &str, id: &str) -> anyhow::Result<PromotionRecord> {
         .await
         .map_err(|e| unreachable(e, server))?;
     if !response.status().is_success() {
-        return Err(failure(response).await);
+        return Err(api_failure(response, server).await);
     }
     response.json().await.context("decoding the answer")
+}
+
+/// Like [`failure`], saying where the API is when `server` does not serve it (the
+/// public listener answers only the webhook and decisions).
+async fn api_failure(response: reqwest::Response, server: &str) -> anyhow::Error {
+    let no_such_path = response.status() == reqwest::StatusCode::NOT_FOUND;
+    let error = failure(response).await;
+    if no_such_path && error.to_string().contains("(not_found)") {
+        anyhow::anyhow!(
+            "{error}; {} does not serve the promotions API: pass the URL of the internal listener (serve --internal-listen) as --server",
+            base(server)
+        )
+    } else {
+        error
+    }
 }
 
 /// Promotions from the service at `server`, newest first.
@@ -121,7 +136,7 @@ pub async fn list(
         .await
         .map_err(|e| unreachable(e, server))?;
     if !response.status().is_success() {
-        return Err(failure(response).await);
+        return Err(api_failure(response, server).await);
     }
     response.json().await.context("decoding the answer")
 }

@@ -92,6 +92,7 @@ pub(crate) async fn serve(args: ServeArgs, manifests: &Path) -> anyhow::Result<(
     serve_http(
         listener,
         AppState::new(core.intake.clone(), metrics, http_settings(&args))
+            .with_reader(core.reader.clone())
             .with_readiness_detail(readiness),
         server_settings(&args),
         &shutdown,

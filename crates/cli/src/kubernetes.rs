@@ -322,6 +322,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
 
     let state = AppState::new(core.intake.clone(), metrics, http_settings(&args))
+        .with_reader(core.reader.clone())
         .with_record_headers(Arc::new(|record: &PromotionRecord| {
             let path = promotion_api_path(&record.pipeline.namespace, &record.id);
             HeaderValue::from_str(&path)

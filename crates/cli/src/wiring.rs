@@ -5,13 +5,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
+use pipeline_core::deployment::DeploymentView;
+use pipeline_core::insights::InsightsExporter;
 use pipeline_core::observe::Proposer;
 use pipeline_core::{
-    Executor, ExecutorSettings, HealthGate, Intake, Metrics, PipelineSource, PromotionStore,
-    RetentionPolicy, RetryPolicy, SecretSource, StrategySet, SystemClock, TimeWindow,
+    Executor, ExecutorSettings, HealthGate, Intake, Metrics, PipelineSource, PortReader,
+    PromotionStore, ReadPort, RetentionPolicy, RetryPolicy, SecretSource, StrategySet, SystemClock,
+    TimeWindow,
 };
+use pipeline_dashboard::{ApproveVia, DashboardSettings};
 use pipeline_git::PullRequestSettings;
-use pipeline_http::{AppState, HttpSettings, ServerSettings, router};
+use pipeline_http::{AppState, HttpSettings, ServerSettings, internal_router, public_router};
 use pipeline_kube::{ClusterRegistry, DeploymentWatcher};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -41,6 +45,9 @@ pub(crate) struct Ports {
 /// The core of the service, the same in both modes.
 pub(crate) struct Core {
     pub intake: Arc<Intake>,
+    /// What the API and the dashboard read through (with the deployment watch's view
+    /// of each environment when there is one).
+    pub reader: Arc<dyn ReadPort>,
     store: Arc<dyn PromotionStore>,
     retention: RetentionPolicy,
     pub executor: Arc<Executor>,
@@ -91,11 +98,19 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
         }),
         None => executor,
     });
+    let reader: Arc<dyn ReadPort> = Arc::new(PortReader::new(
+        intake.pipelines().clone(),
+        store.clone(),
+        watcher
+            .as_ref()
+            .map(|w| w.clone() as Arc<dyn DeploymentView>),
+    ));
     let proposer = watcher
         .as_ref()
         .map(|watcher| Arc::new(Proposer::new(intake.clone(), watcher.clone())));
     Core {
         intake,
+        reader,
         store,
         retention: RetentionPolicy {
             max_age: Some(args.retention_max_age).filter(|age| !age.is_zero()),
@@ -184,34 +199,113 @@ pub(crate) fn server_settings(args: &ServeArgs) -> ServerSettings {
     }
 }
 
-pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(TcpListener, SocketAddr)> {
-    let listener = match TcpListener::bind(args.listen).await {
-        Ok(listener) => listener,
-        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
-            anyhow::bail!(
-                "cannot listen on {}: the address is in use; stop what listens there or pass another --listen",
-                args.listen
-            )
-        }
-        Err(err) => {
-            return Err(err).with_context(|| format!("listening on {}", args.listen));
-        }
-    };
-    let address = listener.local_addr().context("reading the bound address")?;
-    Ok((listener, address))
+/// The two bound listeners: public (webhook, approvals) and internal (API, dashboard,
+/// metrics, health).
+pub(crate) struct Listeners {
+    public: TcpListener,
+    internal: TcpListener,
+    /// How the dashboard tells approvers to approve (it depends on the mode).
+    approve_via: ApproveVia,
 }
 
-/// Serves the webhook and API until `shutdown`, then cancels it for everything else.
+async fn bind_one(address: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    match TcpListener::bind(address).await {
+        Ok(listener) => Ok(listener),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => {
+            anyhow::bail!(
+                "cannot listen on {address}: the address is in use; stop what listens there or pass another {flag}"
+            )
+        }
+        Err(err) => Err(err).with_context(|| format!("listening on {address} ({flag})")),
+    }
+}
+
+/// Binds both listeners; returns them and the public address (the one logged as
+/// `address`; the internal one is logged here as `internal_address`).
+pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(Listeners, SocketAddr)> {
+    if args.listen == args.internal_listen && args.listen.port() != 0 {
+        return Err(usage(format!(
+            "--listen and --internal-listen are both {}; the public and the internal listener need different addresses",
+            args.listen
+        )));
+    }
+    let public = bind_one(args.listen, "--listen").await?;
+    let internal = bind_one(args.internal_listen, "--internal-listen").await?;
+    let address = public.local_addr().context("reading the bound address")?;
+    let internal_address = internal
+        .local_addr()
+        .context("reading the bound internal address")?;
+    tracing::info!(%internal_address, "internal listener bound (API, dashboard, metrics, health)");
+    // Embedded mode takes decisions over signed HTTP only; Kubernetes mode through the
+    // API with the approver's own credentials.
+    let approve_via = if args.manifests.is_some() {
+        let shown = if address.ip().is_unspecified() {
+            SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), address.port())
+        } else {
+            address
+        };
+        ApproveVia::Http {
+            server: format!("http://{shown}"),
+        }
+    } else {
+        ApproveVia::Kubernetes
+    };
+    Ok((
+        Listeners {
+            public,
+            internal,
+            approve_via,
+        },
+        address,
+    ))
+}
+
+/// How often delivery insights are recomputed from the records for /metrics.
+const INSIGHTS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serves the public and the internal listener until `shutdown`, then cancels it for
+/// everything else. Also exports the delivery insights to the metrics meanwhile.
 pub(crate) async fn serve_http(
-    listener: TcpListener,
+    listeners: Listeners,
     state: AppState,
     settings: ServerSettings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    pipeline_http::serve(listener, router(state), settings, shutdown.clone())
-        .await
-        .context("serving HTTP")?;
+    let exporter = tokio::spawn(InsightsExporter::new(chrono::Utc::now()).run(
+        state.reader(),
+        state.metrics(),
+        Arc::new(SystemClock),
+        INSIGHTS_INTERVAL,
+        shutdown.clone().cancelled_owned(),
+    ));
+    let dashboard = pipeline_dashboard::router(
+        state.reader(),
+        DashboardSettings {
+            approve_via: listeners.approve_via,
+            ..DashboardSettings::default()
+        },
+    );
+    let internal = internal_router(state.clone(), dashboard);
+    let (public, internal) = tokio::join!(
+        pipeline_http::serve(
+            listeners.public,
+            public_router(state),
+            settings,
+            shutdown.clone()
+        ),
+        async {
+            let served =
+                pipeline_http::serve(listeners.internal, internal, settings, shutdown.clone())
+                    .await;
+            // Either listener failing stops the service.
+            shutdown.cancel();
+            served
+        },
+    );
     shutdown.cancel();
+    let _ = exporter.await;
+    public.context("serving the public listener")?;
+    internal.context("serving the internal listener")?;
     Ok(())
 }
 

@@ -905,7 +905,7 @@ async fn hostile_catalogue_is_refused_without_side_effects() {
             &MAX_BODY.to_string(),
         ],
     );
-    let base = service.url("");
+    let base = service.internal_url("");
     let client = client();
     let cases = catalogue();
     assert!(cases.len() >= 60, "only {} cases", cases.len());
@@ -913,7 +913,7 @@ async fn hostile_catalogue_is_refused_without_side_effects() {
     let mut failures = Vec::new();
     let mut known = BTreeSet::new();
     for case in &cases {
-        let answer = exchange(service.address, case).await;
+        let answer = exchange(service.address_for(&case.target), case).await;
         if let Err(problem) = answer.and_then(|r| check_error(&r, case.status, case.reason)) {
             failures.push(format!("{}: {problem}", case.name));
         }
@@ -1264,7 +1264,7 @@ async fn refused_approvals_leave_the_waiting_promotion_alone() {
     ];
     let mut failures = Vec::new();
     for case in &refused {
-        if let Err(problem) = exchange(service.address, case)
+        if let Err(problem) = exchange(service.address_for(&case.target), case)
             .await
             .and_then(|r| check_error(&r, case.status, case.reason))
         {
@@ -1280,11 +1280,15 @@ async fn refused_approvals_leave_the_waiting_promotion_alone() {
     assert_eq!(receiver.count(), 0, "a refused approval ran the promotion");
 
     let accepted = signed("valid", APPROVE_PROD, body.clone(), 200, "");
-    let answer = exchange(service.address, &accepted).await.unwrap();
+    let answer = exchange(service.address_for(&accepted.target), &accepted)
+        .await
+        .unwrap();
     assert_eq!(answer.status, 200, "{}", answer.text());
     wait_for(&service, &id, "Succeeded", |r| r["phase"] == "Succeeded").await;
     // The captured approval replayed: a conflict, and nothing runs again.
-    let replay = exchange(service.address, &accepted).await.unwrap();
+    let replay = exchange(service.address_for(&accepted.target), &accepted)
+        .await
+        .unwrap();
     if let Err(problem) = check_error(&replay, 409, "not_waiting_approval") {
         failures.push(format!("replayed approval: {problem}"));
     }
@@ -1323,7 +1327,7 @@ async fn oversized_body_still_being_sent_gets_413_not_a_reset() {
                 .signed()
                 .framing(framing);
             // Sent in one go from a second thread, without waiting for the answer first.
-            if let Err(problem) = exchange(service.address, &case)
+            if let Err(problem) = exchange(service.address_for(&case.target), &case)
                 .await
                 .and_then(|r| check_error(&r, 413, "body_too_large"))
             {
@@ -1648,7 +1652,7 @@ async fn kill_9_under_load_keeps_every_acknowledged_promotion() {
         eprintln!("round {round}: killed after {delay:?}, {answered}/{EVENTS} acknowledged");
     }
     let service = Service::start(&manifests, &state, &extra);
-    let base = service.url("");
+    let base = service.internal_url("");
     let client = client();
     let ids: BTreeSet<String> = acked.keys().cloned().collect();
     assert!(
@@ -1809,7 +1813,7 @@ async fn disk_full_then_freed_recovers_without_restart_or_loss() {
     );
     command.env("RUST_LOG", "info");
     let service = Service::spawn(command, Duration::from_secs(30));
-    let base = service.url("");
+    let base = service.internal_url("");
     let events_url = service.url(DEV);
     let ready_url = service.url("/readyz");
     let client = short_client(Duration::from_secs(5));

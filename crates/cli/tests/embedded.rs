@@ -222,7 +222,7 @@ async fn manual_approval_through_the_cli() {
     assert_eq!(done["decidedBy"], "alice (approval key)");
     assert_eq!(receiver.count(), 1);
 
-    let server = service.url("");
+    let server = service.internal_url("");
     let (code, stdout, _) = tokio::task::spawn_blocking(move || {
         run_cli(&[
             "promotions",
@@ -549,7 +549,19 @@ async fn older_waiting_promotions_are_superseded_rejections_and_retries_are_reco
     let (_, staging) = post_event(&service, "dev", event("podinfo-dev", "2.0.0")).await;
     let id = staging["id"].as_str().unwrap().to_string();
     wait_for(&service, &id, "Failed", |r| r["phase"] == "Failed").await;
-    let (code, stdout, stderr) = cli(decision(&["promotions", "retry", &id])).await;
+    // The record is read from the internal listener; the public one says where it is.
+    let (code, _, stderr) = cli(decision(&["promotions", "retry", &id])).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("internal listener"), "{stderr}");
+    let internal = service.internal_url("");
+    let (code, stdout, stderr) = cli(decision(&[
+        "promotions",
+        "retry",
+        &id,
+        "--internal-server",
+        &internal,
+    ]))
+    .await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("re-queued 2.0.0"), "{stdout}");
     let done = wait_for(&service, &id, "Succeeded", |r| r["phase"] == "Succeeded").await;
@@ -632,6 +644,7 @@ struct JsonService {
     child: std::process::Child,
     lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     address: std::net::SocketAddr,
+    internal: std::net::SocketAddr,
 }
 
 impl JsonService {
@@ -650,21 +663,28 @@ impl JsonService {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let mut internal = None;
             for line in std::io::BufReader::new(stderr)
                 .lines()
                 .map_while(Result::ok)
             {
-                if let Ok(value) = serde_json::from_str::<Value>(&line)
-                    && value["message"] == "listening"
-                    && let Some(address) = value["address"].as_str()
-                {
-                    let _ = tx.send(address.parse::<std::net::SocketAddr>().unwrap());
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    if let Some(address) = value["internal_address"].as_str() {
+                        internal = Some(address.parse::<std::net::SocketAddr>().unwrap());
+                    }
+                    if value["message"] == "listening"
+                        && let (Some(address), Some(internal)) =
+                            (value["address"].as_str(), internal)
+                    {
+                        let _ =
+                            tx.send((address.parse::<std::net::SocketAddr>().unwrap(), internal));
+                    }
                 }
                 sink.lock().unwrap().push(line);
             }
         });
-        let address = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(address) => address,
+        let (address, internal) = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addresses) => addresses,
             Err(_) => {
                 let _ = child.kill();
                 panic!("no listening line: {:#?}", lines.lock().unwrap());
@@ -674,11 +694,17 @@ impl JsonService {
             child,
             lines,
             address,
+            internal,
         }
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
+        let address = if support::is_internal_path(path) {
+            self.internal
+        } else {
+            self.address
+        };
+        format!("http://{address}{path}")
     }
 
     /// SIGTERM, then waits (at most 10 s) for the process to end and its output to be read.
@@ -826,9 +852,15 @@ async fn promotions_get_and_output_formats() {
     let (status, record) = post_event(&service, "staging", event("podinfo-staging", "6.5.1")).await;
     assert_eq!(status, 202, "{record}");
     let id = record["id"].as_str().unwrap().to_string();
-    let server = service.url("");
+    // Reading goes to the internal listener, decisions to the public one.
+    let (internal, public) = (service.internal_url(""), service.url(""));
     let run = |args: &[&str]| {
         let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let server = if args[0] == "promotions" {
+            &internal
+        } else {
+            &public
+        };
         args.extend(["--server".to_string(), server.clone()]);
         cli(args)
     };

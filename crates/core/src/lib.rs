@@ -9,12 +9,14 @@ pub mod deployment;
 pub mod event;
 pub mod executor;
 pub mod flux_wiring;
+pub mod insights;
 pub mod intake;
 pub mod metrics;
 pub mod observe;
 pub mod pipeline;
 pub mod ports;
 pub mod promotion;
+pub mod read;
 pub mod report;
 pub mod retention;
 pub mod signature;
@@ -38,5 +40,6 @@ pub use ports::{
 pub use promotion::{
     ChangeReason, Phase, PromotionRecord, RetryPolicy, Trigger, parse_version, promotion_id,
 };
+pub use read::{PortReader, ReadPort};
 pub use report::Throttle;
 pub use retention::RetentionPolicy;

@@ -25,8 +25,38 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EnvironmentLabels {
+    pub pipeline: String,
+    pub environment: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+}
+
+/// Buckets for delivery durations: a minute to a month.
+const DELIVERY_BUCKETS: [f64; 12] = [
+    60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0, 172800.0, 604800.0,
+    2592000.0,
+];
+
+/// Delivery insights ([`crate::insights`]) as metrics: counted as they happen while this
+/// process runs, gauges recomputed from the records.
+#[derive(Clone)]
+pub struct DeliveryMetrics {
+    pub deployments: Family<EnvironmentLabels, Counter>,
+    pub lead_time: Family<PipelineLabels, Histogram>,
+    pub approval_wait: Family<EnvironmentLabels, Histogram>,
+    pub time_to_recover: Family<EnvironmentLabels, Histogram>,
+    pub failure_ratio: Family<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub approval_waiting: Family<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub delivery: DeliveryMetrics,
     requests: Family<RequestLabels, Counter>,
     latency: Family<EndpointLabels, Histogram>,
     phases: Family<PhaseLabels, Counter>,
@@ -92,8 +122,47 @@ impl Metrics {
             "Invalid manifest files whose last good version is served instead (embedded mode)",
             manifest_files_last_good.clone(),
         );
+        let delivery = DeliveryMetrics {
+            deployments: Family::default(),
+            lead_time: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
+            approval_wait: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
+            time_to_recover: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
+            failure_ratio: Family::default(),
+            approval_waiting: Family::default(),
+        };
+        registry.register(
+            "deployments",
+            "Deployments per pipeline and environment (first environment: a revision leaving it; later ones: a promotion into it that succeeded), counted while this process runs",
+            delivery.deployments.clone(),
+        );
+        registry.register(
+            "lead_time_seconds",
+            "From a revision's deployment in the first environment to its deployment in the last",
+            delivery.lead_time.clone(),
+        );
+        registry.register(
+            "approval_wait_seconds",
+            "Time promotions waited for approval",
+            delivery.approval_wait.clone(),
+        );
+        registry.register(
+            "time_to_recover_seconds",
+            "From a failed promotion into an environment to the next successful one",
+            delivery.time_to_recover.clone(),
+        );
+        registry.register(
+            "promotion_failure_ratio",
+            "Failed out of finished promotions into the environment, over the records kept",
+            delivery.failure_ratio.clone(),
+        );
+        registry.register(
+            "approval_waiting_seconds",
+            "How long the oldest promotion still waiting for approval has waited (0: none waits)",
+            delivery.approval_waiting.clone(),
+        );
         Self {
             registry,
+            delivery,
             requests,
             latency,
             phases,

@@ -22,8 +22,8 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use pipeline_core::{
-    ApprovalRequest, Decision, EventRequest, Intake, Metrics, PipelineRef, PromotionFilter,
-    PromotionRecord, Throttle,
+    ApprovalRequest, Decision, EventRequest, Intake, Metrics, PipelineRef, PortReader,
+    PromotionFilter, PromotionRecord, ReadPort, Throttle,
 };
 use serde::Deserialize;
 
@@ -68,6 +68,8 @@ pub type RecordHeaders =
 #[derive(Clone)]
 pub struct AppState {
     intake: Arc<Intake>,
+    /// What the API reads through: never the intake, which can change things.
+    reader: Arc<dyn ReadPort>,
     metrics: Arc<Metrics>,
     max_body_bytes: usize,
     body_timeout: Duration,
@@ -78,8 +80,14 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(intake: Arc<Intake>, metrics: Arc<Metrics>, settings: HttpSettings) -> Self {
+        let reader = Arc::new(PortReader::new(
+            intake.pipelines().clone(),
+            intake.store().clone(),
+            None,
+        ));
         Self {
             intake,
+            reader,
             metrics,
             max_body_bytes: settings.max_body_bytes,
             body_timeout: settings.body_timeout,
@@ -89,6 +97,23 @@ impl AppState {
             record_headers: None,
             readiness_detail: None,
         }
+    }
+
+    /// Reads through `reader` (e.g. one that also sees the deployment watch) instead of
+    /// the plain one over the intake's pipelines and store.
+    pub fn with_reader(mut self, reader: Arc<dyn ReadPort>) -> Self {
+        self.reader = reader;
+        self
+    }
+
+    /// The metrics the service records into and serves.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// The read-only port the API (and the dashboard) read through.
+    pub fn reader(&self) -> Arc<dyn ReadPort> {
+        self.reader.clone()
     }
 
     /// Adds headers to every 202 answer, computed from the recorded promotion.
@@ -106,9 +131,40 @@ impl AppState {
     }
 }
 
-/// The whole HTTP service. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
-/// so rate limiting sees peer addresses.
+/// What leaf clusters and approvers call: the webhook and signed decisions. The only
+/// routes to expose beyond the cluster. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` so rate limiting sees peers.
+pub fn public_router(state: AppState) -> Router {
+    public_routes()
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(error_as_json))
+        .with_state(state)
+}
+
+/// What stays inside the cluster: the promotions API, health and metrics, plus `extra`
+/// (e.g. the dashboard, which answers its own errors as HTML).
+pub fn internal_router(state: AppState, extra: Router) -> Router {
+    internal_routes()
+        .route("/healthz", get(healthz))
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(error_as_json))
+        .with_state(state)
+        .merge(extra)
+}
+
+/// Both route sets on one router, for tests that drive the service in-process.
 pub fn router(state: AppState) -> Router {
+    public_routes()
+        .merge(internal_routes())
+        .fallback(unknown_path)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::map_response(error_as_json))
+        .with_state(state)
+}
+
+fn public_routes() -> Router<AppState> {
     Router::new()
         .route(
             "/pipelines/promotions/{namespace}/{name}/{environment}",
@@ -134,15 +190,18 @@ pub fn router(state: AppState) -> Router {
             "/pipelines/retries/{namespace}/{name}/{environment}/{revision}",
             post(|state, path, request| decision(state, path, request, "retry")),
         )
+        // Liveness only (no state): load balancers and ingress controllers health-check
+        // the port they route to, which is this one.
+        .route("/healthz", get(healthz))
+}
+
+/// The internal listener's routes but `/healthz`, which both listeners answer.
+fn internal_routes() -> Router<AppState> {
+    Router::new()
         .route("/api/v1/promotions", get(list_promotions))
         .route("/api/v1/promotions/{id}", get(get_promotion))
-        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(unknown_path)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::map_response(error_as_json))
-        .with_state(state)
 }
 
 /// Longest path segment accepted; names in Kubernetes are at most 253 bytes.
@@ -485,7 +544,7 @@ async fn list_promotions(
         pipeline,
         environment: query.environment.filter(|e| !e.is_empty()),
     };
-    let records = state.intake.store().list(&filter).await?;
+    let records = state.reader.records(&filter).await?;
     Ok(json_response(StatusCode::OK, &records))
 }
 
@@ -493,7 +552,7 @@ async fn get_promotion(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    match state.intake.store().get(&id).await? {
+    match state.reader.record(&id).await? {
         Some(record) => Ok(json_response(StatusCode::OK, &record)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -93,6 +93,16 @@ fn one<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
     found[0]
 }
 
+/// The Service of the public listener (the one the Ingress routes to).
+fn public_service(docs: &[Value]) -> &Value {
+    let found: Vec<&Value> = of_kind(docs, "Service")
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
+        .collect();
+    assert_eq!(found.len(), 1, "one public Service in {:?}", keys(docs));
+    found[0]
+}
+
 fn container(docs: &[Value]) -> &Value {
     &one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
 }
@@ -179,6 +189,13 @@ fn value_sets() -> Vec<(&'static str, Vec<&'static str>)> {
             vec![
                 "--set",
                 "fluxWiring.mode=direct,fluxWiring.interval=30s,publicUrl=https://promote.example.com",
+            ],
+        ),
+        (
+            "Grafana dashboard and PrometheusRule",
+            vec![
+                "--set",
+                "grafanaDashboard.enabled=true,grafanaDashboard.annotations.grafana_folder=Delivery,prometheusRule.enabled=true,prometheusRule.labels.release=prometheus,prometheusRule.approvalWaiting.thresholdSeconds=3600",
             ],
         ),
     ]
@@ -513,7 +530,7 @@ fn ingress_routes_only_the_webhook_paths_with_tls() {
     let sets = value_sets();
     let docs = render(&sets[1].1);
     let ingress = one(&docs, "Ingress");
-    let service = one(&docs, "Service");
+    let service = public_service(&docs);
     assert_eq!(ingress["metadata"]["name"], RELEASE);
     assert_eq!(ingress["metadata"]["namespace"], NS);
     assert_eq!(ingress["spec"]["ingressClassName"], "nginx");
@@ -583,13 +600,27 @@ fn service_monitor_and_network_policy_select_the_release() {
 
     let sets = value_sets();
     let docs = render(&sets[2].1);
-    let service = one(&docs, "Service");
+    let services = of_kind(&docs, "Service");
+    assert_eq!(services.len(), 2, "a public and an internal Service");
+    let service = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "pipeline-controller")
+        .unwrap();
+    let internal = services
+        .iter()
+        .find(|s| s["metadata"]["name"] == "pipeline-controller-internal")
+        .unwrap();
     let pod_labels = &one(&docs, "Deployment")["spec"]["template"]["metadata"]["labels"];
 
     let monitor = one(&docs, "ServiceMonitor");
     assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    // It scrapes the internal Service, never the public one.
     assert!(selects(
+        &monitor["spec"]["selector"]["matchLabels"],
+        &internal["metadata"]["labels"]
+    ));
+    assert!(!selects(
         &monitor["spec"]["selector"]["matchLabels"],
         &service["metadata"]["labels"]
     ));
@@ -599,9 +630,12 @@ fn service_monitor_and_network_policy_select_the_release() {
     );
     assert_eq!(
         monitor["spec"]["endpoints"],
-        json!([{"port": "http", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}])
+        json!([{"port": "internal", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}])
     );
+    assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 1);
     assert_eq!(service["spec"]["ports"][0]["name"], "http");
+    assert_eq!(internal["spec"]["ports"][0]["name"], "internal");
+    assert_eq!(internal["spec"]["type"], "ClusterIP");
 
     let policy = one(&docs, "NetworkPolicy");
     assert!(selects(
@@ -610,12 +644,17 @@ fn service_monitor_and_network_policy_select_the_release() {
     ));
     assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
     let ingress = policy["spec"]["ingress"].as_array().unwrap();
-    assert_eq!(ingress.len(), 1);
+    assert_eq!(ingress.len(), 2);
     assert_eq!(
         ingress[0]["ports"],
         json!([{"port": "http", "protocol": "TCP"}])
     );
     assert_eq!(ingress[0]["from"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        ingress[1]["ports"],
+        json!([{"port": "internal", "protocol": "TCP"}])
+    );
+    assert_eq!(ingress[1]["from"], json!([{"podSelector": {}}]));
     assert_eq!(policy["spec"]["egress"][0]["ports"][1]["port"], 443);
 
     // Defaults when enabled: from flux-system only, egress not restricted.
@@ -626,6 +665,17 @@ fn service_monitor_and_network_policy_select_the_release() {
         policy["spec"]["ingress"][0]["from"],
         json!([{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "flux-system"}}}])
     );
+    // An empty internalFrom admits nobody to the internal port (an empty `from` in a
+    // rule would admit everybody, so no rule is rendered).
+    let docs = render(&[
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.internalFrom=null",
+    ]);
+    let ingress = one(&docs, "NetworkPolicy")["spec"]["ingress"].clone();
+    assert_eq!(ingress.as_array().unwrap().len(), 1, "{ingress}");
+    assert_eq!(ingress[0]["ports"][0]["port"], "http");
 }
 
 #[test]
@@ -884,7 +934,9 @@ fn two_releases_do_not_collide() {
             &one(x, "Deployment")["spec"]["selector"]["matchLabels"],
             pods_y
         ));
-        assert!(!selects(&one(x, "Service")["spec"]["selector"], pods_y));
+        for service in of_kind(x, "Service") {
+            assert!(!selects(&service["spec"]["selector"], pods_y));
+        }
         assert!(!selects(
             &one(x, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
             pods_y
@@ -939,6 +991,167 @@ spec:
             spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
 "#;
 
+/// A minimal PrometheusRule CRD, as [`SERVICE_MONITOR_CRD`].
+const PROMETHEUS_RULE_CRD: &str = r#"
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: prometheusrules.monitoring.coreos.com}
+spec:
+  group: monitoring.coreos.com
+  names: {kind: PrometheusRule, listKind: PrometheusRuleList, plural: prometheusrules, singular: prometheusrule}
+  scope: Namespaced
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+/// The `pipeline_controller_*` families named in `text`, without the sample suffixes.
+fn metric_families(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("pipeline_controller_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let mut name = &tail[..end];
+        for suffix in ["_bucket", "_sum", "_count", "_total"] {
+            name = name.strip_suffix(suffix).unwrap_or(name);
+        }
+        out.insert(name.to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn grafana_dashboard_and_alerts_use_only_metrics_the_controller_exports() {
+    let defaults = render(&[]);
+    assert!(
+        of_kind(&defaults, "PrometheusRule").is_empty(),
+        "off by default"
+    );
+    assert!(
+        !of_kind(&defaults, "ConfigMap")
+            .iter()
+            .any(|c| c["metadata"]["name"] == "pipeline-controller-dashboard"),
+        "off by default"
+    );
+    let sets = value_sets();
+    let (_, args) = sets
+        .iter()
+        .find(|(name, _)| *name == "Grafana dashboard and PrometheusRule")
+        .unwrap();
+    let docs = render(args);
+    // What the controller's registry declares (every family, with or without samples).
+    // Families without samples are not rendered: give every labelled one a sample.
+    let metrics = pipeline_core::Metrics::new();
+    metrics.observe_request("promotion", "recorded", 0.01);
+    let labels = pipeline_core::metrics::EnvironmentLabels {
+        pipeline: "a/b".into(),
+        environment: "dev".into(),
+    };
+    let delivery = &metrics.delivery;
+    delivery.deployments.get_or_create(&labels).inc();
+    delivery.approval_wait.get_or_create(&labels).observe(1.0);
+    delivery.time_to_recover.get_or_create(&labels).observe(1.0);
+    delivery.failure_ratio.get_or_create(&labels).set(0.5);
+    delivery.approval_waiting.get_or_create(&labels).set(1.0);
+    delivery
+        .lead_time
+        .get_or_create(&pipeline_core::metrics::PipelineLabels {
+            pipeline: "a/b".into(),
+        })
+        .observe(1.0);
+    let exported: BTreeSet<String> = metrics
+        .render()
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    assert!(
+        exported.contains("pipeline_controller_lead_time_seconds"),
+        "{exported:?}"
+    );
+
+    let config_map = of_kind(&docs, "ConfigMap")
+        .into_iter()
+        .find(|c| c["metadata"]["name"] == "pipeline-controller-dashboard")
+        .unwrap();
+    assert_eq!(config_map["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        config_map["metadata"]["annotations"]["grafana_folder"],
+        "Delivery"
+    );
+    let json_text = config_map["data"]["pipeline-controller.json"]
+        .as_str()
+        .unwrap();
+    let dashboard: Value = serde_json::from_str(json_text).unwrap();
+    assert_eq!(dashboard["uid"], "pipeline-controller");
+    let panels = dashboard["panels"].as_array().unwrap();
+    assert!(panels.len() >= 6);
+    let used = metric_families(json_text);
+    for family in [
+        "pipeline_controller_deployments",
+        "pipeline_controller_lead_time_seconds",
+        "pipeline_controller_approval_wait_seconds",
+        "pipeline_controller_promotion_failure_ratio",
+        "pipeline_controller_time_to_recover_seconds",
+    ] {
+        assert!(
+            used.contains(family),
+            "the dashboard does not chart {family}"
+        );
+    }
+    let unknown: Vec<&String> = used.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries unknown metrics {unknown:?}"
+    );
+
+    let rule = one(&docs, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    let rules = rule["spec"]["groups"][0]["rules"].as_array().unwrap();
+    let alerts: Vec<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    assert_eq!(
+        alerts,
+        [
+            "PipelinePromotionFailing",
+            "PipelineApprovalWaitingTooLong",
+            "PipelineWebhookUnauthenticated"
+        ]
+    );
+    let exprs: String = rules
+        .iter()
+        .map(|r| r["expr"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    let unknown: Vec<String> = metric_families(&exprs)
+        .difference(&exported)
+        .cloned()
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "the alerts query unknown metrics {unknown:?}"
+    );
+    assert!(exprs.contains(r#"outcome="unauthenticated""#), "{exprs}");
+    assert!(exprs.contains("> 3600"), "{exprs}");
+    // The Prometheus template syntax reaches Prometheus unexpanded by Helm.
+    assert!(
+        rules[1]["annotations"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("{{ $labels.pipeline }}")
+    );
+}
+
 #[tokio::test]
 async fn rendered_chart_passes_server_side_dry_run_and_applies() {
     let cluster = TestCluster::start().await.unwrap();
@@ -953,6 +1166,7 @@ async fn rendered_chart_passes_server_side_dry_run_and_applies() {
         cluster.ensure_namespace(ns).await.unwrap();
     }
     cluster.apply_yaml(SERVICE_MONITOR_CRD).await.unwrap();
+    cluster.apply_yaml(PROMETHEUS_RULE_CRD).await.unwrap();
 
     // Every value set, dry run, into the existing namespace.
     for (name, args) in value_sets() {

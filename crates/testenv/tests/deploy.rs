@@ -109,8 +109,19 @@ fn deployment_service_and_rbac_agree() {
     );
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
     assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // Probes go to the internal listener; the Service exposes only the public one, and
+    // the second Service only the internal one.
+    assert_eq!(container["livenessProbe"]["httpGet"]["port"], "internal");
+    assert_eq!(container["readinessProbe"]["httpGet"]["port"], "internal");
     assert_eq!(container["ports"][0]["name"], "http");
+    assert_eq!(container["ports"][1]["name"], "internal");
+    assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 1);
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    let internal = &parse_yaml_documents(&read(&dir.join("service.yaml"))).unwrap()[1];
+    assert_eq!(internal["metadata"]["name"], "pipeline-controller-internal");
+    assert_eq!(internal["spec"]["ports"].as_array().unwrap().len(), 1);
+    assert_eq!(internal["spec"]["ports"][0]["targetPort"], "internal");
+    assert_eq!(internal["spec"]["selector"], service["spec"]["selector"]);
     let args: Vec<&str> = container["args"]
         .as_array()
         .unwrap()
@@ -123,6 +134,7 @@ fn deployment_service_and_rbac_agree() {
         "Kubernetes mode"
     );
     assert!(args.contains(&"--listen=0.0.0.0:8080"));
+    assert!(args.contains(&"--internal-listen=0.0.0.0:8081"));
     assert!(container["resources"]["requests"].is_object());
     assert!(container["resources"]["limits"]["memory"].is_string());
 }

@@ -492,6 +492,7 @@ async fn start_controller(
     let log_file = File::create(log).context("creating the controller log file")?;
     let child = Command::new(bin)
         .args(["serve", "--listen", &address.to_string()])
+        .args(["--internal-listen", &free_port()?.to_string()])
         .args(["--lease-namespace", "default", "--identity", "watch-bench"])
         .args(["--events-addr", events_addr])
         .args(["--log-format", "json", "--log-level", log_level])

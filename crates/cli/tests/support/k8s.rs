@@ -38,13 +38,14 @@ impl Controller {
         Controller::spawn(cluster.kubeconfig_path(), &args, &[])
     }
 
-    /// Runs `serve --listen 127.0.0.1:0` (short Lease timings, fast retries) with
+    /// Runs `serve --listen 127.0.0.1:0 --internal-listen 127.0.0.1:0` (short Lease timings, fast retries) with
     /// `kubeconfig`, then `args`, with `envs` added to the environment; waits until it
     /// listens (60 s at most).
     pub fn spawn(kubeconfig: &Path, args: &[&str], envs: &[(&str, &str)]) -> Controller {
         let mut command = Command::new(BIN);
         command
             .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--internal-listen", "127.0.0.1:0"])
             .args(["--lease-duration", "3s", "--lease-renew", "1s"])
             .args(["--retry-base", "200ms"])
             .args(args)

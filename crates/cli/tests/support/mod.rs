@@ -20,7 +20,10 @@ pub const KEY: &str = "quickstart-hmac-key-0123456789";
 /// A running service; killed (SIGKILL) when dropped.
 pub struct Service {
     pub child: Child,
+    /// The public listener: webhook and approvals.
     pub address: SocketAddr,
+    /// The internal listener: API, dashboard, metrics, health.
+    pub internal: SocketAddr,
     pub logs: Arc<Mutex<String>>,
 }
 
@@ -46,17 +49,21 @@ impl Service {
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = logs.clone();
         std::thread::spawn(move || {
-            let mut sent = false;
+            let (mut public, mut internal, mut sent) = (None, None, false);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let address = line
-                    .contains("listening")
-                    .then(|| {
-                        line.split_whitespace()
-                            .find_map(|w| w.strip_prefix("address="))
-                    })
-                    .flatten();
-                if let (false, Some(addr)) = (sent, address) {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                let field = |prefix: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(prefix))
+                        .map(|a| a.parse::<SocketAddr>().unwrap())
+                };
+                if line.contains("listening") && public.is_none() {
+                    public = field("address=");
+                }
+                if internal.is_none() {
+                    internal = field("internal_address=");
+                }
+                if let (false, Some(p), Some(i)) = (sent, public, internal) {
+                    let _ = tx.send((p, i));
                     sent = true;
                 }
                 let mut logs = sink.lock().unwrap();
@@ -64,8 +71,8 @@ impl Service {
                 logs.push('\n');
             }
         });
-        let address = match rx.recv_timeout(limit) {
-            Ok(address) => address,
+        let (address, internal) = match rx.recv_timeout(limit) {
+            Ok(addresses) => addresses,
             Err(_) => {
                 let _ = child.kill();
                 panic!("service did not start; logs:\n{}", logs.lock().unwrap());
@@ -74,12 +81,33 @@ impl Service {
         Service {
             child,
             address,
+            internal,
             logs,
         }
     }
 
+    /// `path` on the listener that serves it: the API, dashboard, metrics and health on
+    /// the internal one, everything else (webhook, approvals) on the public one.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.address, path)
+        if is_internal_path(path) {
+            self.internal_url(path)
+        } else {
+            format!("http://{}{}", self.address, path)
+        }
+    }
+
+    /// `path` on the internal listener.
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.internal, path)
+    }
+
+    /// The listener that serves `path`.
+    pub fn address_for(&self, path: &str) -> SocketAddr {
+        if is_internal_path(path) {
+            self.internal
+        } else {
+            self.address
+        }
     }
 
     pub fn logs(&self) -> String {
@@ -101,6 +129,15 @@ impl Drop for Service {
     }
 }
 
+/// Paths the internal listener serves (see `pipeline_http::internal_router` and the
+/// dashboard).
+pub fn is_internal_path(path: &str) -> bool {
+    ["/api/", "/metrics", "/healthz", "/readyz", "/ui", "/events"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix))
+        || path == "/"
+}
+
 /// The command [`Service::start`] runs (`RUST_LOG=debug`; set it again to change it).
 pub fn serve_command(manifests: &Path, state: &Path, extra: &[&str]) -> Command {
     let mut command = Command::new(BIN);
@@ -120,10 +157,17 @@ pub fn serve_args(manifests: &Path, state: &Path, extra: &[&str]) -> Vec<std::ff
         state.into(),
     ];
     args.extend(
-        ["--listen", "127.0.0.1:0", "--reload-interval", "100ms"]
-            .iter()
-            .chain(extra)
-            .map(Into::into),
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--internal-listen",
+            "127.0.0.1:0",
+            "--reload-interval",
+            "100ms",
+        ]
+        .iter()
+        .chain(extra)
+        .map(Into::into),
     );
     args
 }
