@@ -130,12 +130,12 @@ impl Drop for Service {
 }
 
 /// Paths the internal listener serves (see `pipeline_http::internal_router` and the
-/// dashboard).
+/// dashboard under `/ui`; its overview at `/` is reached with `internal_url`, since `/`
+/// on the public listener is an unknown path the hostile catalogue sends).
 pub fn is_internal_path(path: &str) -> bool {
-    ["/api/", "/metrics", "/healthz", "/readyz", "/ui", "/events"]
+    ["/api/", "/metrics", "/healthz", "/readyz", "/ui"]
         .iter()
         .any(|prefix| path.starts_with(prefix))
-        || path == "/"
 }
 
 /// The command [`Service::start`] runs (`RUST_LOG=debug`; set it again to change it).
