@@ -980,3 +980,78 @@ async fn a_controller_restarted_mid_way_misses_nothing_and_doubles_nothing() {
     );
     assert_eq!(fleet.notified("staging", "1.3.0"), 1);
 }
+
+/// The overview fragment of the dashboard, and the part of it about `environment`'s lane.
+async fn dashboard_lane(fleet: &Fleet, environment: &str) -> String {
+    let html = support::client()
+        .get(fleet.controller.internal_url("/ui/fragment/overview"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let start = html
+        .find(&format!(r#"data-environment="{environment}""#))
+        .unwrap_or_else(|| panic!("no {environment} lane in {html}"));
+    let rest = &html[start..];
+    let end = rest[1..]
+        .find("data-environment=")
+        .map_or(rest.len(), |i| i + 1);
+    rest[..end].to_string()
+}
+
+/// Waits (bounded) until `environment`'s lane on the dashboard satisfies `done`.
+async fn wait_lane(fleet: &Fleet, environment: &str, what: &str, done: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lane = dashboard_lane(fleet, environment).await;
+        if done(&lane) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; lane: {lane}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Kubernetes mode's dashboard reads the deployment watch through the read port: a lane
+/// shows a failing target's problem, then the revision every target runs, as the watch
+/// sees it (not as the records say).
+#[tokio::test]
+async fn the_dashboard_shows_what_the_watch_sees() {
+    let _turn = TURN.lock().await;
+    let fleet = Fleet::start().await;
+    let kube = fleet.kube();
+
+    release(&fleet.leaf_a, "podinfo-dev", "1.2.0", Outcome::Deployed).await;
+    release(&fleet.leaf_b, "podinfo-dev", "1.2.0", Outcome::Failed).await;
+    wait_lane(&fleet, "dev", "dev degraded by leaf B", |lane| {
+        lane.contains(r#"class="health bad""#)
+            && lane.contains("not Ready")
+            && lane.contains(LEAF_B)
+    })
+    .await;
+
+    release(&fleet.leaf_b, "podinfo-dev", "1.2.0", Outcome::Deployed).await;
+    let recorded = wait_recorded(&kube, "staging", "1.2.0", Duration::from_secs(20)).await;
+    wait_succeeded(&kube, &recorded).await;
+    wait_lane(
+        &fleet,
+        "dev",
+        "dev healthy at 1.2.0 per the watch",
+        |lane| {
+            lane.contains(r#"title="seen by the deployment watch">1.2.0<"#)
+                && lane.contains(r#"class="health ok""#)
+        },
+    )
+    .await;
+    // staging's HelmRelease has not released 1.2.0: the lane says the promotion
+    // succeeded, not that staging runs it.
+    wait_lane(&fleet, "staging", "staging promoted to 1.2.0", |lane| {
+        lane.contains(r#"title="latest successful promotion">1.2.0<"#)
+    })
+    .await;
+}
