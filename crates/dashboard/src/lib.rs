@@ -30,6 +30,7 @@ use maud::Markup;
 use pipeline_core::insights::pipeline_insights;
 use pipeline_core::{PipelineRef, PromotionFilter, ReadPort};
 use serde::Deserialize;
+use tokio::sync::watch;
 
 pub use view::ApproveVia;
 
@@ -63,6 +64,10 @@ impl Default for DashboardSettings {
 struct Dashboard {
     reader: Arc<dyn ReadPort>,
     settings: Arc<DashboardSettings>,
+    /// The current version for every live page: one poller for all of them, started by
+    /// the first and idle while none listens.
+    versions: Arc<watch::Sender<Option<u64>>>,
+    poller: Arc<std::sync::Once>,
 }
 
 /// Scripts and styles only from this origin, nothing inline; no framing, no plugins.
@@ -74,6 +79,8 @@ pub fn router(reader: Arc<dyn ReadPort>, settings: DashboardSettings) -> Router 
     let state = Dashboard {
         reader,
         settings: Arc::new(settings),
+        versions: Arc::new(watch::channel(None).0),
+        poller: Arc::new(std::sync::Once::new()),
     };
     Router::new()
         .route("/", get(overview_page))
@@ -160,8 +167,7 @@ impl IntoResponse for Unreadable {
 }
 
 /// A digest of everything the pages show, to tell when they changed.
-async fn version(dashboard: &Dashboard) -> Result<u64, Unreadable> {
-    let reader = &dashboard.reader;
+async fn version(reader: &dyn ReadPort) -> Result<u64, Unreadable> {
     let pipelines = reader
         .pipelines()
         .await
@@ -232,7 +238,7 @@ async fn overview_page(
     State(dashboard): State<Dashboard>,
     Query(filter): Query<view::Filter>,
 ) -> Result<Html<String>, Unreadable> {
-    let version = version(&dashboard).await?;
+    let version = version(dashboard.reader.as_ref()).await?;
     let main = overview_markup(&dashboard, &filter).await?;
     let fragment = format!("/ui/fragment/overview{}", query_string(&filter));
     Ok(Html(
@@ -315,7 +321,7 @@ async fn pipeline_page(
 ) -> Result<Response, Unreadable> {
     let reference = PipelineRef::new(namespace, name);
     let page = query.page.unwrap_or(1);
-    let version = version(&dashboard).await?;
+    let version = version(dashboard.reader.as_ref()).await?;
     let Some(main) = pipeline_markup(&dashboard, &reference, page).await? else {
         return Ok(not_found(&reference));
     };
@@ -342,23 +348,54 @@ async fn pipeline_fragment(
     }
 }
 
+/// Looks for changes every `poll_interval` while anyone listens; ends with the router.
+async fn poll_versions(
+    reader: Arc<dyn ReadPort>,
+    settings: Arc<DashboardSettings>,
+    versions: std::sync::Weak<watch::Sender<Option<u64>>>,
+) {
+    loop {
+        let Some(sender) = versions.upgrade() else {
+            return;
+        };
+        if sender.receiver_count() > 0
+            && let Ok(current) = version(reader.as_ref()).await
+        {
+            sender.send_if_modified(|last| {
+                let changed = *last != Some(current);
+                *last = Some(current);
+                changed
+            });
+        }
+        drop(sender);
+        tokio::time::sleep(settings.poll_interval).await;
+    }
+}
+
 /// Server-sent events: `change` with the new version whenever what the pages show
-/// changed (looked at every `poll_interval`), starting with the current one.
+/// changed, starting with the current one. One poller serves every connection.
 async fn events(
     State(dashboard): State<Dashboard>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream =
-        futures::stream::unfold((dashboard, None::<u64>), |(dashboard, last)| async move {
-            loop {
-                match version(&dashboard).await {
-                    Ok(current) if Some(current) != last => {
-                        let event = Event::default().event("change").data(current.to_string());
-                        return Some((Ok(event), (dashboard, Some(current))));
-                    }
-                    _ => {}
-                }
-                tokio::time::sleep(dashboard.settings.poll_interval).await;
+    dashboard.poller.call_once(|| {
+        tokio::spawn(poll_versions(
+            dashboard.reader.clone(),
+            dashboard.settings.clone(),
+            Arc::downgrade(&dashboard.versions),
+        ));
+    });
+    let mut receiver = dashboard.versions.subscribe();
+    // The first event says where things stand now (once the poller knows).
+    receiver.mark_changed();
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            receiver.changed().await.ok()?;
+            let current = *receiver.borrow_and_update();
+            if let Some(current) = current {
+                let event = Event::default().event("change").data(current.to_string());
+                return Some((Ok(event), receiver));
             }
-        });
+        }
+    });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }

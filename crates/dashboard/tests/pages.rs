@@ -37,21 +37,26 @@ fn catalog() -> Arc<MemoryCatalog> {
 }
 
 async fn app(records: Vec<PromotionRecord>) -> Router {
+    app_with(records).await.0
+}
+
+async fn app_with(records: Vec<PromotionRecord>) -> (Router, Arc<MemoryStore>) {
     let store = Arc::new(MemoryStore::new());
     for record in records {
         store.create_if_absent(record).await.unwrap();
     }
     let catalog = catalog();
-    let reader = Arc::new(PortReader::new(catalog, store, None));
-    router(
+    let reader = Arc::new(PortReader::new(catalog, store.clone(), None));
+    let app = router(
         reader,
         DashboardSettings {
             approve_via: ApproveVia::Http {
                 server: "http://127.0.0.1:8080".into(),
             },
-            ..DashboardSettings::default()
+            poll_interval: std::time::Duration::from_millis(50),
         },
-    )
+    );
+    (app, store)
 }
 
 fn record(pipeline: &str, to: &str, revision: &str, manual: bool) -> PromotionRecord {
@@ -203,4 +208,51 @@ async fn assets_are_embedded_and_events_start_with_the_current_version() {
         .unwrap();
     let text = String::from_utf8(first.to_vec()).unwrap();
     assert!(text.starts_with("event: change\ndata: "), "{text}");
+}
+
+/// Reads the next server-sent event of `body` (bounded), as text.
+async fn next_event(
+    body: &mut (impl futures::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+) -> String {
+    use futures::StreamExt;
+    loop {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(5), body.next())
+            .await
+            .expect("no event within 5 s")
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8(chunk.to_vec()).unwrap();
+        // Keep-alive comments are not events.
+        if text.starts_with("event: ") {
+            return text;
+        }
+    }
+}
+
+#[tokio::test]
+async fn events_announce_a_change_to_every_listener() {
+    let (app, store) = app_with(vec![]).await;
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let response = app
+            .clone()
+            .oneshot(Request::get("/ui/events").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        streams.push(response.into_body().into_data_stream());
+    }
+    let mut first = Vec::new();
+    for stream in &mut streams {
+        first.push(next_event(stream).await);
+    }
+    assert_eq!(first[0], first[1], "both start at the same version");
+    store
+        .create_if_absent(record("web", "prod", "2.0.0", true))
+        .await
+        .unwrap();
+    for stream in &mut streams {
+        let changed = next_event(stream).await;
+        assert!(changed.starts_with("event: change\ndata: "), "{changed}");
+        assert_ne!(changed, first[0], "a new version after the change");
+    }
 }
