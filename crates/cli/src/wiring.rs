@@ -206,6 +206,8 @@ pub(crate) struct Listeners {
     internal: TcpListener,
     /// How the dashboard tells approvers to approve (it depends on the mode).
     approve_via: ApproveVia,
+    /// `--insights-interval`.
+    insights_interval: std::time::Duration,
 }
 
 async fn bind_one(address: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
@@ -255,13 +257,13 @@ pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(Listeners, SocketA
             public,
             internal,
             approve_via,
+            insights_interval: args
+                .insights_interval
+                .max(std::time::Duration::from_millis(100)),
         },
         address,
     ))
 }
-
-/// How often delivery insights are recomputed from the records for /metrics.
-const INSIGHTS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Serves the public and the internal listener until `shutdown`, then cancels it for
 /// everything else. Also exports the delivery insights to the metrics meanwhile.
@@ -275,7 +277,7 @@ pub(crate) async fn serve_http(
         state.reader(),
         state.metrics(),
         Arc::new(SystemClock),
-        INSIGHTS_INTERVAL,
+        listeners.insights_interval,
         shutdown.clone().cancelled_owned(),
     ));
     let dashboard = pipeline_dashboard::router(

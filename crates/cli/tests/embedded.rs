@@ -1104,3 +1104,130 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out.sort();
     out
 }
+
+/// `/metrics` on the internal listener until every line of `want` is in it (bounded).
+async fn wait_metrics(service: &Service, what: &str, want: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = client()
+            .get(service.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if want.iter().all(|line| text.lines().any(|l| l == *line)) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: missing {:?} in\n{text}",
+            want.iter()
+                .filter(|line| !text.lines().any(|l| l == **line))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A real promotion chain (dev event, staging promoted, prod approved and promoted)
+/// shows in the delivery metrics on the internal listener.
+#[tokio::test]
+async fn delivery_insights_reach_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    let receiver = Receiver::start(vec![], Duration::ZERO).await;
+    let service = Service::start(
+        &manifests,
+        &dir.path().join("state.redb"),
+        &[
+            "--notify-url",
+            &receiver.url(),
+            "--insights-interval",
+            "100ms",
+        ],
+    );
+    let (status, staging) = post_event(&service, "dev", event("podinfo-dev", "6.5.1")).await;
+    assert_eq!(status, 202, "{staging}");
+    wait_for(
+        &service,
+        staging["id"].as_str().unwrap(),
+        "Succeeded",
+        |r| r["phase"] == "Succeeded",
+    )
+    .await;
+    let (status, prod) = post_event(&service, "staging", event("podinfo-staging", "6.5.1")).await;
+    assert_eq!(status, 202, "{prod}");
+    assert_eq!(prod["phase"], "WaitingApproval");
+    // Someone waits: the gauge is above zero.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let waiting = r#"pipeline_controller_approval_waiting_seconds{pipeline="flux-system/podinfo",environment="prod"} "#;
+    loop {
+        let text = get_text(&service, "/metrics").await;
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(waiting))
+            .and_then(|v| v.parse::<f64>().ok());
+        if value.is_some_and(|v| v > 0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no waiting approval in\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let key_file = dir.path().join("approval-key");
+    std::fs::write(&key_file, APPROVAL_KEY).unwrap();
+    let (code, _, stderr) = cli(vec![
+        "approve".into(),
+        "flux-system/podinfo".into(),
+        "prod".into(),
+        "6.5.1".into(),
+        "--server".into(),
+        service.url(""),
+        "--key-file".into(),
+        key_file.to_str().unwrap().into(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    wait_for(&service, prod["id"].as_str().unwrap(), "Succeeded", |r| {
+        r["phase"] == "Succeeded"
+    })
+    .await;
+    wait_metrics(
+        &service,
+        "the whole chain in the delivery metrics",
+        &[
+            r#"pipeline_controller_deployments_total{pipeline="flux-system/podinfo",environment="dev"} 1"#,
+            r#"pipeline_controller_deployments_total{pipeline="flux-system/podinfo",environment="staging"} 1"#,
+            r#"pipeline_controller_deployments_total{pipeline="flux-system/podinfo",environment="prod"} 1"#,
+            r#"pipeline_controller_lead_time_seconds_count{pipeline="flux-system/podinfo"} 1"#,
+            r#"pipeline_controller_approval_wait_seconds_count{pipeline="flux-system/podinfo",environment="prod"} 1"#,
+            r#"pipeline_controller_approval_waiting_seconds{pipeline="flux-system/podinfo",environment="prod"} 0.0"#,
+            r#"pipeline_controller_promotion_failure_ratio{pipeline="flux-system/podinfo",environment="staging"} 0.0"#,
+            r#"pipeline_controller_promotion_failure_ratio{pipeline="flux-system/podinfo",environment="prod"} 0.0"#,
+        ],
+    )
+    .await;
+    // Not on the public listener.
+    let public = client()
+        .get(format!("http://{}/metrics", service.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(public.status(), 404);
+}
+
+async fn get_text(service: &Service, path: &str) -> String {
+    client()
+        .get(service.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
