@@ -60,9 +60,11 @@ COPY --from=binary /out/pipeline-controller /usr/local/bin/pipeline-controller
 ENV HOME=/tmp \
     PIPELINE_CONTROLLER_PR_WORK_DIR=/tmp/pull-requests \
     PIPELINE_CONTROLLER_LISTEN=0.0.0.0:8080 \
+    PIPELINE_CONTROLLER_INTERNAL_LISTEN=0.0.0.0:8081 \
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 USER 65532:65532
-EXPOSE 8080
+# 8080: webhook and approvals (public). 8081: API, dashboard, metrics, health (internal).
+EXPOSE 8080 8081
 ENTRYPOINT ["/usr/local/bin/pipeline-controller"]
 CMD ["serve"]
 
@@ -77,9 +79,11 @@ RUN apt-get update \
 COPY --from=binary /out/pipeline-controller /usr/local/bin/pipeline-controller
 ENV HOME=/tmp \
     PIPELINE_CONTROLLER_PR_WORK_DIR=/tmp/pull-requests \
-    PIPELINE_CONTROLLER_LISTEN=0.0.0.0:8080
+    PIPELINE_CONTROLLER_LISTEN=0.0.0.0:8080 \
+    PIPELINE_CONTROLLER_INTERNAL_LISTEN=0.0.0.0:8081
 USER 65532:65532
-EXPOSE 8080
+# 8080: webhook and approvals (public). 8081: API, dashboard, metrics, health (internal).
+EXPOSE 8080 8081
 # tini reaps the git and ssh children and forwards SIGTERM for a graceful shutdown.
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/pipeline-controller"]
 CMD ["serve"]
