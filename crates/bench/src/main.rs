@@ -6,7 +6,12 @@
 //! for each scenario (`new`, `duplicate`, `bad-signature`) sends a fixed number of signed
 //! events over C concurrent keep-alive connections to each, and prints throughput,
 //! p50/p99/max latency, unexpected answers and both processes' memory.
+//!
+//! `--mode kubernetes` runs the same scenarios against the controller in Kubernetes mode
+//! on a real test API server instead, beside raw Promotion creates (see `kube_mode`).
 #![forbid(unsafe_code)]
+
+mod kube_mode;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -32,6 +37,11 @@ use serde_json::{Value, json};
     about = "Webhook throughput/latency of pipeline-controller beside a bare HMAC server"
 )]
 struct Args {
+    /// Embedded mode (redb store, beside a bare HMAC server) or Kubernetes mode (a real
+    /// test API server from `scripts/ensure-test-binaries.sh kube`, beside raw
+    /// Promotion creates).
+    #[arg(long, value_enum, default_value = "embedded")]
+    mode: Mode,
     /// Requests per scenario and server.
     #[arg(long, default_value_t = 5000)]
     requests: usize,
@@ -61,6 +71,20 @@ struct Args {
     /// Longest wait, in seconds, for the executor to notify every new record.
     #[arg(long, default_value_t = 90)]
     drain_timeout: u64,
+    /// Kubernetes mode: afterwards, a fresh controller makes this many promotions and its
+    /// RSS is printed along the way (0: skip).
+    #[arg(long, default_value_t = 10_000)]
+    history: usize,
+    /// Kubernetes mode: the controller's `--retention-per-environment` (0 keeps every
+    /// finished Promotion).
+    #[arg(long, default_value_t = 100)]
+    retention_per_environment: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Embedded,
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -511,22 +535,26 @@ fn beside_this_binary(name: &str) -> anyhow::Result<PathBuf> {
 async fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.requests > 0, "--requests must be positive");
     ensure!(args.concurrency > 0, "--concurrency must be positive");
-    let controller_bin = match args.controller_bin {
+    let controller_bin = match args.controller_bin.clone() {
         Some(path) => path,
         None => beside_this_binary("pipeline-controller")?,
     };
-    let bare_bin = match args.bare_bin {
+    let bare_bin = match args.bare_bin.clone() {
         Some(path) => path,
         None => beside_this_binary("bare-hmac-server")?,
     };
     let quickstart = args
         .quickstart
+        .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/quickstart"));
     let key_file = quickstart.join("hmac-key.txt");
     let mut key =
         std::fs::read(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
     if key.last() == Some(&b'\n') {
         key.pop();
+    }
+    if args.mode == Mode::Kubernetes {
+        return kube_mode::run(&args, &controller_bin, &key).await;
     }
 
     let work = match &args.work_dir {

@@ -18,6 +18,13 @@ mod wiring;
 
 use clap::Parser;
 
+/// jemalloc rather than the system allocator: with glibc's per-thread arenas the
+/// controller's resident memory kept growing with the number of promotions handled
+/// (about 3 KiB each, with a live heap that stayed near 10 MiB), because freed memory was
+/// not given back; jemalloc returns it after a short decay.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = match cli::Cli::try_parse() {

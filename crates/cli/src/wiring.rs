@@ -26,6 +26,8 @@ use crate::errors::usage;
 
 /// How often finished promotions past the retention policy are deleted.
 const RETENTION_SWEEP: std::time::Duration = std::time::Duration::from_secs(600);
+/// The shortest time between two retention sweeps a burst of promotions brings forward.
+const RETENTION_MIN_GAP: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What a mode provides to the core.
 pub(crate) struct Ports {
@@ -139,29 +141,65 @@ impl Core {
                 );
             }
         };
-        let sweeping = async {
+        let sweeping = self.sweep_retained(stop.clone());
+        tokio::join!(executing, observing, sweeping);
+    }
+
+    /// Deletes finished promotions past the retention policy: every [`RETENTION_SWEEP`],
+    /// and sooner once enough promotions finished since the last sweep (see
+    /// [`pipeline_core::RetentionPolicy::sweep_after`]), so a burst of promotions does
+    /// not pile up in the store, the API server and every cache of Promotions until the
+    /// timer fires.
+    async fn sweep_retained(&self, stop: CancellationToken) {
+        let mut finished = self.executor.finished();
+        loop {
+            let swept_at = *finished.borrow_and_update();
+            let due_after = match self
+                .retention
+                .sweep(self.store.as_ref(), chrono::Utc::now())
+                .await
+            {
+                Ok(sweep) => {
+                    if sweep.removed > 0 {
+                        tracing::info!(
+                            removed = sweep.removed,
+                            examined = sweep.examined,
+                            "finished promotions past the retention policy deleted"
+                        );
+                    }
+                    self.retention.sweep_after(&sweep)
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "retention sweep failed; trying again later");
+                    None
+                }
+            };
+            let timer = tokio::time::sleep(RETENTION_SWEEP);
+            tokio::pin!(timer);
             loop {
-                match self
-                    .retention
-                    .sweep(self.store.as_ref(), chrono::Utc::now())
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(
-                        removed,
-                        "finished promotions past the retention policy deleted"
-                    ),
-                    Err(err) => {
-                        tracing::warn!(error = %err, "retention sweep failed; trying again later")
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = &mut timer => break,
+                    changed = finished.changed() => {
+                        if changed.is_err() {
+                            // The executor is gone; only the timer is left.
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = &mut timer => break,
+                            }
+                        }
+                        let since = finished.borrow_and_update().saturating_sub(swept_at);
+                        if due_after.is_some_and(|n| since >= n) {
+                            // At most one early sweep per interval of this length.
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(RETENTION_MIN_GAP) => break,
+                            }
+                        }
                     }
                 }
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    () = tokio::time::sleep(RETENTION_SWEEP) => {}
-                }
             }
-        };
-        tokio::join!(executing, observing, sweeping);
+        }
     }
 }
 

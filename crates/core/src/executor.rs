@@ -141,6 +141,9 @@ pub struct Executor {
     metrics: Arc<Metrics>,
     settings: ExecutorSettings,
     wake: Arc<Notify>,
+    /// How many promotions this executor brought to a final phase, so the retention
+    /// sweep can follow the pace of promotions rather than only a timer.
+    finished: tokio::sync::watch::Sender<u64>,
 }
 
 impl Executor {
@@ -165,6 +168,20 @@ impl Executor {
             metrics,
             settings,
             wake,
+            finished: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// Counts promotions this executor brought to a final phase (a notification per
+    /// change).
+    pub fn finished(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.finished.subscribe()
+    }
+
+    fn note_phase(&self, phase: crate::promotion::Phase) {
+        self.metrics.record_phase(phase);
+        if phase.is_terminal() {
+            self.finished.send_modify(|n| *n += 1);
         }
     }
 
@@ -344,7 +361,7 @@ impl Executor {
             }
         };
         outage.ended();
-        self.metrics.record_phase(stored.phase);
+        self.note_phase(stored.phase);
         tracing::info!(
             promotion = %stored.id,
             phase = %stored.phase,
@@ -412,7 +429,7 @@ impl Executor {
                 .modify(id, &|r| r.give_up(message.clone(), now))
                 .await
             {
-                Ok(stored) => self.metrics.record_phase(stored.phase),
+                Ok(stored) => self.note_phase(stored.phase),
                 Err(StoreError::Transition(_)) => {}
                 Err(err) => return Err(err),
             }

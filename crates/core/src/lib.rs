@@ -42,4 +42,4 @@ pub use promotion::{
 };
 pub use read::{PortReader, ReadPort};
 pub use report::Throttle;
-pub use retention::RetentionPolicy;
+pub use retention::{RetentionPolicy, Sweep};

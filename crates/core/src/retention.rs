@@ -5,10 +5,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 
 use crate::pipeline::PipelineRef;
 use crate::ports::{PromotionFilter, PromotionStore, StoreError};
 use crate::promotion::PromotionRecord;
+
+/// Deletes a sweep keeps in flight at once.
+const DELETES_IN_FLIGHT: usize = 8;
 
 /// Finished promotions are kept while younger than `max_age` and among the newest
 /// `keep_per_environment` of their pipeline and target environment. Unfinished ones
@@ -60,19 +65,54 @@ impl RetentionPolicy {
         out
     }
 
-    /// Removes what the policy lets go from `store`; returns how many were removed.
+    /// Removes what the policy lets go from `store`.
     pub async fn sweep(
         &self,
         store: &dyn PromotionStore,
         now: DateTime<Utc>,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Sweep, StoreError> {
         let records = store.list(&PromotionFilter::default()).await?;
         let expired = self.expired(&records, now);
-        for id in &expired {
-            store.delete(id).await?;
+        // A few deletes in flight: one at a time, an API server's round trip would bound
+        // the sweep below the pace at which a burst of promotions finishes.
+        // (No closure-mapped stream: that makes the leader's future not `Send`.)
+        let mut pending = expired.iter();
+        let mut deletes = FuturesUnordered::new();
+        loop {
+            while deletes.len() < DELETES_IN_FLIGHT {
+                let Some(id) = pending.next() else { break };
+                deletes.push(store.delete(id));
+            }
+            match deletes.next().await {
+                Some(result) => result?,
+                None => break,
+            }
         }
-        Ok(expired.len())
+        Ok(Sweep {
+            examined: records.len(),
+            removed: expired.len(),
+        })
     }
+
+    /// After how many more finished promotions the next sweep is due, given what the last
+    /// one examined: a tenth of what is kept (at least a quarter of the per-environment
+    /// count), so the store stays near its bound during a burst while a sweep, which reads
+    /// every record, costs a bounded share of the work per promotion. `None` without a
+    /// count limit: age alone is handled by the periodic sweep.
+    pub fn sweep_after(&self, last: &Sweep) -> Option<u64> {
+        let keep = self.keep_per_environment?;
+        let kept = last.examined.saturating_sub(last.removed);
+        Some((kept / 10).max(keep / 4).max(10) as u64)
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Records read.
+    pub examined: usize,
+    /// Records deleted.
+    pub removed: usize,
 }
 
 #[cfg(test)]
@@ -93,6 +133,30 @@ mod tests {
         );
         r.phase = phase;
         r
+    }
+
+    #[test]
+    fn the_next_sweep_follows_what_is_kept() {
+        let policy = RetentionPolicy {
+            max_age: None,
+            keep_per_environment: Some(100),
+        };
+        let after = |examined, removed| policy.sweep_after(&Sweep { examined, removed });
+        // A quarter of one environment's count while little is kept...
+        assert_eq!(after(0, 0), Some(25));
+        assert_eq!(after(130, 30), Some(25));
+        // ...a tenth of everything kept once that is more (1,000 environments at 100).
+        assert_eq!(after(100_000, 0), Some(10_000));
+        let small = RetentionPolicy {
+            max_age: None,
+            keep_per_environment: Some(3),
+        };
+        assert_eq!(small.sweep_after(&Sweep::default()), Some(10));
+        let age_only = RetentionPolicy {
+            max_age: Some(Duration::from_secs(60)),
+            keep_per_environment: None,
+        };
+        assert_eq!(age_only.sweep_after(&Sweep::default()), None);
     }
 
     #[test]

@@ -169,11 +169,13 @@ impl PromotionCache {
             .cloned()
     }
 
-    pub fn all(&self) -> Vec<CachedPromotion> {
+    /// Entries with `keep` true, without copying the others.
+    pub fn entries(&self, keep: impl Fn(&CachedPromotion) -> bool) -> Vec<CachedPromotion> {
         self.entries
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
+            .filter(|e| keep(e))
             .cloned()
             .collect()
     }

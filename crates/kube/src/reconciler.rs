@@ -136,7 +136,11 @@ impl Reconciler {
     }
 
     async fn pass(&self) {
-        let promotions = self.promotions.all();
+        // Only these can hold a decision to take; a pass runs after every change, so it
+        // must not copy the finished history.
+        let promotions = self
+            .promotions
+            .entries(|p| matches!(p.record.phase, Phase::WaitingApproval | Phase::Failed));
         let mut waiting: Vec<&PromotionRecord> = Vec::new();
         for promotion in &promotions {
             match promotion.record.phase {

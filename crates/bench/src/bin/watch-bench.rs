@@ -38,7 +38,9 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch,
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event, watcher};
 use kube::{Api, Client};
-use pipeline_bench::{Receiver, cpu_model, cpu_seconds, free_port, memory, read_tail};
+use pipeline_bench::{
+    Receiver, cpu_model, cpu_seconds, free_port, memory, metric_samples, read_tail,
+};
 use pipeline_testenv::TestCluster;
 use serde_json::{Value, json};
 
@@ -724,13 +726,6 @@ struct Watches {
     registered: BTreeMap<String, u64>,
 }
 
-fn labels(text: &str) -> BTreeMap<&str, &str> {
-    text.split(',')
-        .filter_map(|pair| pair.split_once('='))
-        .map(|(k, v)| (k.trim(), v.trim().trim_matches('"')))
-        .collect()
-}
-
 fn qualified(name: &str, group: &str) -> String {
     if group.is_empty() {
         name.to_owned()
@@ -741,40 +736,28 @@ fn qualified(name: &str, group: &str) -> String {
 
 fn parse_watches(metrics: &str) -> Watches {
     let mut watches = Watches::default();
-    for line in metrics.lines() {
-        let Some((name, rest)) = line.split_once('{') else {
+    for (labels, value) in metric_samples(metrics, "apiserver_longrunning_requests") {
+        if labels.get("verb") != Some(&"WATCH") {
             continue;
-        };
-        let Some((label_text, value)) = rest.rsplit_once('}') else {
-            continue;
-        };
-        let Ok(value) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let value = value.max(0.0) as u64;
-        let labels = labels(label_text);
-        let group = labels.get("group").copied().unwrap_or("");
-        match name {
-            "apiserver_longrunning_requests" if labels.get("verb") == Some(&"WATCH") => {
-                let resource = labels.get("resource").copied().unwrap_or("?");
-                *watches
-                    .longrunning
-                    .entry(qualified(resource, group))
-                    .or_default() += value;
-            }
-            "apiserver_registered_watchers" => {
-                let kind = labels
-                    .get("kind")
-                    .or_else(|| labels.get("resource"))
-                    .copied()
-                    .unwrap_or("?");
-                *watches
-                    .registered
-                    .entry(qualified(kind, group))
-                    .or_default() += value;
-            }
-            _ => {}
         }
+        let group = labels.get("group").copied().unwrap_or("");
+        let resource = labels.get("resource").copied().unwrap_or("?");
+        *watches
+            .longrunning
+            .entry(qualified(resource, group))
+            .or_default() += value.max(0.0) as u64;
+    }
+    for (labels, value) in metric_samples(metrics, "apiserver_registered_watchers") {
+        let group = labels.get("group").copied().unwrap_or("");
+        let kind = labels
+            .get("kind")
+            .or_else(|| labels.get("resource"))
+            .copied()
+            .unwrap_or("?");
+        *watches
+            .registered
+            .entry(qualified(kind, group))
+            .or_default() += value.max(0.0) as u64;
     }
     watches
 }

@@ -1,0 +1,739 @@
+//! `pipeline-bench --mode kubernetes`: the webhook in Kubernetes mode against a real test
+//! API server (etcd + kube-apiserver from `pipeline-testenv`), beside the ceiling for one
+//! durable write per event: Promotions created directly by the bench, in the same run,
+//! against the same API server.
+//!
+//! API requests are counted from the API server's own `apiserver_request_total`, so the
+//! figures include everything the controller does (its request path, the executor, the
+//! reconciler, Events), not what it believes it does.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::File;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use pipeline_bench::{
+    Receiver, cpu_seconds, free_port, memory, metric_samples, pids_mentioning, read_tail, rss_kib,
+};
+use pipeline_core::{PipelineRef, PromotionRecord, Trigger};
+use pipeline_crds::Promotion;
+use pipeline_testenv::TestCluster;
+
+use super::{
+    Args, Scenario, Server, Stats, WEBHOOK_PATH, connections, load, ms, requests, signed, warm_up,
+};
+
+/// The Pipeline the bench promotes: dev → staging, both in the controller's own cluster,
+/// notification strategy (Kubernetes Events and `--events-addr`).
+const PIPELINE_YAML: &str = r#"
+apiVersion: pipelines.weave.works/v1alpha1
+kind: Pipeline
+metadata:
+  name: podinfo
+  namespace: flux-system
+spec:
+  appRef:
+    apiVersion: helm.toolkit.fluxcd.io/v2
+    kind: HelmRelease
+    name: podinfo
+  environments:
+    - name: dev
+      targets:
+        - namespace: podinfo-dev
+    - name: staging
+      targets:
+        - namespace: podinfo-staging
+  promotion:
+    strategy:
+      secretRef:
+        name: podinfo-promotion-hmac
+      notification: {}
+"#;
+
+/// Where the raw-create baseline puts its Promotions (no Pipeline there).
+const BASELINE_NAMESPACE: &str = "bench-baseline";
+
+/// API requests by (verb, resource[/subresource]), from `apiserver_request_total`.
+#[derive(Debug, Default, Clone)]
+struct Requests(BTreeMap<(String, String), f64>);
+
+impl Requests {
+    fn read(metrics: &str) -> Self {
+        let mut counts = BTreeMap::new();
+        for (labels, value) in metric_samples(metrics, "apiserver_request_total") {
+            let verb = labels.get("verb").copied().unwrap_or("?").to_owned();
+            let mut resource = labels.get("resource").copied().unwrap_or("").to_owned();
+            if let Some(sub) = labels.get("subresource").filter(|s| !s.is_empty()) {
+                resource = format!("{resource}/{sub}");
+            }
+            if resource.is_empty() {
+                resource = "(non-resource)".into();
+            }
+            *counts.entry((verb, resource)).or_default() += value;
+        }
+        Self(counts)
+    }
+
+    fn since(&self, before: &Self) -> Self {
+        let mut delta = BTreeMap::new();
+        for (key, value) in &self.0 {
+            let d = value - before.0.get(key).copied().unwrap_or(0.0);
+            if d >= 0.5 {
+                delta.insert(key.clone(), d);
+            }
+        }
+        Self(delta)
+    }
+
+    /// Requests that change something (everything but GET, LIST and WATCH).
+    fn writes(&self) -> f64 {
+        self.0
+            .iter()
+            .filter(|((verb, _), _)| !matches!(verb.as_str(), "GET" | "LIST" | "WATCH"))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    fn total(&self) -> f64 {
+        self.0.values().sum()
+    }
+
+    fn count(&self, verb: &str, resource: &str) -> f64 {
+        self.0
+            .get(&(verb.to_owned(), resource.to_owned()))
+            .copied()
+            .unwrap_or(0.0)
+    }
+
+    /// `VERB resource n` items, per `per` (e.g. per promotion), largest first.
+    fn breakdown(&self, per: f64) -> String {
+        let mut items: Vec<_> = self.0.iter().collect();
+        items.sort_by(|a, b| b.1.total_cmp(a.1));
+        items
+            .iter()
+            .map(|((verb, resource), n)| format!("{verb} {resource} {:.2}", *n / per))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// User + system CPU seconds of the test API server and its etcd together.
+fn cluster_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|pid| cpu_seconds(*pid)).sum()
+}
+
+async fn api_requests(cluster: &TestCluster) -> anyhow::Result<Requests> {
+    Ok(Requests::read(
+        &cluster
+            .metrics_text()
+            .await
+            .context("reading the API server's /metrics")?,
+    ))
+}
+
+/// A Promotion as the controller creates one (same spec, labels and size), for the
+/// baseline.
+fn baseline_promotion(i: usize) -> Promotion {
+    let trigger = Trigger {
+        source: "webhook".into(),
+        reason: "UpgradeSucceeded".into(),
+        reporting_controller: "helm-controller".into(),
+        object: "HelmRelease/podinfo-dev/podinfo".into(),
+        ..Trigger::default()
+    };
+    let record = PromotionRecord::new(
+        PipelineRef::new(BASELINE_NAMESPACE, "podinfo"),
+        "dev",
+        "staging",
+        &format!("6.{i}.0"),
+        false,
+        trigger,
+        chrono::Utc::now(),
+    );
+    pipeline_kube::convert::promotion_for(&record, false)
+}
+
+struct Baseline {
+    creates: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+    failures: usize,
+    cluster_cpu: f64,
+    requests: Requests,
+}
+
+/// Creates `n` Promotions with `concurrency` clients in flight, timing each create.
+async fn raw_creates(
+    cluster: &TestCluster,
+    cluster_pids: &[u32],
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Baseline> {
+    let objects: Arc<Vec<Promotion>> = Arc::new((0..n).map(baseline_promotion).collect());
+    let next = Arc::new(AtomicUsize::new(0));
+    let before = api_requests(cluster).await?;
+    let cpu_before = cluster_cpu(cluster_pids);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let api: Api<Promotion> = Api::namespaced(cluster.client(), BASELINE_NAMESPACE);
+        let (objects, next) = (objects.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut failures = 0;
+            while let Some(object) = objects.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let sent = Instant::now();
+                if api.create(&PostParams::default(), object).await.is_err() {
+                    failures += 1;
+                }
+                latencies.push(sent.elapsed());
+            }
+            (latencies, failures)
+        });
+    }
+    let mut baseline = Baseline {
+        creates: n,
+        elapsed: Duration::ZERO,
+        latencies: Vec::with_capacity(n),
+        failures: 0,
+        cluster_cpu: 0.0,
+        requests: Requests::default(),
+    };
+    while let Some(result) = tasks.join_next().await {
+        let (latencies, failures) = result.context("a create worker panicked")?;
+        baseline.latencies.extend(latencies);
+        baseline.failures += failures;
+    }
+    baseline.elapsed = started.elapsed();
+    baseline.cluster_cpu = cluster_cpu(cluster_pids) - cpu_before;
+    baseline.latencies.sort_unstable();
+    baseline.requests = api_requests(cluster).await?.since(&before);
+    Ok(baseline)
+}
+
+/// Deletes the baseline's Promotions and waits until they are gone (bounded).
+async fn remove_baseline(cluster: &TestCluster) -> anyhow::Result<()> {
+    let api: Api<Promotion> = Api::namespaced(cluster.client(), BASELINE_NAMESPACE);
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .context("deleting the baseline Promotions")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = api.list_metadata(&ListParams::default()).await?.items.len();
+        if left == 0 {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{left} baseline Promotions still there after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Phase counts of the Promotions in `namespace` (a Promotion without status is Pending).
+async fn phases(cluster: &TestCluster, namespace: &str) -> anyhow::Result<BTreeMap<String, usize>> {
+    let api: Api<Promotion> = Api::namespaced(cluster.client(), namespace);
+    let mut counts = BTreeMap::new();
+    for promotion in api.list(&ListParams::default()).await?.items {
+        let phase = promotion
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.as_ref())
+            .map_or_else(|| "Pending".to_owned(), |phase| format!("{phase:?}"));
+        *counts.entry(phase).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// Waits until `receiver` has `count` notifications (the executor finished every new
+/// promotion), bounded by `timeout`; returns how long it took.
+async fn drained(receiver: &Receiver, count: usize, timeout: Duration) -> (Duration, bool) {
+    let started = Instant::now();
+    while receiver.count() < count && started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (started.elapsed(), receiver.count() >= count)
+}
+
+async fn start_controller(
+    bin: &Path,
+    kubeconfig: &Path,
+    events_addr: &str,
+    retention_per_environment: usize,
+    log: &Path,
+    client: &reqwest::Client,
+) -> anyhow::Result<Server> {
+    let address = free_port()?;
+    let internal = free_port()?;
+    let log_file = File::create(log).context("creating the controller log file")?;
+    let child = Command::new(bin)
+        .args(["serve", "--listen", &address.to_string()])
+        .args(["--internal-listen", &internal.to_string()])
+        .args([
+            "--lease-namespace",
+            "default",
+            "--identity",
+            "pipeline-bench",
+        ])
+        .args(["--events-addr", events_addr, "--no-deployment-watch"])
+        .args([
+            "--retention-per-environment",
+            &retention_per_environment.to_string(),
+        ])
+        .args(["--log-format", "json", "--log-level", "warn"])
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("RUST_LOG")
+        .env_remove("PIPELINE_CONTROLLER_MANIFESTS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut server = Server {
+        name: "pipeline-controller",
+        child,
+        address,
+        internal,
+    };
+    // Ready means leader with synced caches: only then is the timed load meaningful.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let url = server.internal_url("/readyz");
+    let mut last = String::new();
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            bail!(
+                "pipeline-controller exited during start-up: {status}; log:\n{}",
+                read_tail(log, 20)
+            );
+        }
+        if let Ok(response) = client.get(&url).send().await {
+            if response.status().is_success() {
+                return Ok(server);
+            }
+            last = format!(
+                "{}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "pipeline-controller not ready after 60 s (last /readyz: {last}); log:\n{}",
+            read_tail(log, 20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `n` new events (distinct revisions) with the bench's connections, for the
+/// memory phase; returns how many were accepted.
+async fn send_new(
+    server: &Server,
+    clients: &[reqwest::Client],
+    key: &[u8],
+    tag: &str,
+    n: usize,
+) -> anyhow::Result<usize> {
+    let requests = (0..n)
+        .map(|i| signed(key, super::event(&format!("{tag}.{i}"))))
+        .collect();
+    let stats = load(&server.url(WEBHOOK_PATH), clients, requests, 202).await?;
+    Ok(stats.statuses.get(&202).copied().unwrap_or(0))
+}
+
+pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyhow::Result<()> {
+    let cluster = TestCluster::start_named("pipeline-bench")
+        .await
+        .context("starting etcd + kube-apiserver (scripts/ensure-test-binaries.sh kube)")?;
+    cluster.install_crds().await?;
+    for namespace in [
+        "flux-system",
+        "podinfo-dev",
+        "podinfo-staging",
+        BASELINE_NAMESPACE,
+    ] {
+        cluster.ensure_namespace(namespace).await?;
+    }
+    let key_text = String::from_utf8(key.to_vec()).context("the HMAC key is not UTF-8")?;
+    let secret = serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "podinfo-promotion-hmac", "namespace": "flux-system"},
+        "stringData": {"hmac-key": key_text}
+    });
+    cluster
+        .apply_yaml(&serde_json::to_string(&secret)?)
+        .await
+        .context("creating the HMAC Secret")?;
+    cluster
+        .apply_yaml(PIPELINE_YAML)
+        .await
+        .context("creating the Pipeline")?;
+
+    let cluster_dir = cluster.dir().to_string_lossy().into_owned();
+    let cluster_pids = pids_mentioning(&cluster_dir);
+    ensure!(
+        cluster_pids.len() >= 2,
+        "found {} processes of the test cluster under {cluster_dir} (expected etcd and kube-apiserver)",
+        cluster_pids.len()
+    );
+
+    println!(
+        "pipeline-bench --mode kubernetes  {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!(
+        "machine: {} cores ({}); load average at start: {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        pipeline_bench::cpu_model(),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|_| "unknown".into())
+    );
+    println!(
+        "API server: kube-apiserver {} + etcd {} (pipeline-testenv, one member, data on {}), on this machine",
+        std::env::var("PIPELINE_KUBE_VERSION").unwrap_or_else(|_| "?".into()),
+        std::env::var("PIPELINE_ETCD_VERSION").unwrap_or_else(|_| "?".into()),
+        cluster.dir().display()
+    );
+    println!(
+        "load: {} requests per scenario, {} concurrent keep-alive HTTP/1.1 connections, loopback; \
+         baseline: {} Promotion creates by {} concurrent clients",
+        args.requests, args.concurrency, args.requests, args.concurrency
+    );
+    println!();
+
+    // The ceiling: one durable write per event, nothing else.
+    let baseline = raw_creates(&cluster, &cluster_pids, args.requests, args.concurrency).await?;
+    eprintln!(
+        "  done: raw creates {:>8.0} creates/s",
+        baseline.creates as f64 / baseline.elapsed.as_secs_f64()
+    );
+    remove_baseline(&cluster).await?;
+
+    let work = tempfile::Builder::new()
+        .prefix("pipeline-bench-kube")
+        .tempdir()?;
+    let log = work.path().join("controller.log");
+    let control = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let receiver = Receiver::start().await?;
+    let controller = start_controller(
+        controller_bin,
+        cluster.kubeconfig_path(),
+        &receiver.url,
+        args.retention_per_environment,
+        &log,
+        &control,
+    )
+    .await?;
+    let idle_rss = rss_kib(controller.pid());
+    let clients = connections(args.concurrency)?;
+    warm_up(&controller, &clients).await?;
+
+    let run_tag = chrono::Utc::now().format("%H%M%S").to_string();
+    let mut rows: Vec<(Scenario, Stats, Requests, f64)> = Vec::new();
+    let mut notes = Vec::new();
+    let mut accepted = 0usize;
+    let mut lifetime: Option<(Requests, f64, usize)> = None;
+    for &scenario in &args.scenarios {
+        let requests = requests(scenario, key, args.requests, &run_tag);
+        let expected = match scenario {
+            Scenario::New => 202,
+            Scenario::Duplicate => 200,
+            Scenario::BadSignature => 401,
+        };
+        if scenario == Scenario::Duplicate {
+            // The first delivery records the promotion; only repeats are timed.
+            let first = &requests[0];
+            let response = control
+                .post(controller.url(WEBHOOK_PATH))
+                .header("content-type", "application/json")
+                .header("x-signature", &first.signature)
+                .body(first.body.clone())
+                .send()
+                .await?;
+            ensure!(
+                matches!(response.status().as_u16(), 200 | 202),
+                "priming the duplicate scenario: {}",
+                response.status()
+            );
+            if response.status().as_u16() == 202 {
+                accepted += 1;
+                drained(&receiver, accepted, Duration::from_secs(30)).await;
+            }
+        }
+        let before = api_requests(&cluster).await?;
+        let cpu_before = (cpu_seconds(controller.pid()), cluster_cpu(&cluster_pids));
+        let mut stats = load(&controller.url(WEBHOOK_PATH), &clients, requests, expected).await?;
+        let during = api_requests(&cluster).await?.since(&before);
+        stats.server_cpu = cpu_seconds(controller.pid()) - cpu_before.0;
+        let cluster_cpu_during = cluster_cpu(&cluster_pids) - cpu_before.1;
+        if stats.unexpected > 0 {
+            notes.push(format!(
+                "{}: expected {expected}, got {:?} and {} transport errors",
+                scenario.name(),
+                stats.statuses,
+                stats.errors
+            ));
+        }
+        eprintln!(
+            "  done: {:<13} {:>8.0} req/s",
+            scenario.name(),
+            stats.throughput()
+        );
+        if scenario == Scenario::New {
+            let new = stats.statuses.get(&202).copied().unwrap_or(0);
+            accepted += new;
+            let (took, complete) =
+                drained(&receiver, accepted, Duration::from_secs(args.drain_timeout)).await;
+            // Let the last status writes land before counting the whole life.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let whole = api_requests(&cluster).await?.since(&before);
+            let cpu = cluster_cpu(&cluster_pids) - cpu_before.1;
+            notes.push(format!(
+                "executor: {} of {accepted} promotions notified {:.1} s after the `new` run ended{}",
+                receiver.count(),
+                took.as_secs_f64(),
+                if complete { "" } else { " (drain timeout reached)" }
+            ));
+            lifetime = Some((whole, cpu, new));
+        }
+        rows.push((scenario, stats, during, cluster_cpu_during));
+    }
+    let after_rss = rss_kib(controller.pid());
+
+    let ceiling = baseline.creates as f64 / baseline.elapsed.as_secs_f64();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "| run | requests | throughput (req/s) | × raw create ceiling | p50 (ms) | p99 (ms) | max (ms) | unexpected | API requests / request (writes) | API server + etcd CPU (ms/req) | controller CPU (ms/req) |"
+    )?;
+    writeln!(
+        out,
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    )?;
+    let pct = |lat: &[Duration], p: f64| {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
+        ms(lat[rank - 1])
+    };
+    writeln!(
+        out,
+        "| raw Promotion creates (baseline) | {} | {:.0} | 1.00 | {:.2} | {:.2} | {:.2} | {} | {:.2} ({:.2}) | {:.2} | – |",
+        baseline.creates,
+        ceiling,
+        pct(&baseline.latencies, 0.5),
+        pct(&baseline.latencies, 0.99),
+        baseline.latencies.last().map_or(f64::NAN, |d| ms(*d)),
+        baseline.failures,
+        baseline.requests.total() / baseline.creates as f64,
+        baseline.requests.writes() / baseline.creates as f64,
+        baseline.cluster_cpu * 1000.0 / baseline.creates as f64,
+    )?;
+    for (scenario, stats, during, cpu) in &rows {
+        let n = stats.requests as f64;
+        writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} ({:.2}) | {:.2} | {:.3} |",
+            scenario.name(),
+            stats.requests,
+            stats.throughput(),
+            stats.throughput() / ceiling,
+            stats.percentile(0.50),
+            stats.percentile(0.99),
+            stats.max(),
+            stats.unexpected,
+            during.total() / n,
+            during.writes() / n,
+            cpu * 1000.0 / n,
+            stats.server_cpu * 1000.0 / n,
+        )?;
+    }
+    println!("{out}");
+    println!(
+        "\"API requests / request\" counts every request the API server served during the run (the controller's request path and whatever its executor did meanwhile), divided by the requests sent."
+    );
+    if let Some((whole, cpu, new)) = &lifetime {
+        let n = (*new).max(1) as f64;
+        println!(
+            "whole life of the {new} new promotions (from the first event to the last notification): \
+             {:.2} API writes and {:.2} requests in all per promotion, {:.2} ms API server + etcd CPU each",
+            whole.writes() / n,
+            whole.total() / n,
+            cpu * 1000.0 / n
+        );
+        println!(
+            "  of which Promotion creates {:.2}, Promotion status writes {:.2}, Events {:.2}",
+            whole.count("POST", "promotions") / n,
+            (whole.count("PUT", "promotions/status") + whole.count("PATCH", "promotions/status"))
+                / n,
+            (whole.count("POST", "events") + whole.count("PATCH", "events")) / n,
+        );
+        println!(
+            "  by verb and resource, per promotion: {}",
+            whole.breakdown(n)
+        );
+    }
+    for (scenario, stats, during, _) in &rows {
+        if *scenario != Scenario::New {
+            println!(
+                "{}: API requests during the run: {} in all ({})",
+                scenario.name(),
+                during.total(),
+                if during.total() == 0.0 {
+                    "answered from the cache".to_owned()
+                } else {
+                    during.breakdown(stats.requests as f64) + " per request"
+                }
+            );
+        }
+    }
+    for note in &notes {
+        println!("{note}");
+    }
+    println!(
+        "controller RSS: idle {idle_rss} KiB, after the runs {after_rss} KiB; Promotions now {:?}",
+        phases(&cluster, "flux-system").await?
+    );
+
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    println!(
+        "pipeline-controller log (warn and above): {} lines{}",
+        log_text.lines().count(),
+        if log_text.is_empty() {
+            String::new()
+        } else {
+            format!(", last:\n{}", read_tail(&log, 5))
+        }
+    );
+    drop(controller);
+
+    if args.history > 0 {
+        memory_growth(args, &cluster, controller_bin, key, &control, work.path()).await?;
+    }
+    cluster.stop().await;
+    Ok(())
+}
+
+/// A fresh controller on an empty namespace, then new events until `--history`
+/// promotions were made, printing the controller's RSS at each step (with the retention
+/// policy as configured: `--retention-per-environment`).
+async fn memory_growth(
+    args: &Args,
+    cluster: &TestCluster,
+    controller_bin: &Path,
+    key: &[u8],
+    control: &reqwest::Client,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let api: Api<Promotion> = Api::namespaced(cluster.client(), "flux-system");
+    api.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await
+        .context("deleting the scenarios' Promotions")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !api
+        .list_metadata(&ListParams::default())
+        .await?
+        .items
+        .is_empty()
+    {
+        ensure!(
+            Instant::now() < deadline,
+            "Promotions not deleted after 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let receiver = Receiver::start().await?;
+    let log = work.join("controller-memory.log");
+    let controller = start_controller(
+        controller_bin,
+        cluster.kubeconfig_path(),
+        &receiver.url,
+        args.retention_per_environment,
+        &log,
+        control,
+    )
+    .await?;
+    let clients = connections(args.concurrency)?;
+    warm_up(&controller, &clients).await?;
+    println!();
+    println!(
+        "memory: a fresh controller, no Promotions; then new events until {} promotions were \
+         made (--retention-per-environment {}). RSS once every promotion of a step is notified:",
+        args.history, args.retention_per_environment
+    );
+    println!(
+        "| promotions made | Promotion objects kept | records the controller lists | controller RSS (KiB) | peak RSS (VmHWM) |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| 0 | 0 | 0 | {} | {} |",
+        rss_kib(controller.pid()),
+        memory(controller.pid()).1
+    );
+    let mut steps: Vec<usize> = [100, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000]
+        .into_iter()
+        .filter(|step| *step < args.history)
+        .collect();
+    steps.push(args.history);
+    let tag = chrono::Utc::now().format("m%H%M%S").to_string();
+    let mut made = 0usize;
+    for step in steps {
+        if step <= made {
+            continue;
+        }
+        made += send_new(
+            &controller,
+            &clients,
+            key,
+            &format!("{tag}-{made}"),
+            step - made,
+        )
+        .await?;
+        let (_, complete) = drained(&receiver, made, Duration::from_secs(args.drain_timeout)).await;
+        ensure!(
+            complete,
+            "only {} of {made} promotions notified after {} s",
+            receiver.count(),
+            args.drain_timeout
+        );
+        // Let the last status writes and the watch settle.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let kept = api.list_metadata(&ListParams::default()).await?.items.len();
+        let listed = control
+            .get(controller.internal_url("/api/v1/promotions"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json::<Vec<serde_json::Value>>()
+            .await?
+            .len();
+        println!(
+            "| {made} | {kept} | {listed} | {} | {} |",
+            rss_kib(controller.pid()),
+            memory(controller.pid()).1
+        );
+    }
+    tokio::time::sleep(SETTLE).await;
+    println!(
+        "after {} s idle: controller RSS {} KiB",
+        SETTLE.as_secs(),
+        rss_kib(controller.pid())
+    );
+    Ok(())
+}
+
+/// How long the memory phase waits at its end before reading RSS once more (the
+/// allocator gives freed memory back after a decay of about 10 s).
+const SETTLE: Duration = Duration::from_secs(15);
