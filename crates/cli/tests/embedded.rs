@@ -1231,3 +1231,30 @@ async fn get_text(service: &Service, path: &str) -> String {
         .await
         .unwrap()
 }
+
+/// The public and the internal listener cannot share an address.
+#[test]
+fn one_address_for_both_listeners_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = copy_quickstart(dir.path());
+    let state = dir.path().join("state.redb");
+    let output = std::process::Command::new(BIN)
+        .args(["serve", "--manifests"])
+        .arg(&manifests)
+        .arg("--state")
+        .arg(&state)
+        .args([
+            "--listen",
+            "127.0.0.1:48123",
+            "--internal-listen",
+            "127.0.0.1:48123",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--listen and --internal-listen are both 127.0.0.1:48123"),
+        "{stderr}"
+    );
+}
