@@ -446,9 +446,13 @@ impl World {
     /// Waits until the controller's log has a line containing all of `parts`.
     async fn controller_logged(&self, what: &str, parts: &[&str]) -> String {
         wait(what, STEP, || async {
-            self.controller
-                .logs()
-                .lines()
+            let logs = self.controller.logs();
+            // The test never stops it gracefully: a signal from elsewhere did.
+            assert!(
+                !logs.contains("shutting down"),
+                "pipeline-controller was stopped by a signal from outside the test"
+            );
+            logs.lines()
                 .find(|line| parts.iter().all(|p| line.contains(p)))
                 .map(str::to_string)
         })
@@ -506,6 +510,14 @@ async fn world(token: &str, args: &[&str]) -> World {
     for env in ENVIRONMENTS {
         wait(&format!("0.1.0 deployed in {env}"), STEP, || async {
             (deployed_version(&client, env).await.as_deref() == Some("0.1.0")).then_some(())
+        })
+        .await;
+        // Ready is written after helm-controller has sent its install event, so no
+        // event of 0.1.0 is still on its way when the Alerts appear.
+        wait(&format!("{env}'s HelmRelease Ready"), STEP, || async {
+            release_ready(&client, env)
+                .await
+                .filter(|(status, _, _)| status == "True")
         })
         .await;
     }
@@ -587,6 +599,31 @@ async fn world(token: &str, args: &[&str]) -> World {
         assert!(secret_api(namespace).get_opt(name).await.unwrap().is_some());
     }
     clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
+    // The management Kustomization flux-config writes retries only every 10 minutes: let
+    // source-controller fetch the commit holding its folder first.
+    let head = gitea
+        .git(&clone.dir, &["rev-parse", "HEAD"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let repositories: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "flux-system",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
+            "gitrepositories",
+        ),
+    );
+    wait(
+        "source-controller fetching the wiring commit",
+        STEP,
+        || async {
+            let repository = repositories.get_opt("fleet").await.ok()??;
+            (repository.data["status"]["artifact"]["revision"] == format!("main@sha1:{head}"))
+                .then_some(())
+        },
+    )
+    .await;
     let management = std::fs::read_to_string(wiring.join("management/management.yaml")).unwrap();
     cluster.apply_yaml(&management).await.unwrap();
     let alerts = ApiResource::from_gvk_with_plural(
@@ -642,6 +679,22 @@ async fn a_new_chart_version_goes_from_dev_to_prod_through_flux_and_pull_request
     assert_eq!(
         staging.spec.trigger.object,
         "HelmRelease/podinfo-dev/podinfo"
+    );
+    // What flux-config's Alert adds (eventMetadata) arrived signed and was kept.
+    let metadata = &staging.spec.trigger.metadata;
+    assert_eq!(
+        metadata.get("pipeline").map(String::as_str),
+        Some("flux-system/podinfo"),
+        "{metadata:?}"
+    );
+    assert_eq!(
+        metadata.get("environment").map(String::as_str),
+        Some("dev"),
+        "{metadata:?}"
+    );
+    assert!(
+        metadata.get("summary").is_some_and(|s| s.contains("dev")),
+        "{metadata:?}"
     );
 
     let pull = wait("the pull request to staging", STEP, || async {
@@ -715,12 +768,13 @@ async fn a_new_chart_version_goes_from_dev_to_prod_through_flux_and_pull_request
     .await;
     w.hops
         .hop("Flux upgraded prod to 0.2.0: the loop is closed");
-    let ready = release_ready(&client, "prod").await;
-    assert_eq!(
-        ready.as_ref().map(|r| r.0.as_str()),
-        Some("True"),
-        "{ready:?}"
-    );
+    // helm-controller writes the HelmRelease's status after the release itself.
+    wait("prod's HelmRelease Ready", STEP, || async {
+        release_ready(&client, "prod")
+            .await
+            .filter(|(status, _, _)| status == "True")
+    })
+    .await;
     let api: Api<Promotion> = Api::namespaced(client.clone(), "flux-system");
     for p in [&staging, &prod] {
         let name = p.metadata.name.as_deref().unwrap();

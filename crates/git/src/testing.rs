@@ -219,11 +219,11 @@ SHOW_FOOTER_VERSION = false
             "all",
             "--raw",
         ])?;
-        // Gitea may print a warning line first; the token is the last word.
+        // Gitea may print a warning (running as root) before or after it, as stdout and
+        // stderr interleave: the token is the word that is all hex digits.
         let token = out
             .split_whitespace()
-            .last()
-            .filter(|t| t.len() >= 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
+            .rfind(|t| t.len() >= 32 && t.chars().all(|c| c.is_ascii_hexdigit()))
             .ok_or_else(|| format!("no token in gitea's answer: {out}"))?
             .to_string();
         let log = std::fs::File::create(work.join("web.log")).map_err(|e| e.to_string())?;
