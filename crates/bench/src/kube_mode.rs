@@ -57,6 +57,44 @@ spec:
       notification: {}
 "#;
 
+/// Creates the `n` other Pipelines of `--pipelines`, `concurrency` at a time.
+async fn create_other_pipelines(
+    cluster: &TestCluster,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let documents = Arc::new(super::other_pipelines(n));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let client = cluster.client();
+        let (documents, next) = (documents.clone(), next.clone());
+        tasks.spawn(async move {
+            while let Some(yaml) = documents.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let value: serde_json::Value = serde_saphyr::from_str(yaml)?;
+                let object: kube::api::DynamicObject = serde_json::from_value(value)?;
+                let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+                    client.clone(),
+                    "flux-system",
+                    &kube::api::ApiResource {
+                        group: "pipelines.weave.works".into(),
+                        version: "v1alpha1".into(),
+                        api_version: "pipelines.weave.works/v1alpha1".into(),
+                        kind: "Pipeline".into(),
+                        plural: "pipelines".into(),
+                    },
+                );
+                api.create(&PostParams::default(), &object).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(result) = tasks.join_next().await {
+        result.context("a Pipeline-creating worker panicked")??;
+    }
+    Ok(())
+}
+
 /// Where the raw-create baseline puts its Promotions (no Pipeline there).
 const BASELINE_NAMESPACE: &str = "bench-baseline";
 
@@ -169,21 +207,28 @@ struct Baseline {
     requests: Requests,
 }
 
-/// Creates `n` Promotions with `concurrency` clients in flight, timing each create.
-async fn raw_creates(
-    cluster: &TestCluster,
-    cluster_pids: &[u32],
-    n: usize,
-    concurrency: usize,
-) -> anyhow::Result<Baseline> {
-    let objects: Arc<Vec<Promotion>> = Arc::new((0..n).map(baseline_promotion).collect());
+/// A client of its own (its own connections), as the controller is a client of its own.
+async fn fresh_client(cluster: &TestCluster) -> anyhow::Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig_path())?;
+    let config = kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// Creates Promotions `range` with one client per worker, `concurrency` in flight,
+/// timing each create.
+async fn creates(
+    clients: &[kube::Client],
+    range: std::ops::Range<usize>,
+) -> (Vec<Duration>, usize) {
+    let objects: Arc<Vec<Promotion>> = Arc::new(range.map(baseline_promotion).collect());
     let next = Arc::new(AtomicUsize::new(0));
-    let before = api_requests(cluster).await?;
-    let cpu_before = cluster_cpu(cluster_pids);
-    let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let api: Api<Promotion> = Api::namespaced(cluster.client(), BASELINE_NAMESPACE);
+    for client in clients {
+        let api: Api<Promotion> = Api::namespaced(client.clone(), BASELINE_NAMESPACE);
         let (objects, next) = (objects.clone(), next.clone());
         tasks.spawn(async move {
             let mut latencies = Vec::new();
@@ -198,24 +243,50 @@ async fn raw_creates(
             (latencies, failures)
         });
     }
-    let mut baseline = Baseline {
-        creates: n,
-        elapsed: Duration::ZERO,
-        latencies: Vec::with_capacity(n),
-        failures: 0,
-        cluster_cpu: 0.0,
-        requests: Requests::default(),
-    };
+    let mut latencies = Vec::new();
+    let mut failures = 0;
     while let Some(result) = tasks.join_next().await {
-        let (latencies, failures) = result.context("a create worker panicked")?;
-        baseline.latencies.extend(latencies);
-        baseline.failures += failures;
+        match result {
+            Ok((l, f)) => {
+                latencies.extend(l);
+                failures += f;
+            }
+            Err(_) => failures += 1,
+        }
     }
-    baseline.elapsed = started.elapsed();
-    baseline.cluster_cpu = cluster_cpu(cluster_pids) - cpu_before;
-    baseline.latencies.sort_unstable();
-    baseline.requests = api_requests(cluster).await?.since(&before);
-    Ok(baseline)
+    (latencies, failures)
+}
+
+/// The raw create ceiling: `n` Promotions created by `concurrency` clients, each with
+/// its own connections, after a warm-up round that is not timed (connections, the
+/// API server's first writes of the resource).
+async fn raw_creates(
+    cluster: &TestCluster,
+    cluster_pids: &[u32],
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Baseline> {
+    let mut clients = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        clients.push(fresh_client(cluster).await?);
+    }
+    let warm_up = concurrency * 4;
+    let (_, failures) = creates(&clients, n..n + warm_up).await;
+    ensure!(failures == 0, "{failures} of the warm-up creates failed");
+    let before = api_requests(cluster).await?;
+    let cpu_before = cluster_cpu(cluster_pids);
+    let started = Instant::now();
+    let (mut latencies, failures) = creates(&clients, 0..n).await;
+    let elapsed = started.elapsed();
+    latencies.sort_unstable();
+    Ok(Baseline {
+        creates: n,
+        elapsed,
+        latencies,
+        failures,
+        cluster_cpu: cluster_cpu(cluster_pids) - cpu_before,
+        requests: api_requests(cluster).await?.since(&before),
+    })
 }
 
 /// Deletes the baseline's Promotions and waits until they are gone (bounded).
@@ -376,6 +447,7 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
         .apply_yaml(PIPELINE_YAML)
         .await
         .context("creating the Pipeline")?;
+    create_other_pipelines(&cluster, args.pipelines.saturating_sub(1), args.concurrency).await?;
 
     let cluster_dir = cluster.dir().to_string_lossy().into_owned();
     let cluster_pids = pids_mentioning(&cluster_dir);
@@ -405,8 +477,9 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     );
     println!(
         "load: {} requests per scenario, {} concurrent keep-alive HTTP/1.1 connections, loopback; \
-         baseline: {} Promotion creates by {} concurrent clients",
-        args.requests, args.concurrency, args.requests, args.concurrency
+         baseline: {} Promotion creates by {} concurrent clients (each its own connections, after \
+         an untimed warm-up); {} Pipeline(s)",
+        args.requests, args.concurrency, args.requests, args.concurrency, args.pipelines
     );
     println!();
 

@@ -71,6 +71,11 @@ struct Args {
     /// Longest wait, in seconds, for the executor to notify every new record.
     #[arg(long, default_value_t = 90)]
     drain_timeout: u64,
+    /// Pipelines loaded in all: the benchmarked one plus this many minus one others
+    /// (three environments each, in the same namespace), to show that looking up an
+    /// event's pipeline does not get dearer with their number.
+    #[arg(long, default_value_t = 1)]
+    pipelines: usize,
     /// Kubernetes mode: afterwards, a fresh controller makes this many promotions and its
     /// RSS is printed along the way (0: skip).
     #[arg(long, default_value_t = 10_000)]
@@ -180,6 +185,8 @@ async fn start_controller(
         .arg("--internal-listen")
         .arg(internal.to_string())
         .args(["--notify-url", notify_url, "--log-format", "json"])
+        // Keep every record: the run ends by checking that each accepted event is stored.
+        .args(["--retention-per-environment", "0"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -524,6 +531,43 @@ fn copy_manifests(source: &Path, target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `n` Pipelines beside the benchmarked one (`flux-system/app-<i>`, dev → staging →
+/// prod, the quickstart's Secret), as YAML documents.
+fn other_pipelines(n: usize) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "apiVersion: pipelines.weave.works/v1alpha1
+kind: Pipeline
+metadata:
+  name: app-{i}
+  namespace: flux-system
+spec:
+  appRef:
+    apiVersion: helm.toolkit.fluxcd.io/v2
+    kind: HelmRelease
+    name: app-{i}
+  environments:
+    - name: dev
+      targets:
+        - namespace: app-{i}-dev
+    - name: staging
+      targets:
+        - namespace: app-{i}-staging
+    - name: prod
+      targets:
+        - namespace: app-{i}-prod
+  promotion:
+    strategy:
+      secretRef:
+        name: podinfo-promotion-hmac
+      notification: {{}}
+"
+            )
+        })
+        .collect()
+}
+
 fn beside_this_binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let dir = exe.parent().context("this binary has no directory")?;
@@ -566,6 +610,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .context("creating the work directory")?;
     let manifests = work.path().join("manifests");
     copy_manifests(&quickstart, &manifests)?;
+    if args.pipelines > 1 {
+        std::fs::write(
+            manifests.join("bench-more-pipelines.yaml"),
+            other_pipelines(args.pipelines - 1).join("---\n"),
+        )?;
+    }
     let state = work.path().join("state.redb");
     let fsync = fsync_probe(work.path())?;
     let log = work.path().join("controller.log");
@@ -611,8 +661,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "unknown".into())
     );
     println!(
-        "load: {} requests per scenario and server, {} concurrent keep-alive HTTP/1.1 connections, loopback",
-        args.requests, args.concurrency
+        "load: {} requests per scenario and server, {} concurrent keep-alive HTTP/1.1 connections, loopback; {} pipeline(s) loaded",
+        args.requests, args.concurrency, args.pipelines
     );
     println!("note: both servers and this load generator share the same machine (and its cores).");
     println!(
