@@ -44,9 +44,10 @@ pub const PROMOTION_OBJECT_HEADER: &str = "x-promotion-object";
 #[derive(Debug, Args)]
 pub struct KubernetesArgs {
     /// Kubernetes mode: where the Flux-format event of each notification promotion is
-    /// POSTed, as Flux controllers' --events-addr. A stock Flux notification-controller
-    /// accepts it but forwards it to no one (no Alert can select kind Pipeline); use
-    /// --notify-url or the Promote Kubernetes Event to reach people.
+    /// POSTed (notification-controller's event receiver), as Flux controllers'
+    /// --events-addr. The event is about the pipeline's app object in the pipeline's
+    /// namespace: an Alert there selecting it forwards promotions (README "Wiring leaf
+    /// clusters").
     #[arg(long, env = "PIPELINE_CONTROLLER_EVENTS_ADDR", value_name = "URL", value_parser = crate::values::parse_http_url)]
     pub events_addr: Option<reqwest::Url>,
     /// Kubernetes mode: also take approvals, rejections and retries over HTTP signed
@@ -173,7 +174,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .with_cache(promotions.clone());
     let metrics = Arc::new(Metrics::new());
     if let Some(address) = &k8s.events_addr {
-        tracing::warn!(events_addr = %address, "--events-addr: {}", pipeline_kube::notification::EVENTS_ADDR_CAVEAT);
+        tracing::info!(events_addr = %address, "--events-addr: promotions are posted as events of each pipeline's app object in the pipeline's namespace; notification-controller forwards them only to the Alerts selecting that object");
     }
     let http = NotificationWebhook::client().context("building the notification HTTP client")?;
     let webhook = (!args.notify_urls.is_empty()).then(|| {

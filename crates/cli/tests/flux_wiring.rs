@@ -7,7 +7,7 @@
 //! pipeline go away, and the key never logged. Then the same objects with Flux's own
 //! notification-controller v1.6.0: a helm-controller-style event for dev reaches the
 //! webhook signed with the copied key and records a promotion, whose `--events-addr`
-//! event notification-controller accepts and discards.
+//! announcement notification-controller forwards to an Alert of the user's.
 //!
 //! ```sh
 //! scripts/ensure-test-binaries.sh kube flux-crds flux
@@ -566,8 +566,9 @@ async fn direct_wiring_applies_repairs_and_removes_providers_alerts_and_keys() {
 /// Alert and key Secret the controller applied carry a helm-controller-style event for
 /// dev to the webhook, signed by notification-controller with the copied (trimmed) key,
 /// and a promotion to staging is recorded. That promotion's notification strategy posts
-/// its Pipeline event to the same notification-controller through --events-addr, which
-/// accepts and discards it; the record says so instead of claiming delivery.
+/// its announcement to the same notification-controller through --events-addr, which
+/// forwards it to the people's own Alert (and not, thanks to the generated Alerts'
+/// exclusionList, back to the webhook as a deployment).
 #[tokio::test]
 async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
     use pipeline_crds::Promotion;
@@ -592,7 +593,9 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
     let spec = json!({
         "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "podinfo"},
         "environments": [
-            {"name": "dev", "targets": [{"namespace": "podinfo-dev"}]},
+            // A dev target in the pipeline's own namespace too: its Alert selects the
+            // object the promotion announcements are about, and must exclude them.
+            {"name": "dev", "targets": [{"namespace": "podinfo-dev"}, {"namespace": NS}]},
             {"name": "staging", "targets": [{"namespace": "podinfo-staging"}]},
             {"name": "prod", "targets": [{"namespace": "podinfo-prod"}]}
         ],
@@ -651,20 +654,38 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
         spec: parse_pipeline_spec(spec).unwrap(),
     };
     let wiring = pipeline_wiring(&pipeline, &format!("http://127.0.0.1:{port}"));
-    assert_eq!(wiring.len(), 2, "dev and staging");
+    assert_eq!(wiring.len(), 3, "dev (2 targets) and staging");
     let provider = &wiring[0].objects[0];
     let name = provider["metadata"]["name"].as_str().unwrap().to_string();
     wait_until(
         &controller,
-        "dev's Provider addressed to the controller",
+        "every Provider and Alert applied",
         Duration::from_secs(30),
         || async {
-            spec_of(&management, "Provider", "podinfo-dev", &name)
-                .await
-                .is_some_and(|s| s == provider["spec"])
+            let mut all = true;
+            for object in wiring.iter().flat_map(|t| &t.objects) {
+                let kind = object["kind"].as_str().unwrap();
+                let namespace = object["metadata"]["namespace"].as_str().unwrap();
+                let name = object["metadata"]["name"].as_str().unwrap();
+                all &= spec_of(&management, kind, namespace, name)
+                    .await
+                    .is_some_and(|s| s == object["spec"]);
+            }
+            all
         },
     )
     .await;
+    // People are told through an Alert of their own in the pipeline's namespace,
+    // selecting the app object and only promotion announcements, sent to a receiver
+    // (a generic Provider, as one for Slack or Teams would be).
+    let people = support::Receiver::start(vec![], Duration::ZERO).await;
+    management
+        .apply_yaml(&format!(
+            "apiVersion: notification.toolkit.fluxcd.io/v1beta3\nkind: Provider\nmetadata:\n  name: people\n  namespace: {NS}\nspec:\n  type: generic\n  address: {}\n---\napiVersion: notification.toolkit.fluxcd.io/v1beta3\nkind: Alert\nmetadata:\n  name: promotions\n  namespace: {NS}\nspec:\n  providerRef:\n    name: people\n  eventSeverity: info\n  eventSources:\n    - kind: HelmRelease\n      name: podinfo\n  inclusionList:\n    - \"^Promote pipeline \"\n",
+            people.url()
+        ))
+        .await
+        .unwrap();
 
     // What helm-controller posts after upgrading dev; a new message per attempt, since
     // notification-controller rate-limits identical events (and may not see the Alert
@@ -718,26 +739,75 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
         .await;
     let message = &done.status.as_ref().unwrap().message;
     assert!(
-        message.contains("posted to --events-addr") && message.contains("which is not delivery"),
+        message.contains("; posted to --events-addr http://127.0.0.1:")
+            && message.contains(
+                "as an event of HelmRelease flux-system/podinfo (accepted, which is not delivery"
+            ),
         "{message}"
     );
-    // notification-controller got the Pipeline event and dropped it.
+    // notification-controller forwarded the announcement to the people's receiver, with
+    // the details as plain metadata keys.
     let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = flux.log(FluxController::Notification);
-        let dropped = log.lines().any(|l| {
-            l.contains("discarding event, no alerts found for the involved object")
-                && l.contains("Pipeline")
-        });
-        if dropped {
-            break;
+    let announced = loop {
+        let found = people
+            .received
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+            .find(|e| e["reason"] == "Promote");
+        if let Some(found) = found {
+            break found;
         }
         assert!(
             Instant::now() < deadline,
-            "notification-controller log:\n{log}"
+            "nothing forwarded; notification-controller log:\n{}",
+            flux.log(FluxController::Notification)
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
+    eprintln!(
+        "announcement forwarded by notification-controller in {:?}",
+        began.elapsed()
+    );
+    assert_eq!(
+        announced["message"],
+        format!("Promote pipeline flux-system/podinfo to staging with version {revision}")
+    );
+    assert_eq!(announced["involvedObject"]["kind"], "HelmRelease");
+    assert_eq!(
+        announced["metadata"]["environment"], "staging",
+        "{announced}"
+    );
+    assert_eq!(announced["metadata"]["version"], revision, "{announced}");
+    assert_eq!(
+        announced["metadata"]["sourceEnvironment"], "dev",
+        "{announced}"
+    );
+    assert_eq!(
+        announced["metadata"]["promotion"],
+        id.as_str(),
+        "{announced}"
+    );
+    // Only promotion announcements reach it (the dev deployment events do not), and the
+    // generated Alert in flux-system, which selects the same object, did not send the
+    // announcement back to the webhook as a deployment.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let forwarded: Vec<Value> = people
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|(_, body)| serde_json::from_slice::<Value>(body).ok())
+        .collect();
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    let logs = controller.logs();
+    assert!(
+        !logs
+            .lines()
+            .any(|l| l.contains("event ignored") && l.contains("\"Promote\"")),
+        "{logs}"
+    );
     let logs = controller.logs();
     assert!(!logs.contains(KEY), "the key was logged");
 }

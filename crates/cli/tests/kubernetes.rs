@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use pipeline_core::signature::{HmacAlgorithm, sign};
 use pipeline_crds::{Pipeline, Promotion};
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::k8s::{
     Controller, assert_approved_then_succeeded, cluster, phase, post, post_ready, recorded_id,
     run_cli, wait_promotion,
@@ -95,8 +95,19 @@ async fn event_to_promotion_to_succeeded_dedupe_events_list_and_503() {
     assert!(headers.get("x-signature").is_none());
     let flux: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(flux["reason"], "Promote");
-    assert_eq!(flux["involvedObject"]["kind"], "Pipeline");
+    // About the app object in the pipeline's namespace, which an Alert can select;
+    // the details also under Flux's event prefix, which notification-controller keeps.
+    assert_eq!(
+        flux["involvedObject"],
+        json!({"kind": "HelmRelease", "namespace": "flux-system", "name": "podinfo",
+               "apiVersion": "helm.toolkit.fluxcd.io/v2"})
+    );
     assert_eq!(flux["metadata"]["pipelines.weave.works/version"], "6.5.1");
+    assert_eq!(flux["metadata"]["event.toolkit.fluxcd.io/version"], "6.5.1");
+    assert_eq!(
+        flux["metadata"]["event.toolkit.fluxcd.io/environment"],
+        "staging"
+    );
     assert_eq!(flux["reportingController"], "pipeline-controller");
 
     // Promotion lifecycle Events on the Promotion.

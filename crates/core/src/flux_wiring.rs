@@ -26,6 +26,11 @@ pub const LABEL_PIPELINE: &str = "pipelines.weave.works/pipeline";
 pub const LABEL_ENVIRONMENT: &str = "pipelines.weave.works/environment";
 pub const MANAGER: &str = "pipeline-controller";
 
+/// Matches the message of the controller's promotion announcements (`Promote pipeline
+/// <ns>/<name> to <env> with version <v>`): generated Alerts exclude them, an Alert
+/// meant to tell people of promotions includes them.
+pub const PROMOTION_EVENT_PATTERN: &str = "^Promote pipeline ";
+
 /// Key of the HMAC key in the leaf's Secret, as a Flux Provider reads it.
 pub const TOKEN_KEY: &str = "token";
 
@@ -84,6 +89,9 @@ pub fn pipeline_wiring(pipeline: &Pipeline, public_url: &str) -> Vec<TargetWirin
                     "providerRef": {"name": name},
                     "eventSeverity": "info",
                     "eventSources": [{"kind": app.kind, "name": app.name}],
+                    // The controller's own promotion announcements (--events-addr) are
+                    // about the same object; they are not deployments.
+                    "exclusionList": [PROMOTION_EVENT_PATTERN],
                     "eventMetadata": {
                         "pipeline": reference.to_string(),
                         "environment": environment.name,
@@ -350,6 +358,10 @@ mod tests {
             json!({"kind": "HelmRelease", "name": "podinfo"})
         );
         assert_eq!(alert["spec"]["eventSeverity"], "info");
+        assert_eq!(
+            alert["spec"]["exclusionList"],
+            json!(["^Promote pipeline "])
+        );
         assert_eq!(alert["spec"]["eventMetadata"]["environment"], "dev");
         assert_eq!(
             alert["spec"]["eventMetadata"]["pipeline"],

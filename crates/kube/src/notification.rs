@@ -1,20 +1,26 @@
 //! The notification strategy of Kubernetes mode.
 //!
 //! 1. A Kubernetes Event on the Pipeline, reason `Promote`, with the promotion's details
-//!    as annotations under the `pipelines.weave.works/` prefix (current
-//!    notification-controller forwards only metadata prefixed with the involved
-//!    object's API group, and strips the prefix).
-//! 2. When `--events-addr` is set, the same event in Flux's format POSTed there,
-//!    unsigned, as Flux's own controllers post to notification-controller's event
-//!    receiver; metadata keys carry the same prefix. Not counted as delivered: a stock
-//!    notification-controller (v1.6.0, `internal/server/event_handlers.go`) answers 202
-//!    and discards it ("no alerts found for the involved object"), since it forwards only
-//!    events matching an Alert's `eventSources`, whose `kind` enum has no `Pipeline`. It
-//!    serves receivers that take Flux's event format and route Pipeline events.
+//!    as annotations under the `pipelines.weave.works/` prefix.
+//! 2. When `--events-addr` is set (notification-controller's event receiver), the same
+//!    event in Flux's format POSTed there, unsigned, as Flux's own controllers post it.
+//!    A stock notification-controller (v1.6.0, `internal/server/event_handlers.go`)
+//!    forwards only events matching an Alert's `eventSources` (same namespace and kind,
+//!    name or `*`), whose `kind` enum holds Flux kinds only, so the event is about the
+//!    pipeline's app object (`appRef`: a HelmRelease or Kustomization) named in the
+//!    pipeline's namespace: an Alert there selecting that kind and name (with
+//!    `inclusionList: ["^Promote pipeline "]`) forwards promotions to its Provider. The
+//!    details are in the metadata twice: under Flux's event group prefix, which
+//!    notification-controller keeps and strips, and under `pipelines.weave.works/` for
+//!    other receivers. The answer (202 whether an Alert matched or not) is not taken for
+//!    delivery: the record says it was posted and accepted.
 //! 3. When `--notify-url`s are configured, the embedded-mode signed webhook too.
 //!
-//! A retried attempt may repeat the Event and the POST; the `pipelines.weave.works/promotion`
-//! key carries the record id for receivers that deduplicate.
+//! The generated Alerts that send deployments to the webhook exclude these events
+//! (`exclusionList`), so a promotion never comes back as a deployment.
+//!
+//! A retried attempt may repeat the Event and the POST; the `promotion` key carries the
+//! record id for receivers that deduplicate.
 
 use std::collections::BTreeMap;
 
@@ -63,7 +69,18 @@ const EVENT_CHECKPOINT: &str = "kubernetes event";
 const EVENTS_ADDR_CHECKPOINT: &str = "events-addr";
 
 /// What an accepted `--events-addr` POST means, in the record and the startup log.
-pub const EVENTS_ADDR_CAVEAT: &str = "accepted, which is not delivery: a stock Flux notification-controller forwards only events an Alert selects, and no Alert can select kind Pipeline; reach people with --notify-url or the Promote Kubernetes Event";
+pub const EVENTS_ADDR_CAVEAT: &str = "accepted, which is not delivery: notification-controller forwards it only to the Alerts selecting that object";
+
+/// The metadata prefix notification-controller keeps on any event and strips before
+/// forwarding (Flux's event API group).
+pub const FLUX_EVENT_PREFIX: &str = "event.toolkit.fluxcd.io/";
+
+/// The object an `--events-addr` event is about, as `Kind namespace/name`: the
+/// pipeline's app object named in the pipeline's namespace.
+pub fn events_addr_object(pipeline: &pipeline_core::Pipeline) -> String {
+    let app = &pipeline.spec.app_ref;
+    format!("{} {}/{}", app.kind, pipeline.reference.namespace, app.name)
+}
 
 /// The promotion's details, keys prefixed with the Pipeline API group.
 pub fn annotations(ctx: &PromotionContext<'_>) -> BTreeMap<String, String> {
@@ -125,19 +142,26 @@ impl PromotionStrategy for KubeNotification {
         if let Some(address) = &self.events_addr
             && !record.checkpoints.contains_key(EVENTS_ADDR_CHECKPOINT)
         {
+            let app = &ctx.pipeline.spec.app_ref;
+            let mut flux_metadata = metadata.clone();
+            let prefix = format!("{API_GROUP}/");
+            for (key, value) in &metadata {
+                if let Some(bare) = key.strip_prefix(&prefix) {
+                    flux_metadata.insert(format!("{FLUX_EVENT_PREFIX}{bare}"), value.clone());
+                }
+            }
             let event = serde_json::json!({
                 "involvedObject": {
-                    "kind": "Pipeline",
+                    "kind": app.kind,
                     "namespace": reference.namespace,
-                    "name": reference.name,
-                    "uid": uid.unwrap_or_default(),
-                    "apiVersion": pipeline_core::pipeline::API_VERSION,
+                    "name": app.name,
+                    "apiVersion": app.api_version,
                 },
                 "severity": "info",
                 "timestamp": Utc::now().trunc_subsecs(0),
                 "message": message,
                 "reason": "Promote",
-                "metadata": metadata,
+                "metadata": flux_metadata,
                 "reportingController": CONTROLLER_NAME,
                 "reportingInstance": self.events.instance(),
             });
@@ -168,11 +192,12 @@ impl PromotionStrategy for KubeNotification {
             );
         }
         if let Some(address) = &self.events_addr {
-            // Accepted is not delivered: a stock notification-controller forwards only
-            // events an Alert selects, and no Alert can select kind Pipeline.
+            // Accepted is not delivered: notification-controller answers 202 whether an
+            // Alert selected the event or not.
             posted = Some(format!(
-                "; posted to --events-addr {} ({EVENTS_ADDR_CAVEAT})",
-                address.as_str()
+                "; posted to --events-addr {} as an event of {} ({EVENTS_ADDR_CAVEAT})",
+                address.as_str(),
+                events_addr_object(ctx.pipeline)
             ));
         }
 
