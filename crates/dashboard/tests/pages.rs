@@ -256,3 +256,39 @@ async fn events_announce_a_change_to_every_listener() {
         assert_ne!(changed, first[0], "a new version after the change");
     }
 }
+
+#[tokio::test]
+async fn result_links_only_for_web_addresses() {
+    let now = Utc::now();
+    let mut pr = record("web", "prod", "3.0.0", false);
+    pr.start_attempt(now).unwrap();
+    pr.succeed(
+        "opened".into(),
+        Some("https://git.example/o/r/pulls/7".into()),
+        now,
+    )
+    .unwrap();
+    let earlier = now - chrono::Duration::minutes(1);
+    let mut odd = record("web", "prod", "3.0.1", false);
+    odd.start_attempt(earlier).unwrap();
+    odd.succeed("done".into(), Some("javascript:alert(1)".into()), earlier)
+        .unwrap();
+    let app = app(vec![pr, odd]).await;
+    let (_, _, html) = get(&app, "/ui/pipelines/apps/web").await;
+    assert!(
+        html.contains(r#"<a href="https://git.example/o/r/pulls/7" rel="noreferrer">"#),
+        "{html}"
+    );
+    assert!(html.contains("javascript:alert(1)"), "shown as text");
+    assert!(!html.contains(r#"href="javascript"#), "{html}");
+    // The overview links the pull request of prod's latest success (prod is not known
+    // to run its revision).
+    let (_, _, overview) = get(&app, "/").await;
+    assert!(
+        overview.contains(
+            r#"<a href="https://git.example/o/r/pulls/7" rel="noreferrer">pull request</a>"#
+        ),
+        "{overview}"
+    );
+    assert!(!overview.contains(r#"href="javascript"#));
+}
