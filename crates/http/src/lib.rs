@@ -1,5 +1,7 @@
-//! The HTTP face of pipeline-controller. [`router`] builds the whole service; it maps the
-//! core's decisions to status codes and JSON and does nothing else.
+//! The HTTP face of pipeline-controller, on two listeners: [`public_router`] (the webhook
+//! and signed decisions, what leaf clusters and approvers call) and [`internal_router`]
+//! (the promotions API, health and metrics, and the dashboard). It maps the core's
+//! decisions to status codes and JSON and does nothing else.
 #![forbid(unsafe_code)]
 
 mod error;
