@@ -144,9 +144,19 @@ pub struct RecordSource {
 #[derive(Debug, Args)]
 pub struct FluxConfigArgs {
     /// Base URL leaf clusters reach the webhook at; each Provider's address is
-    /// `<URL>/pipelines/promotions/<namespace>/<name>/<environment>`.
+    /// `<URL>/pipelines/promotions/<namespace>/<name>/<environment>`. Without it (and
+    /// without --manifests) it is derived from the cluster as `serve` derives it: an
+    /// Ingress routing /pipelines/promotions/ to --service-name, else that Service's
+    /// LoadBalancer address; the choice is printed.
     #[arg(long, value_name = "URL", value_parser = crate::values::parse_http_url)]
-    pub public_url: reqwest::Url,
+    pub public_url: Option<reqwest::Url>,
+    /// Without --public-url: the controller's Service, whose Ingress or load balancer
+    /// gives the URL.
+    #[arg(long, default_value = "pipeline-controller")]
+    pub service_name: String,
+    /// Without --public-url: namespace of that Service.
+    #[arg(long, default_value = "pipeline-system")]
+    pub service_namespace: String,
     /// Folder to write (its clusters/ and management/ subfolders are replaced).
     #[arg(long, value_name = "DIR")]
     pub output_dir: PathBuf,

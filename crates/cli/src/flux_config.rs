@@ -13,6 +13,7 @@ use kube::{Api, ResourceExt};
 use pipeline_core::deployment::{ClusterKey, KubeconfigRef, kubeconfig_ref};
 use pipeline_core::flux_wiring::{GitOpsLayout, gitops_files};
 use pipeline_core::{Pipeline, PipelineRef};
+use pipeline_kube::public_url::{Exposure, PublicUrl, resolve as resolve_public_url};
 use serde_json::Value;
 
 use crate::cli::FluxConfigArgs;
@@ -65,7 +66,11 @@ pub async fn run(args: FluxConfigArgs) -> anyhow::Result<()> {
         };
         kubeconfig_ref(cluster, object)
     };
-    let output = gitops_files(&wanted, args.public_url.as_str(), &layout, &resolve);
+    let public_url = match &args.public_url {
+        Some(url) => url.as_str().trim_end_matches('/').to_string(),
+        None => derived_public_url(&args).await?,
+    };
+    let output = gitops_files(&wanted, &public_url, &layout, &resolve);
     for warning in &output.warnings {
         eprintln!("warning: {warning}");
     }
@@ -78,6 +83,28 @@ pub async fn run(args: FluxConfigArgs) -> anyhow::Result<()> {
         args.output_dir.display()
     );
     Ok(())
+}
+
+/// The public URL as `serve` derives it when --public-url is not set, said on stderr.
+async fn derived_public_url(args: &FluxConfigArgs) -> anyhow::Result<String> {
+    if args.manifests.is_some() {
+        return Err(usage(
+            "pass --public-url URL: with --manifests there is no cluster to derive it from",
+        ));
+    }
+    let client = crate::kubeconfig::client("pass --public-url URL").await?;
+    let exposure = Exposure {
+        flag: None,
+        service_namespace: args.service_namespace.clone(),
+        service_name: args.service_name.clone(),
+    };
+    match resolve_public_url(&client, &exposure).await {
+        PublicUrl::Found { url, source } => {
+            eprintln!("public URL: {url} (from {source})");
+            Ok(url)
+        }
+        missing => Err(usage(format!("no public URL: {missing}"))),
+    }
 }
 
 type GitopsClusters = HashMap<(String, String), Value>;

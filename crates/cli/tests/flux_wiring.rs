@@ -655,8 +655,6 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
     };
     let wiring = pipeline_wiring(&pipeline, &format!("http://127.0.0.1:{port}"));
     assert_eq!(wiring.len(), 3, "dev (2 targets) and staging");
-    let provider = &wiring[0].objects[0];
-    let name = provider["metadata"]["name"].as_str().unwrap().to_string();
     wait_until(
         &controller,
         "every Provider and Alert applied",
@@ -810,4 +808,93 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
     );
     let logs = controller.logs();
     assert!(!logs.contains(KEY), "the key was logged");
+}
+
+/// `flux-config` without `--public-url` derives it from the cluster as `serve` does, says
+/// which it chose, and refuses when nothing gives one (or with `--manifests`).
+#[tokio::test]
+async fn flux_config_derives_the_public_url_like_serve() {
+    use support::k8s::run_cli;
+
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.install_crds().await.unwrap();
+    cluster.ensure_namespace(SYSTEM).await.unwrap();
+    support::k8s::apply_quickstart(&cluster).await;
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let kubeconfig = cluster.kubeconfig_path();
+
+    // No Service at all: refused, saying what was looked at.
+    let (code, _, stderr) = run_cli(kubeconfig, &["flux-config", "--output-dir", dir]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("no public URL: none found")
+            && stderr.contains("Service pipeline-system/pipeline-controller does not exist"),
+        "{stderr}"
+    );
+
+    // A LoadBalancer with an address.
+    let services: Api<Service> = Api::namespaced(cluster.client(), SYSTEM);
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "pipeline-controller", "namespace": SYSTEM},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }))
+    .unwrap();
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    services
+        .patch_status(
+            "pipeline-controller",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}})),
+        )
+        .await
+        .unwrap();
+    let (code, _, stderr) = run_cli(kubeconfig, &["flux-config", "--output-dir", dir]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains(
+            "public URL: http://192.0.2.20 (from LoadBalancer Service pipeline-system/pipeline-controller)"
+        ),
+        "{stderr}"
+    );
+    let mut providers = Vec::new();
+    for entry in walk(out.path()) {
+        let text = std::fs::read_to_string(&entry).unwrap();
+        if text.contains("kind: Provider") {
+            providers.push(text);
+        }
+    }
+    assert!(!providers.is_empty());
+    for provider in &providers {
+        assert!(
+            provider
+                .contains("address: http://192.0.2.20/pipelines/promotions/flux-system/podinfo/"),
+            "{provider}"
+        );
+    }
+
+    // --manifests has no cluster to derive from.
+    let (code, _, stderr) = run_cli(
+        kubeconfig,
+        &["flux-config", "--output-dir", dir, "--manifests", dir],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("pass --public-url URL"), "{stderr}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
