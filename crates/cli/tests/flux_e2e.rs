@@ -25,13 +25,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::Api;
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use pipeline_crds::Promotion;
 use pipeline_git::testing::{ADMIN_PASSWORD, ADMIN_USER, Gitea};
 use pipeline_testenv::{FluxController, FluxControllers, TestCluster};
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::k8s::{Controller, phase, run_cli};
 
 const REPO: &str = "fleet";
@@ -465,14 +465,42 @@ impl World {
     }
 }
 
+/// How the Provider and Alert get into the target namespaces.
+#[derive(Clone, Copy)]
+enum Wiring {
+    /// `flux-config`'s output, committed and applied by Flux; the leaf Secrets hold
+    /// `token` (with a trailing newline).
+    GitOps { token: &'static str },
+    /// `serve --flux-wiring direct`: the controller applies them and copies the key.
+    Direct,
+}
+
+fn providers(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Provider");
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::from_gvk_with_plural(&gvk, "providers"),
+    )
+}
+
+fn alerts(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Alert");
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::from_gvk_with_plural(&gvk, "alerts"),
+    )
+}
+
 /// One test at a time: each runs a whole fleet (API server, Flux's four controllers,
 /// Gitea, pipeline-controller) on the machine's few cores.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Starts the cluster, Flux, Gitea and pipeline-controller (`serve` with `args`);
-/// publishes chart 0.1.0, deploys it to every environment, then wires the Alerts with
-/// `flux-config` (applied by Flux) with `token` as the leaf Secrets' key.
-async fn world(token: &str, args: &[&str]) -> World {
+/// publishes chart 0.1.0, deploys it to every environment, then wires the Alerts as
+/// `wiring` says.
+async fn world(wiring: Wiring, args: &[&str]) -> World {
     let mut hops = Hops::new();
     let work = tempfile::tempdir().unwrap();
     let cluster = TestCluster::start_named("flux-e2e").await.unwrap();
@@ -546,103 +574,190 @@ async fn world(token: &str, args: &[&str]) -> World {
     let public_url = format!("http://{}", controller.address);
     hops.hop(&format!("pipeline-controller serving at {public_url}"));
 
-    // The wiring: flux-config's output, committed to the fleet repository and applied by
-    // Flux from there; only the Secrets holding the key are made by hand, as documented.
-    let wiring = clone.dir.join("pipelines-wiring");
-    let (code, stdout, stderr) = run_cli(
-        cluster.kubeconfig_path(),
-        &[
-            "flux-config",
-            "--public-url",
-            &public_url,
-            "--output-dir",
-            wiring.to_str().unwrap(),
-            "--source",
-            "flux-system/fleet",
-        ],
-    );
-    assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
-    let mut secrets = Vec::new();
-    for env in ["dev", "staging"] {
-        let folder = wiring.join(format!("clusters/management/podinfo-{env}"));
-        let provider = std::fs::read_dir(&folder)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().ends_with("-provider.yaml"))
-            .unwrap_or_else(|| panic!("no Provider in {}", folder.display()));
-        let provider: Value =
-            serde_saphyr::from_str(&std::fs::read_to_string(&provider).unwrap()).unwrap();
-        assert_eq!(
-            provider["spec"]["address"],
-            format!("{public_url}/pipelines/promotions/flux-system/podinfo/{env}")
-        );
-        secrets.push((
-            format!("podinfo-{env}"),
-            provider["spec"]["secretRef"]["name"]
-                .as_str()
+    match wiring {
+        Wiring::GitOps { token } => {
+            // The wiring: flux-config's output, committed to the fleet repository and applied by
+            // Flux from there; only the Secrets holding the key are made by hand, as documented.
+            let wiring = clone.dir.join("pipelines-wiring");
+            let (code, stdout, stderr) = run_cli(
+                cluster.kubeconfig_path(),
+                &[
+                    "flux-config",
+                    "--public-url",
+                    &public_url,
+                    "--output-dir",
+                    wiring.to_str().unwrap(),
+                    "--source",
+                    "flux-system/fleet",
+                ],
+            );
+            assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
+            let mut secrets = Vec::new();
+            for env in ["dev", "staging"] {
+                let folder = wiring.join(format!("clusters/management/podinfo-{env}"));
+                let provider = std::fs::read_dir(&folder)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .find(|p| p.to_string_lossy().ends_with("-provider.yaml"))
+                    .unwrap_or_else(|| panic!("no Provider in {}", folder.display()));
+                let provider: Value =
+                    serde_saphyr::from_str(&std::fs::read_to_string(&provider).unwrap()).unwrap();
+                assert_eq!(
+                    provider["spec"]["address"],
+                    format!("{public_url}/pipelines/promotions/flux-system/podinfo/{env}")
+                );
+                secrets.push((
+                    format!("podinfo-{env}"),
+                    provider["spec"]["secretRef"]["name"]
+                        .as_str()
+                        .unwrap()
+                        .to_string(),
+                ));
+            }
+            assert!(
+                !wiring.join("clusters/management/podinfo-prod").exists(),
+                "prod has no next environment: no Alert"
+            );
+            let secret_api = |ns: &str| Api::<Secret>::namespaced(client.clone(), ns);
+            for (namespace, name) in &secrets {
+                cluster
+                    .apply_yaml(&format!(
+                        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\nstringData:\n  token: |\n    {token}\n"
+                    ))
+                    .await
+                    .unwrap();
+                assert!(secret_api(namespace).get_opt(name).await.unwrap().is_some());
+            }
+            clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
+            // The management Kustomization flux-config writes retries only every 10 minutes: let
+            // source-controller fetch the commit holding its folder first.
+            let head = gitea
+                .git(&clone.dir, &["rev-parse", "HEAD"])
                 .unwrap()
-                .to_string(),
-        ));
+                .trim()
+                .to_string();
+            let repositories: Api<DynamicObject> = Api::namespaced_with(
+                client.clone(),
+                "flux-system",
+                &ApiResource::from_gvk_with_plural(
+                    &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
+                    "gitrepositories",
+                ),
+            );
+            wait(
+                "source-controller fetching the wiring commit",
+                STEP,
+                || async {
+                    let repository = repositories.get_opt("fleet").await.ok()??;
+                    (repository.data["status"]["artifact"]["revision"]
+                        == format!("main@sha1:{head}"))
+                    .then_some(())
+                },
+            )
+            .await;
+            let management =
+                std::fs::read_to_string(wiring.join("management/management.yaml")).unwrap();
+            cluster.apply_yaml(&management).await.unwrap();
+            let alerts = ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Alert"),
+                "alerts",
+            );
+            for (namespace, _) in &secrets {
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(client.clone(), namespace, &alerts);
+                wait(
+                    &format!("Flux applying the Alert in {namespace}"),
+                    STEP,
+                    || async {
+                        let list = api.list(&ListParams::default()).await.ok()?;
+                        (!list.items.is_empty()).then_some(())
+                    },
+                )
+                .await;
+            }
+            hops.hop("flux-config output committed; Flux applied the Providers and Alerts");
+        }
+        Wiring::Direct => {
+            // The public URL is derived from the controller's Service: a LoadBalancer
+            // whose address a cloud would fill in, here loopback and the controller's port.
+            let port = controller.address.port();
+            cluster
+                .apply_yaml(&format!(
+                    "apiVersion: v1\nkind: Service\nmetadata:\n  name: pipeline-controller\n  namespace: default\nspec:\n  type: LoadBalancer\n  ports:\n    - name: http\n      port: {port}\n"
+                ))
+                .await
+                .unwrap();
+            Api::<Service>::namespaced(client.clone(), "default")
+                .patch_status(
+                    "pipeline-controller",
+                    &PatchParams::default(),
+                    &Patch::Merge(
+                        json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}}),
+                    ),
+                )
+                .await
+                .unwrap();
+            for env in ["dev", "staging"] {
+                let namespace = format!("podinfo-{env}");
+                let provider = wait(
+                    &format!("pipeline-controller applying the Provider in {namespace}"),
+                    STEP,
+                    || async {
+                        providers(&client, &namespace)
+                            .list(&ListParams::default())
+                            .await
+                            .ok()?
+                            .items
+                            .pop()
+                    },
+                )
+                .await;
+                assert_eq!(
+                    provider.data["spec"]["address"],
+                    format!("{public_url}/pipelines/promotions/flux-system/podinfo/{env}")
+                );
+                let secret_name = provider.data["spec"]["secretRef"]["name"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let secret = wait(
+                    &format!("pipeline-controller copying the key into {namespace}"),
+                    STEP,
+                    || async {
+                        Api::<Secret>::namespaced(client.clone(), &namespace)
+                            .get_opt(&secret_name)
+                            .await
+                            .ok()?
+                    },
+                )
+                .await;
+                let token = secret.data.unwrap_or_default().remove("token").unwrap();
+                assert_eq!(token.0, HMAC_KEY.as_bytes());
+                wait(
+                    &format!("pipeline-controller applying the Alert in {namespace}"),
+                    STEP,
+                    || async {
+                        let list = alerts(&client, &namespace)
+                            .list(&ListParams::default())
+                            .await
+                            .ok()?;
+                        (!list.items.is_empty()).then_some(())
+                    },
+                )
+                .await;
+            }
+            assert!(
+                providers(&client, "podinfo-prod")
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .is_empty(),
+                "prod has no next environment: no Provider"
+            );
+            hops.hop("--flux-wiring direct: pipeline-controller applied the Providers, Alerts and key Secrets");
+        }
     }
-    assert!(
-        !wiring.join("clusters/management/podinfo-prod").exists(),
-        "prod has no next environment: no Alert"
-    );
-    let secret_api = |ns: &str| Api::<Secret>::namespaced(client.clone(), ns);
-    for (namespace, name) in &secrets {
-        cluster
-            .apply_yaml(&format!(
-                "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\nstringData:\n  token: |\n    {token}\n"
-            ))
-            .await
-            .unwrap();
-        assert!(secret_api(namespace).get_opt(name).await.unwrap().is_some());
-    }
-    clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
-    // The management Kustomization flux-config writes retries only every 10 minutes: let
-    // source-controller fetch the commit holding its folder first.
-    let head = gitea
-        .git(&clone.dir, &["rev-parse", "HEAD"])
-        .unwrap()
-        .trim()
-        .to_string();
-    let repositories: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        "flux-system",
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
-            "gitrepositories",
-        ),
-    );
-    wait(
-        "source-controller fetching the wiring commit",
-        STEP,
-        || async {
-            let repository = repositories.get_opt("fleet").await.ok()??;
-            (repository.data["status"]["artifact"]["revision"] == format!("main@sha1:{head}"))
-                .then_some(())
-        },
-    )
-    .await;
-    let management = std::fs::read_to_string(wiring.join("management/management.yaml")).unwrap();
-    cluster.apply_yaml(&management).await.unwrap();
-    let alerts = ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Alert"),
-        "alerts",
-    );
-    for (namespace, _) in &secrets {
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &alerts);
-        wait(
-            &format!("Flux applying the Alert in {namespace}"),
-            STEP,
-            || async {
-                let list = api.list(&ListParams::default()).await.ok()?;
-                (!list.items.is_empty()).then_some(())
-            },
-        )
-        .await;
-    }
-    hops.hop("flux-config output committed; Flux applied the Providers and Alerts");
     World {
         controller,
         flux,
@@ -658,7 +773,11 @@ async fn world(token: &str, args: &[&str]) -> World {
 async fn a_new_chart_version_goes_from_dev_to_prod_through_flux_and_pull_requests() {
     let _serial = SERIAL.lock().await;
     // Every hop carried by Flux's events alone: the controller's own watch is off.
-    let mut w = world(HMAC_KEY, &["--no-deployment-watch"]).await;
+    let mut w = world(
+        Wiring::GitOps { token: HMAC_KEY },
+        &["--no-deployment-watch"],
+    )
+    .await;
     let client = w.client();
     w.bump_dev("\"hello from dev\"").await;
 
@@ -798,7 +917,13 @@ async fn a_new_chart_version_goes_from_dev_to_prod_through_flux_and_pull_request
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_token_in_the_leaf_secret_is_refused_and_nothing_is_promoted() {
     let _serial = SERIAL.lock().await;
-    let mut w = world("not-the-pipeline-key", &["--no-deployment-watch"]).await;
+    let mut w = world(
+        Wiring::GitOps {
+            token: "not-the-pipeline-key",
+        },
+        &["--no-deployment-watch"],
+    )
+    .await;
     let client = w.client();
     w.bump_dev("\"hello from dev\"").await;
     wait("helm-controller upgrading dev to 0.2.0", STEP, || async {
@@ -844,7 +969,11 @@ async fn a_wrong_token_in_the_leaf_secret_is_refused_and_nothing_is_promoted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upgrade_promotes_nothing() {
     let _serial = SERIAL.lock().await;
-    let mut w = world(HMAC_KEY, &["--no-deployment-watch"]).await;
+    let mut w = world(
+        Wiring::GitOps { token: HMAC_KEY },
+        &["--no-deployment-watch"],
+    )
+    .await;
     let client = w.client();
     // The chart's schema wants a string: helm refuses the upgrade.
     w.bump_dev("42").await;
@@ -884,7 +1013,7 @@ async fn a_failed_upgrade_promotes_nothing() {
 async fn with_notification_controller_down_the_deployment_watch_still_promotes() {
     let _serial = SERIAL.lock().await;
     // The controller's own watch on (the default).
-    let mut w = world(HMAC_KEY, &[]).await;
+    let mut w = world(Wiring::GitOps { token: HMAC_KEY }, &[]).await;
     let client = w.client();
     w.flux.stop(FluxController::Notification).await;
     w.hops.hop("notification-controller stopped");
@@ -920,5 +1049,63 @@ async fn with_notification_controller_down_the_deployment_watch_still_promotes()
         "{}",
         w.controller.logs()
     );
+    eprintln!("[flux-e2e] hops:\n{}", w.hops.table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_wiring_reaches_us_through_flux_and_puts_a_deleted_alert_back() {
+    let _serial = SERIAL.lock().await;
+    let mut w = world(
+        Wiring::Direct,
+        &[
+            "--no-deployment-watch",
+            "--flux-wiring",
+            "direct",
+            "--flux-wiring-interval",
+            "1s",
+            "--service-namespace",
+            "default",
+        ],
+    )
+    .await;
+    let client = w.client();
+    let dev_alerts = alerts(&client, "podinfo-dev");
+    let before = dev_alerts.list(&ListParams::default()).await.unwrap().items;
+    let name = before[0].metadata.name.clone().unwrap();
+    let uid = before[0].metadata.uid.clone();
+    dev_alerts.delete(&name, &Default::default()).await.unwrap();
+    wait("the deleted Alert put back", STEP, || async {
+        dev_alerts
+            .get_opt(&name)
+            .await
+            .ok()?
+            .filter(|a| a.metadata.uid != uid)
+    })
+    .await;
+    w.hops
+        .hop("dev's Alert deleted by hand and put back by pipeline-controller");
+
+    w.bump_dev("\"hello from dev\"").await;
+    wait("helm-controller upgrading dev to 0.2.0", STEP, || async {
+        (deployed_version(&client, "dev").await.as_deref() == Some("0.2.0")).then_some(())
+    })
+    .await;
+    w.hops.hop("Flux upgraded dev to 0.2.0");
+    let staging = wait("the promotion into staging", STEP, || async {
+        promotions(&client, "staging", "0.2.0").await.pop()
+    })
+    .await;
+    w.hops
+        .hop("dev's event reached pipeline-controller through the applied Provider");
+    assert_eq!(staging.spec.trigger.source, "webhook");
+    assert_eq!(staging.spec.trigger.reporting_controller, "helm-controller");
+    let pull = wait("the pull request to staging", STEP, || async {
+        open_pull(&w.gitea, "staging").await
+    })
+    .await;
+    w.hops.hop(&format!(
+        "pull request #{} to staging opened",
+        pull["number"].as_u64().unwrap()
+    ));
     eprintln!("[flux-e2e] hops:\n{}", w.hops.table());
 }
