@@ -111,7 +111,8 @@ impl std::fmt::Debug for FluxControllers {
 
 impl FluxControllers {
     /// Starts all four against `cluster` (which must serve Flux's CRDs: see
-    /// [`TestCluster::install_flux_crds`]) and waits until each reports ready (`/readyz`).
+    /// [`TestCluster::install_flux_crds`]) and waits until each reports ready (`/readyz`)
+    /// and its servers (artifacts; events and receiver) accept connections.
     /// `RUNTIME_NAMESPACE` is `flux-system`, which is created.
     pub async fn start(cluster: &TestCluster) -> Result<Self, Error> {
         let binaries = FluxBinaries::locate()?;
@@ -205,6 +206,17 @@ impl FluxControllers {
         }
     }
 
+    /// The process id of `controller`, while it runs.
+    pub fn pid(&mut self, controller: FluxController) -> Option<u32> {
+        if !self.is_running(controller) {
+            return None;
+        }
+        self.running[controller.index()]
+            .child
+            .as_ref()
+            .map(Child::id)
+    }
+
     /// Stops `controller` (SIGTERM, SIGKILL after 10 s); the others keep running, and
     /// what they send it meanwhile is lost, as with a real outage.
     pub async fn stop(&mut self, controller: FluxController) {
@@ -287,7 +299,7 @@ impl FluxControllers {
                     tail(&self.log_path(controller), 40)
                 )));
             }
-            if http_ok(addr, "/readyz").await {
+            if http_ok(addr, "/readyz").await && self.servers_listen(controller).await {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -302,6 +314,30 @@ impl FluxControllers {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl FluxControllers {
+    /// The servers besides metrics and health accept connections: `/readyz` can answer
+    /// before source-controller's artifact server or notification-controller's event
+    /// server listens.
+    async fn servers_listen(&self, controller: FluxController) -> bool {
+        let ports: &[u16] = match controller {
+            FluxController::Source => &[self.storage_port],
+            FluxController::Notification => &[self.events_port, self.receiver_port],
+            FluxController::Kustomize | FluxController::Helm => &[],
+        };
+        for port in ports {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, *port));
+            let connect = tokio::net::TcpStream::connect(addr);
+            if !matches!(
+                tokio::time::timeout(Duration::from_secs(2), connect).await,
+                Ok(Ok(_))
+            ) {
+                return false;
+            }
+        }
+        true
     }
 }
 

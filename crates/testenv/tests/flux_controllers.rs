@@ -51,6 +51,47 @@ async fn http_get(url: &str) -> Option<(String, String)> {
     Some((head.lines().next()?.to_string(), body.to_string()))
 }
 
+/// The local addresses of the TCP sockets process `pid` listens on (IPv4 as
+/// `a.b.c.d:port`, IPv6 as `[hex]:port`): its socket inodes (`/proc/<pid>/fd`) matched
+/// against the LISTEN entries of `/proc/<pid>/net/tcp{,6}`.
+fn listening_addresses(pid: u32) -> Vec<String> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy().into_owned();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_string(),
+            )
+        })
+        .collect();
+    let mut found = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address st ... inode: fields 1, 3 and 9; 0A is LISTEN.
+            if fields.len() < 10 || fields[3] != "0A" || !inodes.iter().any(|i| i == fields[9]) {
+                continue;
+            }
+            let (address, port) = fields[1].split_once(':').unwrap();
+            let port = u16::from_str_radix(port, 16).unwrap();
+            if table == "tcp" {
+                let ip = u32::from_str_radix(address, 16).unwrap();
+                // The kernel prints the address's bytes as a native-endian number.
+                let ip = std::net::Ipv4Addr::from(ip.to_ne_bytes());
+                found.push(format!("{ip}:{port}"));
+            } else {
+                found.push(format!("[{address}]:{port}"));
+            }
+        }
+    }
+    found
+}
+
 async fn ready_artifact(api: &Api<DynamicObject>, name: &str) -> Option<String> {
     let object = api.get_opt(name).await.ok()??;
     let ready = object.data["status"]["conditions"]
@@ -74,6 +115,33 @@ async fn flux_controllers_reconcile_and_serve_artifacts_on_loopback() {
     eprintln!("Flux controllers ready in {:?}", flux.started_in());
     for controller in FluxController::ALL {
         assert!(flux.is_running(controller), "{}", controller.name());
+    }
+
+    // Every listening socket of every controller is on loopback.
+    for controller in FluxController::ALL {
+        let pid = flux.pid(controller).unwrap();
+        let listening = listening_addresses(pid);
+        // metrics and health; source-controller's artifacts; notification-controller's
+        // events and receiver.
+        let expected = match controller {
+            FluxController::Source => 3,
+            FluxController::Kustomize | FluxController::Helm => 2,
+            FluxController::Notification => 4,
+        };
+        assert_eq!(
+            listening.len(),
+            expected,
+            "{}: {listening:?}",
+            controller.name()
+        );
+        for address in &listening {
+            assert!(
+                address.starts_with("127.0.0.1:"),
+                "{} listens on {address}",
+                controller.name()
+            );
+        }
+        eprintln!("{} listens on {listening:?}", controller.name());
     }
 
     let index = index_server().await;
