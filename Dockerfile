@@ -36,6 +36,10 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools file ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+# No .git in the build context's copy: `--version` names the commit passed here
+# (docker build --build-arg GIT_COMMIT=$(git rev-parse HEAD) ...).
+ARG GIT_COMMIT=unknown
+ENV PIPELINE_CONTROLLER_GIT_COMMIT=${GIT_COMMIT}
 COPY Cargo.toml Cargo.lock ./
 COPY crates ./crates
 COPY scripts/build-release.sh ./scripts/build-release.sh
