@@ -1109,3 +1109,283 @@ async fn direct_wiring_reaches_us_through_flux_and_puts_a_deleted_alert_back() {
     ));
     eprintln!("[flux-e2e] hops:\n{}", w.hops.table());
 }
+
+/// The pipeline of the leaf-cluster test: every target in cluster `leaf` (a GitopsCluster
+/// in the management cluster).
+fn leaf_pipeline_yaml(gitea_repo_url: &str) -> String {
+    pipeline_yaml(gitea_repo_url).replace(
+        "        - namespace: podinfo-",
+        "        - clusterRef:\n            kind: GitopsCluster\n            name: leaf\n            namespace: flux-system\n          namespace: podinfo-",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaf_cluster_gets_its_wiring_from_the_management_cluster_and_promotes() {
+    let _serial = SERIAL.lock().await;
+    let mut hops = Hops::new();
+    let work = tempfile::tempdir().unwrap();
+    let management = TestCluster::start_named("management").await.unwrap();
+    management.install_crds().await.unwrap();
+    management.install_flux_crds().await.unwrap();
+    management.install_gitops_cluster_crd().await.unwrap();
+    let leaf = TestCluster::start_named("leaf").await.unwrap();
+    leaf.install_flux_crds().await.unwrap();
+    for env in ENVIRONMENTS {
+        leaf.ensure_namespace(&format!("podinfo-{env}"))
+            .await
+            .unwrap();
+    }
+    hops.hop("management and leaf clusters up");
+    // The management cluster's Flux applies the fleet repository (remotely, to the leaf);
+    // the leaf's own Flux installs the charts and sends the events.
+    let management_flux = FluxControllers::start(&management).await.unwrap();
+    let leaf_flux = FluxControllers::start(&leaf).await.unwrap();
+    hops.hop("Flux running in both clusters");
+
+    let gitea = Gitea::start().await.unwrap();
+    publish_chart(&gitea, work.path(), "0.1.0").await;
+    let files: Vec<(String, String)> = ENVIRONMENTS
+        .iter()
+        .map(|env| {
+            (
+                format!("apps/{env}/podinfo.yaml"),
+                helm_release(env, "0.1.0", &format!("\"hello from {env}\"")),
+            )
+        })
+        .collect();
+    let repo_url = gitea.create_repo(REPO, &files).await.unwrap();
+    let clone = Clone::new(&gitea, work.path());
+    hops.hop("Gitea up, chart 0.1.0 published, fleet repository created");
+
+    // The leaf's kubeconfig, as a GitopsCluster names it.
+    management
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: leaf-kubeconfig\n  namespace: flux-system\nstringData:\n  value: |\n{}\n---\napiVersion: gitops.weave.works/v1alpha1\nkind: GitopsCluster\nmetadata:\n  name: leaf\n  namespace: flux-system\nspec:\n  secretRef:\n    name: leaf-kubeconfig\n",
+            leaf.kubeconfig_yaml()
+                .unwrap()
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+        .await
+        .unwrap();
+    // The HelmRepository lives where the HelmReleases are reconciled: in the leaf.
+    let sources = flux_sources(&gitea);
+    let (repository_part, kustomizations) =
+        sources.split_once("---\napiVersion: kustomize").unwrap();
+    let (secret_and_git, helm_repository) = repository_part
+        .rsplit_once("---\napiVersion: source.toolkit.fluxcd.io/v1\nkind: HelmRepository")
+        .unwrap();
+    leaf.apply_yaml(&format!(
+        "apiVersion: source.toolkit.fluxcd.io/v1\nkind: HelmRepository{helm_repository}"
+    ))
+    .await
+    .unwrap();
+    management.apply_yaml(secret_and_git).await.unwrap();
+    let remote = format!("---\napiVersion: kustomize{kustomizations}").replace(
+        "  sourceRef:\n",
+        "  kubeConfig:\n    secretRef:\n      name: leaf-kubeconfig\n  sourceRef:\n",
+    );
+    management.apply_yaml(&remote).await.unwrap();
+    let leaf_client = leaf.client();
+    for env in ENVIRONMENTS {
+        wait(
+            &format!("0.1.0 deployed in the leaf's {env}"),
+            STEP,
+            || async {
+                (deployed_version(&leaf_client, env).await.as_deref() == Some("0.1.0"))
+                    .then_some(())
+            },
+        )
+        .await;
+        wait(
+            &format!("the leaf's {env} HelmRelease Ready"),
+            STEP,
+            || async {
+                release_ready(&leaf_client, env)
+                    .await
+                    .filter(|(status, _, _)| status == "True")
+            },
+        )
+        .await;
+    }
+    hops.hop(
+        "the management cluster's Flux deployed 0.1.0 to the leaf, the leaf's Flux installed it",
+    );
+
+    management
+        .apply_yaml(&leaf_pipeline_yaml(&repo_url))
+        .await
+        .unwrap();
+    management
+        .apply_yaml(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: git-credentials\n  namespace: flux-system\nstringData:\n  username: {ADMIN_USER}\n  password: {ADMIN_PASSWORD}\n  token: {}\n",
+            gitea.token
+        ))
+        .await
+        .unwrap();
+    let controller = Controller::spawn(
+        management.kubeconfig_path(),
+        &[
+            "--lease-namespace",
+            "default",
+            "--identity",
+            "flux-e2e-leaf",
+            "--no-deployment-watch",
+        ],
+        &[],
+    );
+    let public_url = format!("http://{}", controller.address);
+    hops.hop(&format!("pipeline-controller serving at {public_url}"));
+
+    let wiring = clone.dir.join("pipelines-wiring");
+    let (code, stdout, stderr) = run_cli(
+        management.kubeconfig_path(),
+        &[
+            "flux-config",
+            "--public-url",
+            &public_url,
+            "--output-dir",
+            wiring.to_str().unwrap(),
+            "--source",
+            "flux-system/fleet",
+        ],
+    );
+    assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
+    let kustomization =
+        std::fs::read_to_string(wiring.join("management/flux-system-leaf.yaml")).unwrap();
+    assert!(
+        kustomization.contains("leaf-kubeconfig"),
+        "the leaf's folder is applied through its kubeconfig Secret: {kustomization}"
+    );
+    for env in ["dev", "staging"] {
+        let namespace = format!("podinfo-{env}");
+        let folder = wiring.join(format!("clusters/flux-system-leaf/{namespace}"));
+        let provider = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with("-provider.yaml"))
+            .unwrap_or_else(|| panic!("no Provider in {}", folder.display()));
+        let provider: Value =
+            serde_saphyr::from_str(&std::fs::read_to_string(&provider).unwrap()).unwrap();
+        let secret = provider["spec"]["secretRef"]["name"].as_str().unwrap();
+        leaf.apply_yaml(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {secret}\n  namespace: {namespace}\nstringData:\n  token: {HMAC_KEY}\n"
+        ))
+        .await
+        .unwrap();
+    }
+    clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
+    let head = gitea
+        .git(&clone.dir, &["rev-parse", "HEAD"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let repositories: Api<DynamicObject> = Api::namespaced_with(
+        management.client(),
+        "flux-system",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
+            "gitrepositories",
+        ),
+    );
+    wait(
+        "source-controller fetching the wiring commit",
+        STEP,
+        || async {
+            let repository = repositories.get_opt("fleet").await.ok()??;
+            (repository.data["status"]["artifact"]["revision"] == format!("main@sha1:{head}"))
+                .then_some(())
+        },
+    )
+    .await;
+    management.apply_yaml(&kustomization).await.unwrap();
+    for env in ["dev", "staging"] {
+        let namespace = format!("podinfo-{env}");
+        wait(
+            &format!("the management cluster's Flux applying the Alert in the leaf's {namespace}"),
+            STEP,
+            || async {
+                let list = alerts(&leaf_client, &namespace)
+                    .list(&ListParams::default())
+                    .await
+                    .ok()?;
+                (!list.items.is_empty()).then_some(())
+            },
+        )
+        .await;
+    }
+    assert!(
+        alerts(&management.client(), "podinfo-dev")
+            .list(&ListParams::default())
+            .await
+            .map(|l| l.items.is_empty())
+            .unwrap_or(true),
+        "nothing of the leaf's wiring lands in the management cluster"
+    );
+    hops.hop("flux-config output committed; the management cluster's Flux applied the Providers and Alerts in the leaf");
+
+    publish_chart(&gitea, work.path(), "0.2.0").await;
+    clone.commit(&gitea, "dev: podinfo 0.2.0", |dir| {
+        std::fs::write(
+            dir.join("apps/dev/podinfo.yaml"),
+            helm_release("dev", "0.2.0", "\"hello from dev\""),
+        )
+        .unwrap();
+    });
+    hops.hop("chart 0.2.0 published, dev bumped in Git");
+    wait(
+        "the leaf's helm-controller upgrading dev to 0.2.0",
+        STEP,
+        || async {
+            (deployed_version(&leaf_client, "dev").await.as_deref() == Some("0.2.0")).then_some(())
+        },
+    )
+    .await;
+    hops.hop("Flux upgraded the leaf's dev to 0.2.0");
+    let management_client = management.client();
+    let staging = wait("the promotion into staging", STEP, || async {
+        promotions(&management_client, "staging", "0.2.0")
+            .await
+            .pop()
+    })
+    .await;
+    hops.hop("the leaf's event reached pipeline-controller: promotion into staging recorded");
+    assert_eq!(staging.spec.trigger.source, "webhook");
+    assert_eq!(staging.spec.trigger.reporting_controller, "helm-controller");
+    let pull = wait("the pull request to staging", STEP, || async {
+        open_pull(&gitea, "staging").await
+    })
+    .await;
+    let number = pull["number"].as_u64().unwrap();
+    merge(&gitea, number).await;
+    hops.hop(&format!(
+        "pull request #{number} to staging opened and merged"
+    ));
+    wait(
+        "the leaf's helm-controller upgrading staging to 0.2.0",
+        STEP,
+        || async {
+            (deployed_version(&leaf_client, "staging").await.as_deref() == Some("0.2.0"))
+                .then_some(())
+        },
+    )
+    .await;
+    hops.hop("Flux upgraded the leaf's staging to 0.2.0");
+    let prod = wait(
+        "the promotion into prod, waiting for approval",
+        STEP,
+        || async {
+            promotions(&management_client, "prod", "0.2.0")
+                .await
+                .pop()
+                .filter(|p| phase(p) == "WaitingApproval")
+        },
+    )
+    .await;
+    assert!(prod.spec.manual);
+    hops.hop("the leaf's staging event reached pipeline-controller: prod waits for approval");
+    eprintln!("[flux-e2e] hops:\n{}", hops.table());
+    drop((controller, management_flux, leaf_flux));
+}
