@@ -14,7 +14,7 @@ if ! command -v git >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq git
 fi
 
-echo "== test binaries (etcd, kube-apiserver, gitea, helm; built from the Go module proxy, cached)"
+echo "== test binaries (etcd, kube-apiserver, gitea, helm, Flux's controllers; built from the Go module proxy, cached)"
 eval "$(scripts/ensure-test-binaries.sh --print-env)"
 
 # crates/git/tests/ssh.rs runs a real OpenSSH server (/usr/sbin/sshd, plus ssh and
