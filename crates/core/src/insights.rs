@@ -307,11 +307,19 @@ impl InsightsExporter {
                 if let Some(rate) = env.failure_rate() {
                     delivery.failure_ratio.get_or_create(&labels).set(rate);
                 }
-                let waiting = env.waiting_since.map_or(0.0, |since| seconds(since, now));
-                delivery
-                    .approval_waiting
-                    .get_or_create(&labels)
-                    .set(waiting);
+                // A series only while something waits: one per environment of every
+                // pipeline would be most of /metrics (and of the memory) with thousands.
+                match env.waiting_since {
+                    Some(since) => {
+                        delivery
+                            .approval_waiting
+                            .get_or_create(&labels)
+                            .set(seconds(since, now));
+                    }
+                    None => {
+                        delivery.approval_waiting.remove(&labels);
+                    }
+                }
             }
             for lead in &insights.lead_times {
                 if first_time(format!("l|{name}|{}", lead.revision), lead.finished_at) {
@@ -593,11 +601,15 @@ mod tests {
             r#"pipeline_controller_approval_wait_seconds_sum{pipeline="apps/web",environment="prod"} 1800.0"#,
             r#"pipeline_controller_lead_time_seconds_sum{pipeline="apps/web"} 1920.0"#,
             r#"pipeline_controller_lead_time_seconds_count{pipeline="apps/web"} 1"#,
-            r#"pipeline_controller_approval_waiting_seconds{pipeline="apps/web",environment="prod"} 0.0"#,
             r#"pipeline_controller_promotion_failure_ratio{pipeline="apps/web",environment="prod"} 0.0"#,
         ] {
             assert!(text.contains(line), "missing {line}:\n{text}");
         }
+        // Nothing waits any more: no series for it (not a 0 per environment).
+        assert!(
+            !text.contains("pipeline_controller_approval_waiting_seconds{"),
+            "{text}"
+        );
         // Before the process started: not counted again by a new process.
         let later = InsightsExporter::new(at("2026-04-01T11:00:00Z"));
         let fresh = crate::metrics::Metrics::new();

@@ -18,39 +18,47 @@ pub(crate) struct Document {
 
 /// The non-empty documents of `text`, in order. A document that is not valid YAML is
 /// returned as an error naming the line and column in the file.
-pub(crate) fn parse_documents(text: &str) -> Vec<Document> {
+///
+/// Parsed one `---` section at a time as the caller asks for them: a folder holding one
+/// file of 10,000 Pipelines would otherwise hold every document's generic YAML value at
+/// once (about 8 KiB each), a peak the allocator keeps as resident memory afterwards.
+pub(crate) fn parse_documents(text: &str) -> impl Iterator<Item = Document> + '_ {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut documents = Vec::new();
-    for (index, (first_line, chunk)) in split(text).into_iter().enumerate() {
-        let number = index + 1;
-        let options = serde_saphyr::options! { with_snippet: false };
-        match serde_saphyr::from_multiple_with_options::<Value>(chunk, options) {
-            Ok(values) => {
-                documents.extend(values.into_iter().filter(|v| !v.is_null()).map(|value| {
-                    Document {
-                        number,
-                        value: Ok(value),
-                    }
-                }))
+    split(text)
+        .into_iter()
+        .enumerate()
+        .flat_map(|(index, (first_line, chunk))| parse_section(index + 1, first_line, chunk))
+}
+
+/// The non-empty documents of one `---` section (section `number`, starting on line
+/// `first_line` of the file).
+fn parse_section(number: usize, first_line: usize, chunk: &str) -> Vec<Document> {
+    let options = serde_saphyr::options! { with_snippet: false };
+    match serde_saphyr::from_multiple_with_options::<Value>(chunk, options) {
+        Ok(values) => values
+            .into_iter()
+            .filter(|v| !v.is_null())
+            .map(|value| Document {
+                number,
+                value: Ok(value),
+            })
+            .collect(),
+        Err(err) => {
+            let render = serde_saphyr::render_options! {
+                formatter: &serde_saphyr::UserMessageFormatter,
+                snippets: serde_saphyr::SnippetMode::Off,
+                line_offset: (first_line - 1) as u64,
+            };
+            let mut message = err.render_with_options(render);
+            if chunk.contains("Secret") {
+                message = redact_quoted(&message);
             }
-            Err(err) => {
-                let render = serde_saphyr::render_options! {
-                    formatter: &serde_saphyr::UserMessageFormatter,
-                    snippets: serde_saphyr::SnippetMode::Off,
-                    line_offset: (first_line - 1) as u64,
-                };
-                let mut message = err.render_with_options(render);
-                if chunk.contains("Secret") {
-                    message = redact_quoted(&message);
-                }
-                documents.push(Document {
-                    number,
-                    value: Err(format!("invalid YAML: {message}")),
-                });
-            }
+            vec![Document {
+                number,
+                value: Err(format!("invalid YAML: {message}")),
+            }]
         }
     }
-    documents
 }
 
 /// Splits `text` at document-start lines (`---`), returning each section with the line
@@ -131,10 +139,7 @@ mod tests {
     use serde_json::json;
 
     fn values(text: &str) -> Vec<(usize, Result<Value, String>)> {
-        parse_documents(text)
-            .into_iter()
-            .map(|d| (d.number, d.value))
-            .collect()
+        parse_documents(text).map(|d| (d.number, d.value)).collect()
     }
 
     #[test]
