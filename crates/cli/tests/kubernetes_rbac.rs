@@ -234,6 +234,8 @@ async fn controller_does_all_its_work_with_the_deploy_service_account_only() {
         has_event("PromotionSucceeded", "Promotion")
     })
     .await;
+    // A plain success is not repeated on the Pipeline (only what needs people is).
+    assert!(!has_event("PromotionSucceeded", "Pipeline").await);
     assert_eq!(receiver.count(), 1);
     let flux: Value = serde_json::from_slice(&receiver.received.lock().unwrap()[0].1).unwrap();
     assert_eq!(flux["reason"], "Promote");

@@ -140,6 +140,19 @@ impl ChangeReason {
                 | ChangeReason::Failed
         )
     }
+
+    /// Whether it asks something of people (an approval, a failure, a refused or obsolete
+    /// promotion), so it is worth an Event on the Pipeline too, not only on the
+    /// Promotion: a promotion that simply succeeds costs one Event of ours.
+    pub fn needs_attention(self) -> bool {
+        matches!(
+            self,
+            ChangeReason::AwaitingApproval
+                | ChangeReason::Rejected
+                | ChangeReason::Superseded
+                | ChangeReason::Failed
+        )
+    }
 }
 
 impl fmt::Display for ChangeReason {

@@ -137,7 +137,8 @@ impl KubePromotionStore {
         };
         let ns = &after.pipeline.namespace;
         // Events for what people act on and for outcomes only (the history has the
-        // rest): a promotion that runs straight through costs two Events.
+        // rest), on the Promotion; on its Pipeline too when it needs people. A promotion
+        // that runs straight through costs one Event.
         for change in changes.iter().filter(|c| c.reason.concerns_pipeline()) {
             let type_ = if change.reason.is_warning() {
                 EventType::Warning
@@ -151,6 +152,9 @@ impl KubePromotionStore {
                 reason,
                 change.message.clone(),
             );
+            if !change.reason.needs_attention() {
+                continue;
+            }
             publisher.spawn(
                 pipeline_reference(ns, &after.pipeline.name, pipelines.uid(&after.pipeline)),
                 type_,
