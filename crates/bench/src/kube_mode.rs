@@ -136,11 +136,13 @@ impl Requests {
             .iter()
             .filter(|((verb, _), _)| !matches!(verb.as_str(), "GET" | "LIST" | "WATCH"))
             .map(|(_, v)| v)
-            .sum()
+            .sum::<f64>()
+            + 0.0
     }
 
     fn total(&self) -> f64 {
-        self.0.values().sum()
+        // `+ 0.0`: an empty f64 sum is -0.0, printed as "-0".
+        self.0.values().sum::<f64>() + 0.0
     }
 
     fn count(&self, verb: &str, resource: &str) -> f64 {
