@@ -280,6 +280,9 @@ fn management_kustomization(
     );
     let mut spec = json!({
         "interval": "10m",
+        // A failed apply (the folder not fetched yet, a leaf cluster away) is retried
+        // sooner than the next interval.
+        "retryInterval": "1m",
         "path": path,
         "prune": true,
         "sourceRef": {
