@@ -291,7 +291,12 @@ pub struct ServeArgs {
     pub internal_listen: SocketAddr,
     /// How often the delivery insights (deployments, lead time, approval wait, failure
     /// ratio, time to recover) are recomputed from the records for /metrics.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(
+        long,
+        env = "PIPELINE_CONTROLLER_INSIGHTS_INTERVAL",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
     pub insights_interval: Duration,
     /// Close a connection that has not sent complete request headers within this time.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
