@@ -118,49 +118,84 @@ struct Inner {
     /// Failure and recovery lines, across episodes: a disk that keeps filling up does
     /// not write a pair of lines per episode.
     announcements: Throttle,
-    /// Creates waiting for the next group commit.
-    creates: Mutex<Vec<QueuedCreate>>,
-    /// Whether a caller is committing queued creates now.
+    /// Writes waiting for the next group commit.
+    writes: Mutex<Vec<QueuedWrite>>,
+    /// Whether a caller is committing queued writes now.
     committing: AtomicBool,
 }
 
-/// A record to create and where its creator waits for the outcome.
-type QueuedCreate = (
-    PromotionRecord,
-    tokio::sync::oneshot::Sender<Result<(PromotionRecord, bool), StoreError>>,
+/// A write for the next group commit.
+enum Write {
+    /// Create the record unless one with its id exists.
+    Create(Box<PromotionRecord>),
+    /// Replace the stored record with `next` if it is still `expected` (compare and set:
+    /// the change was computed from `expected` outside the transaction).
+    Replace {
+        expected: Box<PromotionRecord>,
+        next: Box<PromotionRecord>,
+    },
+}
+
+/// What a [`Write`] did.
+enum Written {
+    /// The stored record, and whether this write created it.
+    Created(Box<PromotionRecord>, bool),
+    /// Whether the record was replaced (false: it had changed since it was read).
+    Replaced(bool),
+}
+
+/// A write and where its caller waits for the outcome.
+type QueuedWrite = (
+    Write,
+    tokio::sync::oneshot::Sender<Result<Written, StoreError>>,
 );
 
-/// Most creates one transaction takes.
+/// Most writes one transaction takes.
 const MAX_BATCH: usize = 512;
 
-/// Creates each record unless one with its id exists (in the file or earlier in the
-/// batch), in one write transaction; commits (one fsync) only when something is new.
-fn create_batch(
-    db: &Database,
-    records: Vec<PromotionRecord>,
-) -> Result<Vec<(PromotionRecord, bool)>, Failure> {
+/// How often `modify` recomputes a change whose record another write changed meanwhile.
+const MAX_REPLACE_ATTEMPTS: usize = 64;
+
+/// Applies `writes` in order in one write transaction; commits (one fsync) only when
+/// something changed. A replace of a record that changed since it was read (also by an
+/// earlier write of the batch) is refused, so its caller recomputes it.
+fn write_batch(db: &Database, writes: Vec<Write>) -> Result<Vec<Written>, Failure> {
     let txn = db.begin_write().map_err(io)?;
-    let mut results = Vec::with_capacity(records.len());
-    let mut created = 0;
+    let mut results = Vec::with_capacity(writes.len());
+    let mut changed = 0;
     {
         let mut tables = Tables::open(&txn)?;
-        for record in records {
-            match load(&tables.records, &record.id)? {
-                Some(existing) => results.push((existing, false)),
-                None => {
-                    tables.put(None, &record)?;
-                    created += 1;
-                    results.push((record, true));
+        for write in writes {
+            match write {
+                Write::Create(record) => match load(&tables.records, &record.id)? {
+                    Some(existing) => results.push(Written::Created(Box::new(existing), false)),
+                    None => {
+                        tables.put(None, &record)?;
+                        changed += 1;
+                        results.push(Written::Created(record, true));
+                    }
+                },
+                Write::Replace { expected, next } => {
+                    match load(&tables.records, &expected.id)? {
+                        Some(stored) if stored == *expected => {
+                            tables.put(Some(&stored), &next)?;
+                            changed += 1;
+                            results.push(Written::Replaced(true));
+                        }
+                        // Changed meanwhile, or deleted: the caller reads it again (and
+                        // then finds it changed, or gone).
+                        Some(_) | None => results.push(Written::Replaced(false)),
+                    }
                 }
             }
         }
     }
-    if created == 0 {
+    if changed == 0 {
         txn.abort().map_err(io)?;
     } else {
         // Durability::Immediate (the default): fsynced before commit returns.
         txn.commit().map_err(io)?;
-        tracing::debug!(created, "promotion records created");
+        tracing::debug!(changed, "promotion records written");
     }
     Ok(results)
 }
@@ -251,7 +286,7 @@ impl RedbPromotionStore {
                 db: Mutex::new(Some(Arc::new(db))),
                 fault: Mutex::new(None),
                 announcements: Throttle::new(FAULT_LOG_INTERVAL),
-                creates: Mutex::new(Vec::new()),
+                writes: Mutex::new(Vec::new()),
                 committing: AtomicBool::new(false),
             }),
         })
@@ -262,40 +297,63 @@ impl RedbPromotionStore {
         &self.inner.path
     }
 
-    /// Commits queued creates, batch after batch, until the queue is empty. Runs with
+    /// Commits queued writes, batch after batch, until the queue is empty. Runs with
     /// `committing` set by its starter.
-    async fn commit_creates(&self) {
+    async fn commit_writes(&self) {
         loop {
-            let batch: Vec<QueuedCreate> = {
-                let mut queue = lock(&self.inner.creates);
+            let batch: Vec<QueuedWrite> = {
+                let mut queue = lock(&self.inner.writes);
                 let take = queue.len().min(MAX_BATCH);
                 queue.drain(..take).collect()
             };
             if batch.is_empty() {
                 self.inner.committing.store(false, Ordering::SeqCst);
-                // A creator may have queued after the drain and before the reset.
-                if lock(&self.inner.creates).is_empty()
+                // A writer may have queued after the drain and before the reset.
+                if lock(&self.inner.writes).is_empty()
                     || self.inner.committing.swap(true, Ordering::SeqCst)
                 {
                     return;
                 }
                 continue;
             }
-            let records: Vec<PromotionRecord> = batch.iter().map(|(r, _)| r.clone()).collect();
-            let written = self.blocking(move |db| create_batch(db, records)).await;
-            match written {
+            let (writes, answers): (Vec<Write>, Vec<_>) = batch.into_iter().unzip();
+            match self.blocking(move |db| write_batch(db, writes)).await {
                 Ok(results) => {
-                    for ((_, answer), result) in batch.into_iter().zip(results) {
+                    for (answer, result) in answers.into_iter().zip(results) {
                         let _ = answer.send(Ok(result));
                     }
                 }
                 Err(err) => {
-                    for (_, answer) in batch {
-                        let _ = answer.send(Err(StoreError::Unavailable(err.to_string())));
+                    // Nothing of the batch was committed: every writer gets the failure.
+                    for answer in answers {
+                        let _ = answer.send(Err(match &err {
+                            StoreError::NotFound(id) => StoreError::NotFound(id.clone()),
+                            StoreError::Unavailable(message) => {
+                                StoreError::Unavailable(message.clone())
+                            }
+                            other => StoreError::Unavailable(other.to_string()),
+                        }));
                     }
                 }
             }
         }
+    }
+
+    /// Queues `write` for the next group commit and waits until it is durable (or
+    /// refused). The commit runs in a task of its own: a caller that goes away (its
+    /// client disconnected) must not leave the queue without a committer.
+    async fn group_write(&self, write: Write) -> Result<Written, StoreError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        lock(&self.inner.writes).push((write, answer));
+        if !self.inner.committing.swap(true, Ordering::SeqCst) {
+            let store = self.clone();
+            tokio::spawn(async move { store.commit_writes().await });
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(StoreError::Unavailable(
+                "the promotion store dropped a write".to_string(),
+            ))
+        })
     }
 
     /// Runs `work` on the blocking pool: redb does file I/O and fsync synchronously.
@@ -674,22 +732,15 @@ impl PromotionStore for RedbPromotionStore {
         &self,
         record: PromotionRecord,
     ) -> Result<(PromotionRecord, bool), StoreError> {
-        // Group commit: concurrent creators queue up, and whoever finds no commit under
-        // way writes the whole queue in one transaction (one fsync), then answers every
-        // creator. Each still gets its answer only once its record is durable.
-        let (answer, answered) = tokio::sync::oneshot::channel();
-        lock(&self.inner.creates).push((record, answer));
-        // The commit runs in a task of its own: a creator that goes away (its client
-        // disconnected) must not leave the queue without a committer.
-        if !self.inner.committing.swap(true, Ordering::SeqCst) {
-            let store = self.clone();
-            tokio::spawn(async move { store.commit_creates().await });
+        // Group commit: concurrent writers queue up, and one task writes the whole queue
+        // in one transaction (one fsync), then answers every writer. Each still gets its
+        // answer only once its record is durable.
+        match self.group_write(Write::Create(Box::new(record))).await? {
+            Written::Created(stored, created) => Ok((*stored, created)),
+            Written::Replaced(_) => Err(StoreError::Unavailable(
+                "the promotion store answered a create with a replace".to_string(),
+            )),
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the promotion store dropped a create".to_string(),
-            ))
-        })
     }
 
     async fn get(&self, id: &str) -> Result<Option<PromotionRecord>, StoreError> {
@@ -745,62 +796,44 @@ impl PromotionStore for RedbPromotionStore {
         id: &str,
         change: RecordChange<'_>,
     ) -> Result<PromotionRecord, StoreError> {
-        // `change` borrows from the caller, so it cannot move to the blocking pool.
-        // Instead the write transaction travels: begun and read there, changed here,
-        // then written and committed there. It stays one transaction throughout, so
-        // the change is applied exactly once and no other writer interleaves.
-        let key = id.to_string();
-        let (txn, current) = self
-            .blocking(move |db| {
-                let txn = db.begin_write().map_err(io)?;
-                let current = {
-                    let records = txn.open_table(RECORDS).map_err(io)?;
-                    load(&records, &key)?
-                };
-                match current {
-                    Some(current) => Ok((txn, current)),
-                    None => {
-                        txn.abort().map_err(io)?;
-                        Err(StoreError::NotFound(key).into())
-                    }
-                }
-            })
-            .await?;
-
-        let mut next = current.clone();
-        // On any early return below `txn` is dropped, which aborts it: nothing was
-        // written, so that is only the release of the write lock. A panicking change is
-        // caught only to abort first: dropping a write transaction while unwinding makes
-        // redb leak its pages until the next open.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change(&mut next)));
-        let outcome = match outcome {
-            Ok(outcome) => outcome,
-            Err(panic) => {
-                drop(txn);
-                std::panic::resume_unwind(panic);
+        // Optimistic, so that changes share the group commit with creates and with each
+        // other: read the record, apply `change` here, and have the batch write it only
+        // if the record is still what was read; otherwise read it again and recompute.
+        // Either way the change is applied exactly once to the version it was computed
+        // from, and the answer comes once it is durable.
+        for _ in 0..MAX_REPLACE_ATTEMPTS {
+            let current = self
+                .get(id)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+            let mut next = current.clone();
+            change(&mut next)?;
+            if next.id != current.id {
+                return Err(StoreError::Unavailable(format!(
+                    "a change to promotion {} tried to alter its id",
+                    current.id
+                )));
             }
-        };
-        outcome?;
-        if next.id != current.id {
-            return Err(StoreError::Unavailable(format!(
-                "a change to promotion {} tried to alter its id",
-                current.id
-            )));
+            if next == current {
+                return Ok(next);
+            }
+            let write = Write::Replace {
+                expected: Box::new(current),
+                next: Box::new(next.clone()),
+            };
+            match self.group_write(write).await? {
+                Written::Replaced(true) => return Ok(next),
+                Written::Replaced(false) => continue,
+                Written::Created(..) => {
+                    return Err(StoreError::Unavailable(
+                        "the promotion store answered a replace with a create".to_string(),
+                    ));
+                }
+            }
         }
-        if next == current {
-            return Ok(next);
-        }
-
-        // A write transaction keeps its database open by itself.
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
-            let written = Tables::open(&txn)
-                .and_then(|mut tables| tables.put(Some(&current), &next))
-                .and_then(|()| txn.commit().map_err(io));
-            inner.settle(written.map(|()| next))
-        })
-        .await
-        .map_err(join_failed)?
+        Err(StoreError::Unavailable(format!(
+            "promotion {id} kept changing while it was being changed ({MAX_REPLACE_ATTEMPTS} tries)"
+        )))
     }
 
     async fn delete(&self, id: &str) -> Result<(), StoreError> {

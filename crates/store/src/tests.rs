@@ -717,3 +717,72 @@ async fn concurrent_creates_are_committed_together_and_all_durable() {
         assert!(store.get(&record.id).await.unwrap().is_some());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_changes_and_creates_share_commits_and_all_are_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("promotions.redb");
+    let store = RedbPromotionStore::open(&path).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let r = record(
+            "ns/app",
+            "dev",
+            "staging",
+            &format!("1.{i}.0"),
+            at(i as i64),
+        );
+        ids.push(store.create_if_absent(r).await.unwrap().0.id);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (store, id) = (store.clone(), id.clone());
+        tasks.spawn(async move {
+            store
+                .modify(&id, &|r| r.start_attempt(at(1_000)))
+                .await
+                .unwrap();
+            // A create beside each change, in the same queue.
+            store
+                .create_if_absent(record(
+                    "ns/app",
+                    "dev",
+                    "prod",
+                    &format!("2.{i}.0"),
+                    at(i as i64),
+                ))
+                .await
+                .unwrap();
+        });
+    }
+    tasks.join_all().await;
+    drop(store);
+    let store = RedbPromotionStore::open(&path).unwrap();
+    for id in &ids {
+        let stored = store.get(id).await.unwrap().unwrap();
+        assert_eq!(stored.phase, Phase::Running, "{id}");
+        assert_eq!(stored.attempts, 1, "{id}");
+    }
+    assert_eq!(
+        store.list(&PromotionFilter::default()).await.unwrap().len(),
+        200
+    );
+    assert_eq!(store.unfinished().await.unwrap().len(), 200);
+}
+
+#[tokio::test]
+async fn changing_a_deleted_record_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_in(&dir);
+    let r = record("ns/app", "dev", "staging", "1.0.0", at(0));
+    store.create_if_absent(r.clone()).await.unwrap();
+    store.delete(&r.id).await.unwrap();
+    let err = store
+        .modify(&r.id, &|r| {
+            r.attempts += 1;
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+}
