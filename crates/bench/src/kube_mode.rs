@@ -526,25 +526,11 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
             Scenario::Duplicate => 200,
             Scenario::BadSignature => 401,
         };
-        if scenario == Scenario::Duplicate {
-            // The first delivery records the promotion; only repeats are timed.
-            let first = &requests[0];
-            let response = control
-                .post(controller.url(WEBHOOK_PATH))
-                .header("content-type", "application/json")
-                .header("x-signature", &first.signature)
-                .body(first.body.clone())
-                .send()
-                .await?;
-            ensure!(
-                matches!(response.status().as_u16(), 200 | 202),
-                "priming the duplicate scenario: {}",
-                response.status()
-            );
-            if response.status().as_u16() == 202 {
-                accepted += 1;
-                drained(&receiver, accepted, Duration::from_secs(30)).await;
-            }
+        if scenario == Scenario::Duplicate
+            && super::prime_duplicate(&control, &controller, &requests[0]).await?
+        {
+            accepted += 1;
+            drained(&receiver, accepted, Duration::from_secs(30)).await;
         }
         let before = api_requests(&cluster).await?;
         let cpu_before = (cpu_seconds(controller.pid()), cluster_cpu(&cluster_pids));

@@ -374,6 +374,29 @@ fn connections(concurrency: usize) -> anyhow::Result<Vec<reqwest::Client>> {
         .collect()
 }
 
+/// Sends the duplicate scenario's event once before the timed run: the first delivery
+/// records the promotion (202); only repeats are timed. Returns whether it was new.
+async fn prime_duplicate(
+    control: &reqwest::Client,
+    server: &Server,
+    first: &Request,
+) -> anyhow::Result<bool> {
+    let response = control
+        .post(server.url(WEBHOOK_PATH))
+        .header("content-type", "application/json")
+        .header("x-signature", &first.signature)
+        .body(first.body.clone())
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    ensure!(
+        matches!(status, 200 | 202),
+        "priming the duplicate scenario: {}",
+        response.status()
+    );
+    Ok(status == 202)
+}
+
 /// Opens every connection (a `GET /healthz` each) so connecting is not timed.
 async fn warm_up(server: &Server, clients: &[reqwest::Client]) -> anyhow::Result<()> {
     let url = server.url("/healthz");
@@ -696,24 +719,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 (Scenario::Duplicate, true) => 200,
                 (_, _) => 202,
             };
-            if scenario == Scenario::Duplicate && is_controller {
-                // The first delivery records the promotion (202); only repeats are timed.
-                let first = &requests[0];
-                let response = control
-                    .post(server.url(WEBHOOK_PATH))
-                    .header("content-type", "application/json")
-                    .header("x-signature", &first.signature)
-                    .body(first.body.clone())
-                    .send()
-                    .await?;
-                ensure!(
-                    matches!(response.status().as_u16(), 200 | 202),
-                    "priming the duplicate scenario: {}",
-                    response.status()
-                );
-                if response.status().as_u16() == 202 {
-                    accepted += 1;
-                }
+            if scenario == Scenario::Duplicate
+                && is_controller
+                && prime_duplicate(&control, server, &requests[0]).await?
+            {
+                accepted += 1;
             }
             let cpu_before = cpu_seconds(server.pid());
             let mut stats = load(&server.url(WEBHOOK_PATH), clients, requests, expected).await?;
