@@ -174,30 +174,26 @@ impl Core {
                     None
                 }
             };
-            let timer = tokio::time::sleep(RETENTION_SWEEP);
-            tokio::pin!(timer);
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = &mut timer => break,
-                    changed = finished.changed() => {
-                        if changed.is_err() {
-                            // The executor is gone; only the timer is left.
-                            tokio::select! {
-                                () = stop.cancelled() => return,
-                                () = &mut timer => break,
-                            }
-                        }
-                        let since = finished.borrow_and_update().saturating_sub(swept_at);
-                        if due_after.is_some_and(|n| since >= n) {
-                            // At most one early sweep per interval of this length.
-                            tokio::select! {
-                                () = stop.cancelled() => return,
-                                () = tokio::time::sleep(RETENTION_MIN_GAP) => break,
-                            }
-                        }
-                    }
+            // Sooner than the timer once enough promotions finished, and then at most
+            // one early sweep per RETENTION_MIN_GAP.
+            let enough_finished = async {
+                // No count limit, or the executor gone: the timer alone.
+                let Some(n) = due_after else {
+                    return std::future::pending().await;
+                };
+                let reached = finished
+                    .wait_for(|done| done.saturating_sub(swept_at) >= n)
+                    .await
+                    .is_ok();
+                if !reached {
+                    return std::future::pending().await;
                 }
+                tokio::time::sleep(RETENTION_MIN_GAP).await;
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(RETENTION_SWEEP) => {}
+                () = enough_finished => {}
             }
         }
     }
