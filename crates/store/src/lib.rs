@@ -326,8 +326,8 @@ impl RedbPromotionStore {
                 Err(err) => {
                     // Nothing of the batch was committed: every writer gets the failure.
                     for answer in answers {
+                        // (A batch fails only on storage or decoding: `Unavailable`.)
                         let _ = answer.send(Err(match &err {
-                            StoreError::NotFound(id) => StoreError::NotFound(id.clone()),
                             StoreError::Unavailable(message) => {
                                 StoreError::Unavailable(message.clone())
                             }
@@ -648,6 +648,13 @@ impl<'txn> Tables<'txn> {
     /// Removes `old` and its index entries.
     fn remove(&mut self, old: &PromotionRecord) -> Result<(), Failure> {
         self.records.remove(old.id.as_str()).map_err(io)?;
+        self.remove_ordering(old)?;
+        self.unfinished.remove(old.id.as_str()).map_err(io)?;
+        Ok(())
+    }
+
+    /// Removes `old`'s entries of the two time-ordered indexes.
+    fn remove_ordering(&mut self, old: &PromotionRecord) -> Result<(), Failure> {
         let (seconds, nanos) = newest_first(old.created_at);
         self.by_created
             .remove((seconds, nanos, old.id.as_str()))
@@ -661,7 +668,6 @@ impl<'txn> Tables<'txn> {
                 old.id.as_str(),
             ))
             .map_err(io)?;
-        self.unfinished.remove(old.id.as_str()).map_err(io)?;
         Ok(())
     }
 
@@ -685,19 +691,7 @@ impl<'txn> Tables<'txn> {
             old.is_none_or(|old| old.created_at != new.created_at || old.pipeline != new.pipeline);
         if moved {
             if let Some(old) = old {
-                let (seconds, nanos) = newest_first(old.created_at);
-                self.by_created
-                    .remove((seconds, nanos, old.id.as_str()))
-                    .map_err(io)?;
-                self.by_pipeline
-                    .remove((
-                        old.pipeline.namespace.as_str(),
-                        old.pipeline.name.as_str(),
-                        seconds,
-                        nanos,
-                        old.id.as_str(),
-                    ))
-                    .map_err(io)?;
+                self.remove_ordering(old)?;
             }
             let (seconds, nanos) = newest_first(new.created_at);
             self.by_created
