@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use pipeline_bench::{
@@ -377,33 +377,11 @@ async fn start_controller(
         internal,
     };
     // Ready means leader with synced caches: only then is the timed load meaningful.
-    let deadline = Instant::now() + Duration::from_secs(60);
     let url = server.internal_url("/readyz");
-    let mut last = String::new();
-    loop {
-        if let Some(status) = server.child.try_wait()? {
-            bail!(
-                "pipeline-controller exited during start-up: {status}; log:\n{}",
-                read_tail(log, 20)
-            );
-        }
-        if let Ok(response) = client.get(&url).send().await {
-            if response.status().is_success() {
-                return Ok(server);
-            }
-            last = format!(
-                "{}: {}",
-                response.status(),
-                response.text().await.unwrap_or_default()
-            );
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "pipeline-controller not ready after 60 s (last /readyz: {last}); log:\n{}",
-            read_tail(log, 20)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    super::wait_ok(&mut server, client, &url, Duration::from_secs(60))
+        .await
+        .with_context(|| format!("log:\n{}", read_tail(log, 20)))?;
+    Ok(server)
 }
 
 /// Sends `n` new events (distinct revisions) with the bench's connections, for the

@@ -250,20 +250,39 @@ async fn start_bare(
 
 /// Polls `GET /healthz` until 200 (bounded by [`START_TIMEOUT`]).
 async fn wait_healthy(server: &mut Server, client: &reqwest::Client) -> anyhow::Result<()> {
-    let deadline = Instant::now() + START_TIMEOUT;
     let url = server.url("/healthz");
+    wait_ok(server, client, &url, START_TIMEOUT).await
+}
+
+/// Polls `GET url` until it answers 2xx, failing when `server` exits or after `timeout`
+/// (naming the last answer).
+async fn wait_ok(
+    server: &mut Server,
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("none");
     loop {
         if let Some(status) = server.child.try_wait()? {
             bail!("{} exited during start-up: {status}", server.name);
         }
-        if let Ok(response) = client.get(&url).send().await
-            && response.status().is_success()
-        {
-            return Ok(());
+        if let Ok(response) = client.get(url).send().await {
+            if response.status().is_success() {
+                return Ok(());
+            }
+            last = format!(
+                "{}: {}",
+                response.status(),
+                response.text().await.unwrap_or_default()
+            );
         }
-        if Instant::now() > deadline {
-            bail!("{} not healthy after {START_TIMEOUT:?}", server.name);
-        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} not answering {url} after {timeout:?} (last answer: {last})",
+            server.name
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
