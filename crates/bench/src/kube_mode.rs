@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
+use futures::StreamExt;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use pipeline_bench::{
@@ -63,34 +64,11 @@ async fn create_other_pipelines(
     n: usize,
     concurrency: usize,
 ) -> anyhow::Result<()> {
-    let documents = Arc::new(super::other_pipelines(n));
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency.max(1) {
-        let client = cluster.client();
-        let (documents, next) = (documents.clone(), next.clone());
-        tasks.spawn(async move {
-            while let Some(yaml) = documents.get(next.fetch_add(1, Ordering::Relaxed)) {
-                let value: serde_json::Value = serde_saphyr::from_str(yaml)?;
-                let object: kube::api::DynamicObject = serde_json::from_value(value)?;
-                let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
-                    client.clone(),
-                    "flux-system",
-                    &kube::api::ApiResource {
-                        group: "pipelines.weave.works".into(),
-                        version: "v1alpha1".into(),
-                        api_version: "pipelines.weave.works/v1alpha1".into(),
-                        kind: "Pipeline".into(),
-                        plural: "pipelines".into(),
-                    },
-                );
-                api.create(&PostParams::default(), &object).await?;
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    while let Some(result) = tasks.join_next().await {
-        result.context("a Pipeline-creating worker panicked")??;
+    let documents = super::other_pipelines(n);
+    let mut applied = futures::stream::iter(documents.iter().map(|yaml| cluster.apply_yaml(yaml)))
+        .buffer_unordered(concurrency.max(1));
+    while let Some(result) = applied.next().await {
+        result.context("creating the other Pipelines")?;
     }
     Ok(())
 }
