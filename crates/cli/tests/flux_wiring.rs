@@ -631,24 +631,7 @@ async fn a_real_notification_controller_delivers_through_the_direct_wiring() {
     );
     // The controller's Service as a LoadBalancer on loopback, at the controller's port.
     let port = controller.address.port();
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "pipeline-controller", "namespace": SYSTEM},
-        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
-    }))
-    .unwrap();
-    let services: Api<Service> = Api::namespaced(management.client(), SYSTEM);
-    services
-        .create(&PostParams::default(), &service)
-        .await
-        .unwrap();
-    services
-        .patch_status(
-            "pipeline-controller",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "127.0.0.1"}]}}})),
-        )
-        .await
-        .unwrap();
+    load_balancer(&management, port, "127.0.0.1").await;
     let pipeline = Pipeline {
         reference: PipelineRef::new(NS, "podinfo"),
         spec: parse_pipeline_spec(spec).unwrap(),
@@ -834,24 +817,7 @@ async fn flux_config_derives_the_public_url_like_serve() {
     );
 
     // A LoadBalancer with an address.
-    let services: Api<Service> = Api::namespaced(cluster.client(), SYSTEM);
-    let service: Service = serde_json::from_value(json!({
-        "metadata": {"name": "pipeline-controller", "namespace": SYSTEM},
-        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
-    }))
-    .unwrap();
-    services
-        .create(&PostParams::default(), &service)
-        .await
-        .unwrap();
-    services
-        .patch_status(
-            "pipeline-controller",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.20"}]}}})),
-        )
-        .await
-        .unwrap();
+    load_balancer(&cluster, 80, "192.0.2.20").await;
     let (code, _, stderr) = run_cli(kubeconfig, &["flux-config", "--output-dir", dir]);
     assert_eq!(code, 0, "{stderr}");
     assert!(
@@ -886,6 +852,29 @@ async fn flux_config_derives_the_public_url_like_serve() {
 }
 
 /// Every file under `dir`.
+/// The controller's Service (`pipeline-system/pipeline-controller`) as a LoadBalancer
+/// on `port` whose status has the address `ip`, as a cloud would write it.
+async fn load_balancer(cluster: &TestCluster, port: u16, ip: &str) {
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "pipeline-controller", "namespace": SYSTEM},
+        "spec": {"type": "LoadBalancer", "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    }))
+    .unwrap();
+    let services: Api<Service> = Api::namespaced(cluster.client(), SYSTEM);
+    services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    services
+        .patch_status(
+            "pipeline-controller",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}})),
+        )
+        .await
+        .unwrap();
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {
