@@ -334,6 +334,34 @@ impl Clone {
     }
 }
 
+/// Waits until source-controller's GitRepository `flux-system/fleet` has the clone's
+/// HEAD as its artifact.
+async fn wait_fetched(gitea: &Gitea, clone: &Clone, client: &kube::Client) {
+    let head = gitea
+        .git(&clone.dir, &["rev-parse", "HEAD"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let repositories: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "flux-system",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
+            "gitrepositories",
+        ),
+    );
+    wait(
+        "source-controller fetching the wiring commit",
+        STEP,
+        || async {
+            let repository = repositories.get_opt("fleet").await.ok()??;
+            (repository.data["status"]["artifact"]["revision"] == format!("main@sha1:{head}"))
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// `data.chartVersion` of the ConfigMap the chart installs in `podinfo-<env>`.
 async fn deployed_version(client: &kube::Client, env: &str) -> Option<String> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &format!("podinfo-{env}"));
@@ -629,32 +657,9 @@ async fn world(wiring: Wiring, args: &[&str]) -> World {
                 assert!(secret_api(namespace).get_opt(name).await.unwrap().is_some());
             }
             clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
-            // The management Kustomization flux-config writes retries only every 10 minutes: let
-            // source-controller fetch the commit holding its folder first.
-            let head = gitea
-                .git(&clone.dir, &["rev-parse", "HEAD"])
-                .unwrap()
-                .trim()
-                .to_string();
-            let repositories: Api<DynamicObject> = Api::namespaced_with(
-                client.clone(),
-                "flux-system",
-                &ApiResource::from_gvk_with_plural(
-                    &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
-                    "gitrepositories",
-                ),
-            );
-            wait(
-                "source-controller fetching the wiring commit",
-                STEP,
-                || async {
-                    let repository = repositories.get_opt("fleet").await.ok()??;
-                    (repository.data["status"]["artifact"]["revision"]
-                        == format!("main@sha1:{head}"))
-                    .then_some(())
-                },
-            )
-            .await;
+            // The management Kustomization flux-config writes retries a failed apply only
+            // after a minute: let source-controller fetch the commit holding its folder first.
+            wait_fetched(&gitea, &clone, &client).await;
             let management =
                 std::fs::read_to_string(wiring.join("management/management.yaml")).unwrap();
             cluster.apply_yaml(&management).await.unwrap();
@@ -1277,29 +1282,7 @@ async fn a_leaf_cluster_gets_its_wiring_from_the_management_cluster_and_promotes
         .unwrap();
     }
     clone.commit(&gitea, "pipeline wiring from flux-config", |_| {});
-    let head = gitea
-        .git(&clone.dir, &["rev-parse", "HEAD"])
-        .unwrap()
-        .trim()
-        .to_string();
-    let repositories: Api<DynamicObject> = Api::namespaced_with(
-        management.client(),
-        "flux-system",
-        &ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("source.toolkit.fluxcd.io", "v1", "GitRepository"),
-            "gitrepositories",
-        ),
-    );
-    wait(
-        "source-controller fetching the wiring commit",
-        STEP,
-        || async {
-            let repository = repositories.get_opt("fleet").await.ok()??;
-            (repository.data["status"]["artifact"]["revision"] == format!("main@sha1:{head}"))
-                .then_some(())
-        },
-    )
-    .await;
+    wait_fetched(&gitea, &clone, &management.client()).await;
     management.apply_yaml(&kustomization).await.unwrap();
     for env in ["dev", "staging"] {
         let namespace = format!("podinfo-{env}");
