@@ -4,9 +4,10 @@
 //! written into a clone.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use support::{captured_logs, logs_text};
 
 use base64::Engine;
 use pipeline_core::pipeline::parse_pipeline_spec;
@@ -25,36 +26,6 @@ const PROD: &str = "apiVersion: helm.toolkit.fluxcd.io/v2\nkind: HelmRelease\nme
 
 // ---------------------------------------------------------------------------------------
 // Logs of the code under test (one global subscriber, at debug level)
-
-fn captured_logs() -> &'static Mutex<Vec<u8>> {
-    static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
-    let logs = LOGS.get_or_init(Mutex::default);
-    static INIT: OnceLock<()> = OnceLock::new();
-    INIT.get_or_init(|| {
-        let _ = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(|| LogWriter)
-            .try_init();
-    });
-    logs
-}
-
-struct LogWriter;
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        captured_logs().lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn logs_text() -> String {
-    String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
-}
 
 /// How many `git clone` commands ran for `url` (from the "git command finished" lines).
 fn clones_of(url: &str) -> usize {
