@@ -348,14 +348,7 @@ async fn manifest_changes_are_picked_up_without_restart() {
             && detail.contains(expected),
         "{detail}"
     );
-    let metrics = client()
-        .get(service.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&service, "/metrics").await;
     assert!(
         metrics.contains("pipeline_controller_manifest_files_invalid 1\n")
             && metrics.contains("pipeline_controller_manifest_files_last_good 1\n"),
@@ -1109,14 +1102,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn wait_metrics(service: &Service, what: &str, want: &[&str]) -> String {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let text = client()
-            .get(service.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(service, "/metrics").await;
         if want.iter().all(|line| text.lines().any(|l| l == *line)) {
             return text;
         }
