@@ -18,6 +18,9 @@
 //!   than the whole budget is not kept.
 //! - Clones left by an earlier run are adopted at the first use of the cache (sized in the
 //!   background); leftovers of interrupted clones or removals are deleted.
+//! - A clone has no work tree: it is made with `git clone --no-checkout`, and the strategy
+//!   reads and writes git objects only, so a clone of a 10,000-file repository is its
+//!   packed objects (a few MiB), not a checkout.
 //! - No credential is ever written into a clone: git gets them per command through the
 //!   environment (see [`crate::git`]); `.git/config` holds the plain repository URL.
 //!
@@ -694,7 +697,7 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    /// The clone's work tree.
+    /// The clone's directory: `.git` and nothing else (nothing is checked out).
     pub(crate) fn path(&self) -> &Path {
         &self.path
     }

@@ -290,40 +290,86 @@ impl Git {
         extra_env: &[(&str, &str)],
         input: Option<&str>,
     ) -> Result<String, GitError> {
+        let out = self
+            .run_raw(dir, args, extra_env, input.map(str::as_bytes))
+            .await?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A `git` command with this repository's environment, output piped.
+    fn command(&self, dir: Option<&Path>, args: &[&str], extra_env: &[(&str, &str)]) -> Command {
         let mut command = Command::new("git");
         command
             .args(args)
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(extra_env.iter().copied())
-            .stdin(if input.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         if let Some(dir) = dir {
             command.current_dir(dir);
         }
-        let what = args.first().copied().unwrap_or("git");
-        let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.timeout, async {
-            let mut child = command.spawn()?;
-            if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-                use tokio::io::AsyncWriteExt;
-                stdin.write_all(input.as_bytes()).await?;
-            }
-            child.wait_with_output().await
-        })
-        .await;
+        command
+    }
+
+    fn log_finished(&self, what: &str, started: std::time::Instant) {
         tracing::debug!(
             command = what,
             repository = %self.url,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "git command finished"
         );
+    }
+
+    /// The error of a command that exited with `status`, from its (scrubbed) stderr.
+    fn failed(&self, what: &str, status: std::process::ExitStatus, stderr: &[u8]) -> GitError {
+        let stderr = String::from_utf8_lossy(stderr);
+        let stderr = self.scrubber.scrub(stderr.trim());
+        let kind = classify(&stderr);
+        GitError::new(
+            kind,
+            format!(
+                "git {what} {} failed ({status}): {}",
+                self.url,
+                failure_detail(&stderr)
+            ),
+        )
+    }
+
+    /// Runs `git args` in `dir` with `input` on its stdin (written while the output is
+    /// read, so neither side can block the other); returns stdout as bytes.
+    async fn run_raw(
+        &self,
+        dir: Option<&Path>,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+        input: Option<&[u8]>,
+    ) -> Result<Vec<u8>, GitError> {
+        let mut command = self.command(dir, args, extra_env);
+        command.stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        let what = args.first().copied().unwrap_or("git");
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.timeout, async {
+            let mut child = command.spawn()?;
+            let stdin = child.stdin.take();
+            let write = async move {
+                if let (Some(input), Some(mut stdin)) = (input, stdin) {
+                    use tokio::io::AsyncWriteExt;
+                    // A command that stops reading early fails on its own; its exit
+                    // status and stderr say why.
+                    let _ = stdin.write_all(input).await;
+                }
+            };
+            let ((), output) = tokio::join!(write, child.wait_with_output());
+            output
+        })
+        .await;
+        self.log_finished(what, started);
         let output = match result {
             Ok(Ok(output)) => output,
             Ok(Err(err)) => {
@@ -340,44 +386,42 @@ impl Git {
             }
         };
         if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+            return Ok(output.stdout);
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let stderr = self.scrubber.scrub(stderr.trim());
-        let kind = classify(&stderr);
-        Err(GitError::new(
-            kind,
-            format!(
-                "git {what} {} failed ({}): {}",
-                self.url,
-                output.status,
-                failure_detail(&stderr)
-            ),
-        ))
+        Err(self.failed(what, output.status, &output.stderr))
     }
 
     /// Shallow, single-branch clone of `branch` into `dest` (which must not exist).
     pub async fn clone_branch(&self, branch: &str, dest: &Path) -> Result<(), GitError> {
+        self.clone_into(branch, dest, true).await
+    }
+
+    /// Like [`Git::clone_branch`], without checking any file out: `dest` holds only `.git`
+    /// (objects, refs, `HEAD` naming `branch`) and no index.
+    pub async fn clone_branch_no_checkout(
+        &self,
+        branch: &str,
+        dest: &Path,
+    ) -> Result<(), GitError> {
+        self.clone_into(branch, dest, false).await
+    }
+
+    async fn clone_into(&self, branch: &str, dest: &Path, checkout: bool) -> Result<(), GitError> {
         let dest_text = path_text(dest);
         let url = self.url.git_url();
-        self.run(
-            None,
-            &[
-                "clone",
-                "--quiet",
-                "--depth",
-                "1",
-                "--single-branch",
-                "--no-tags",
-                "--branch",
-                branch,
-                "--",
-                &url,
-                &dest_text,
-            ],
-        )
-        .await
-        .map(|_| ())
+        let mut args = vec![
+            "clone",
+            "--quiet",
+            "--depth",
+            "1",
+            "--single-branch",
+            "--no-tags",
+        ];
+        if !checkout {
+            args.push("--no-checkout");
+        }
+        args.extend(["--branch", branch, "--", &url, &dest_text]);
+        self.run(None, &args).await.map(|_| ())
     }
 
     /// The commit `refs/heads/<branch>` points to on `origin`, if the branch exists.
@@ -439,12 +483,24 @@ impl Git {
             .collect())
     }
 
-    /// Deletes the refs `names` (full names such as `refs/heads/x`), in one command.
-    pub async fn delete_refs(&self, repo: &Path, names: &[&str]) -> Result<(), GitError> {
-        if names.is_empty() {
+    /// Points `refs/heads/<branch>` at `commit` (when given) and deletes the refs `delete`
+    /// (full names such as `refs/heads/x`), in one command and one transaction.
+    pub async fn update_refs(
+        &self,
+        repo: &Path,
+        set: Option<(&str, &str)>,
+        delete: &[&str],
+    ) -> Result<(), GitError> {
+        let mut commands = String::new();
+        if let Some((branch, commit)) = set {
+            commands.push_str(&format!("update refs/heads/{branch} {commit}\n"));
+        }
+        for name in delete {
+            commands.push_str(&format!("delete {name}\n"));
+        }
+        if commands.is_empty() {
             return Ok(());
         }
-        let commands: String = names.iter().map(|n| format!("delete {n}\n")).collect();
         self.run_full(
             Some(repo),
             &["update-ref", "--no-deref", "--stdin"],
@@ -455,29 +511,15 @@ impl Git {
         .map(|_| ())
     }
 
-    /// Checks out `refs/remotes/origin/<base>` as local branch `base`, discarding every
-    /// change of the index and work tree (like `git reset --hard`).
-    pub async fn reset_to_base(&self, repo: &Path, base: &str) -> Result<(), GitError> {
-        let start = format!("refs/remotes/origin/{base}");
-        self.run(
-            Some(repo),
-            &[
-                "checkout",
-                "--quiet",
-                "--force",
-                "--no-track",
-                "-B",
-                base,
-                &start,
-            ],
-        )
-        .await
-        .map(|_| ())
-    }
-
-    /// Removes untracked and ignored files and directories (`git clean -ffdx`).
-    pub async fn clean(&self, repo: &Path) -> Result<(), GitError> {
-        self.run(Some(repo), &["clean", "--quiet", "-ffdx"])
+    /// Makes `HEAD` name `refs/heads/<branch>`, unless it already does.
+    pub async fn point_head_at(&self, repo: &Path, branch: &str) -> Result<(), GitError> {
+        let refname = format!("refs/heads/{branch}");
+        // `.git/HEAD` read directly: one process less on every use of a cached clone.
+        let head = std::fs::read_to_string(repo.join(".git").join("HEAD")).unwrap_or_default();
+        if head.trim_end().strip_prefix("ref: ") == Some(refname.as_str()) {
+            return Ok(());
+        }
+        self.run(Some(repo), &["symbolic-ref", "HEAD", &refname])
             .await
             .map(|_| ())
     }
@@ -513,70 +555,206 @@ impl Git {
             .to_string())
     }
 
-    /// The full message of commit `rev`.
-    pub async fn message(&self, repo: &Path, rev: &str) -> Result<String, GitError> {
-        self.run(Some(repo), &["log", "-1", "--format=%B", rev, "--"])
-            .await
+    /// The tree and the full message of commit `rev` (`git cat-file commit`).
+    pub async fn commit_info(&self, repo: &Path, rev: &str) -> Result<CommitInfo, GitError> {
+        let raw = self.run(Some(repo), &["cat-file", "commit", rev]).await?;
+        let (headers, message) = raw.split_once("\n\n").unwrap_or((raw.as_str(), ""));
+        let tree = headers
+            .lines()
+            .find_map(|l| l.strip_prefix("tree "))
+            .ok_or_else(|| {
+                GitError::new(
+                    GitErrorKind::Other,
+                    format!("git cat-file {}: commit {rev} has no tree", self.url),
+                )
+            })?;
+        Ok(CommitInfo {
+            tree: tree.trim().to_string(),
+            message: message.to_string(),
+        })
     }
 
-    /// Stages `paths` (relative to the repository) and commits them on a new branch
-    /// `branch` started at `HEAD`; returns the new commit id.
-    pub async fn commit(
+    /// The regular files of the tree of `commit`, recursively (`git ls-tree -r`), in the
+    /// tree's order; symbolic links and submodules are left out.
+    pub async fn regular_files(
         &self,
         repo: &Path,
-        branch: &str,
-        paths: &[PathBuf],
+        commit: &str,
+    ) -> Result<Vec<TreeFile>, GitError> {
+        use std::os::unix::ffi::OsStrExt;
+        let out = self
+            .run_raw(
+                Some(repo),
+                &["ls-tree", "-r", "-z", "--full-tree", commit],
+                &[],
+                None,
+            )
+            .await?;
+        let mut files = Vec::new();
+        for record in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
+            // <mode> SP <type> SP <object> TAB <path>
+            let parsed = record.iter().position(|b| *b == b'\t').and_then(|tab| {
+                let meta = std::str::from_utf8(&record[..tab]).ok()?;
+                let mut parts = meta.split(' ');
+                let (mode, kind, oid) = (parts.next()?, parts.next()?, parts.next()?);
+                Some((mode, kind, oid, &record[tab + 1..]))
+            });
+            let Some((mode, kind, oid, path)) = parsed else {
+                return Err(GitError::new(
+                    GitErrorKind::Other,
+                    format!("git ls-tree {}: unexpected output", self.url),
+                ));
+            };
+            if kind != "blob" || !(mode == "100644" || mode == "100755") {
+                continue;
+            }
+            files.push(TreeFile {
+                mode: mode.to_string(),
+                oid: oid.to_string(),
+                path: PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+            });
+        }
+        Ok(files)
+    }
+
+    /// Starts one `git cat-file --batch` that reads the blobs `oids`, in that order.
+    pub fn read_blobs(&self, repo: &Path, oids: &[&str]) -> Result<BlobReader<'_>, GitError> {
+        let mut command = self.command(Some(repo), &["cat-file", "--batch"], &[]);
+        command.stdin(Stdio::piped());
+        let mut child = command
+            .spawn()
+            .map_err(|e| GitError::new(GitErrorKind::Other, format!("cannot run git: {e}")))?;
+        let input: Vec<u8> = oids
+            .iter()
+            .flat_map(|oid| oid.bytes().chain(std::iter::once(b'\n')))
+            .collect();
+        let stdin = child.stdin.take();
+        // Written while the blobs are read, so neither side can block the other.
+        let writer = tokio::spawn(async move {
+            if let Some(mut stdin) = stdin {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(&input).await;
+            }
+        });
+        let stdout = child.stdout.take().map(tokio::io::BufReader::new);
+        Ok(BlobReader {
+            git: self,
+            child,
+            stdout,
+            writer,
+            remaining: oids.len(),
+            started: std::time::Instant::now(),
+            deadline: tokio::time::Instant::now() + self.timeout,
+        })
+    }
+
+    /// Writes `contents` as blobs (`git hash-object -w --no-filters`, byte for byte: no
+    /// line-ending or other conversion) with one command; returns their ids, in order.
+    pub async fn write_blobs(
+        &self,
+        repo: &Path,
+        contents: &[&[u8]],
+    ) -> Result<Vec<String>, GitError> {
+        if contents.is_empty() {
+            return Ok(Vec::new());
+        }
+        let staging = scratch_dir(repo, "promotion-blobs-")?;
+        let mut paths = String::new();
+        for (i, content) in contents.iter().enumerate() {
+            let path = staging.path().join(i.to_string());
+            std::fs::write(&path, content).map_err(|e| {
+                GitError::new(
+                    GitErrorKind::Other,
+                    format!("cannot write {}: {e}", path.display()),
+                )
+            })?;
+            paths.push_str(&path_text(&path));
+            paths.push('\n');
+        }
+        let out = self
+            .run_full(
+                Some(repo),
+                &["hash-object", "-w", "--no-filters", "--stdin-paths"],
+                &[],
+                Some(&paths),
+            )
+            .await?;
+        let oids: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
+        if oids.len() != contents.len() {
+            return Err(GitError::new(
+                GitErrorKind::Other,
+                format!(
+                    "git hash-object {}: {} object id(s) for {} file(s)",
+                    self.url,
+                    oids.len(),
+                    contents.len()
+                ),
+            ));
+        }
+        Ok(oids)
+    }
+
+    /// Commits the tree of `parent` with the files `changes` replaced (their mode and new
+    /// blob), as `author`, with `parent` as the only parent, touching no ref, no index of
+    /// the repository and no work tree: a temporary index (`read-tree`, `update-index
+    /// --index-info`, `write-tree`), then `commit-tree`. Returns the new tree and commit.
+    pub async fn commit_changes(
+        &self,
+        repo: &Path,
+        parent: &str,
+        changes: &[TreeFile],
         author: &Author,
         message: &str,
-    ) -> Result<String, GitError> {
-        // Plumbing rather than `checkout -B` and `commit`: both of those refresh the whole
-        // index (a stat of every file), which is most of their time in a big checkout.
-        let mut add: Vec<String> = vec!["add".into(), "--".into()];
-        add.extend(paths.iter().map(|p| path_text(p)));
-        let add_args: Vec<&str> = add.iter().map(String::as_str).collect();
-        self.run(Some(repo), &add_args).await?;
-        let tree = self.run(Some(repo), &["write-tree"]).await?;
-        let tree = tree.trim();
-        let message_file = repo.join(".git").join("PROMOTION_MSG");
-        std::fs::write(&message_file, cleanup_message(message)).map_err(|e| {
-            GitError::new(
-                GitErrorKind::Other,
-                format!("cannot write the commit message: {e}"),
-            )
-        })?;
-        let message_path = path_text(&message_file);
+    ) -> Result<NewCommit, GitError> {
+        use std::os::unix::ffi::OsStrExt;
+        let scratch = scratch_dir(repo, "promotion-index-")?;
+        let index = path_text(&scratch.path().join("index"));
+        let index_env = [("GIT_INDEX_FILE", index.as_str())];
+        self.run_with_env(Some(repo), &["read-tree", parent], &index_env)
+            .await?;
+        let mut info: Vec<u8> = Vec::new();
+        for file in changes {
+            info.extend_from_slice(format!("{} {}\t", file.mode, file.oid).as_bytes());
+            info.extend_from_slice(file.path.as_os_str().as_bytes());
+            info.push(0);
+        }
+        self.run_raw(
+            Some(repo),
+            &["update-index", "-z", "--index-info"],
+            &index_env,
+            Some(&info),
+        )
+        .await?;
+        let tree = self
+            .run_with_env(Some(repo), &["write-tree"], &index_env)
+            .await?
+            .trim()
+            .to_string();
+        drop(scratch);
         let identity = [
             ("GIT_AUTHOR_NAME", author.name.as_str()),
             ("GIT_AUTHOR_EMAIL", author.email.as_str()),
             ("GIT_COMMITTER_NAME", author.name.as_str()),
             ("GIT_COMMITTER_EMAIL", author.email.as_str()),
         ];
+        let message = cleanup_message(message);
         let commit = self
-            .run_with_env(
+            .run_raw(
                 Some(repo),
-                &[
-                    "commit-tree",
-                    "--no-gpg-sign",
-                    tree,
-                    "-p",
-                    "HEAD",
-                    "-F",
-                    &message_path,
-                ],
+                &["commit-tree", "--no-gpg-sign", &tree, "-p", parent],
                 &identity,
+                Some(message.as_bytes()),
             )
             .await?;
-        let commit = commit.trim().to_string();
-        let refname = format!("refs/heads/{branch}");
-        self.run(Some(repo), &["update-ref", &refname, &commit])
-            .await?;
-        self.run(Some(repo), &["symbolic-ref", "HEAD", &refname])
-            .await?;
-        Ok(commit)
+        Ok(NewCommit {
+            tree,
+            commit: String::from_utf8_lossy(&commit).trim().to_string(),
+        })
     }
 
-    /// Pushes `HEAD` to `refs/heads/<branch>`, replacing it only if it still points to
-    /// `expected` (`None`: only if it does not exist yet).
+    /// Pushes the local `refs/heads/<branch>` to `refs/heads/<branch>` on `origin`,
+    /// replacing it only if it still points to `expected` (`None`: only if it does not
+    /// exist yet).
     pub async fn push_with_lease(
         &self,
         repo: &Path,
@@ -585,13 +763,154 @@ impl Git {
     ) -> Result<(), GitError> {
         let refname = format!("refs/heads/{branch}");
         let lease = format!("--force-with-lease={refname}:{}", expected.unwrap_or(""));
-        let refspec = format!("HEAD:{refname}");
+        let refspec = format!("{refname}:{refname}");
         self.run(
             Some(repo),
             &["push", "--quiet", "--no-verify", &lease, "origin", &refspec],
         )
         .await
         .map(|_| ())
+    }
+}
+
+/// A private directory in `repo`'s `.git` for temporary files of one command, removed when
+/// dropped.
+fn scratch_dir(repo: &Path, prefix: &str) -> Result<tempfile::TempDir, GitError> {
+    let git_dir = repo.join(".git");
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&git_dir)
+        .map_err(|e| {
+            GitError::new(
+                GitErrorKind::Other,
+                format!("cannot create a directory in {}: {e}", git_dir.display()),
+            )
+        })
+}
+
+/// A commit's tree and message ([`Git::commit_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    pub tree: String,
+    pub message: String,
+}
+
+/// What [`Git::commit_changes`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewCommit {
+    pub tree: String,
+    pub commit: String,
+}
+
+/// A regular file of a tree ([`Git::regular_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    /// `100644` or `100755`.
+    pub mode: String,
+    pub oid: String,
+    /// Relative to the tree's root.
+    pub path: PathBuf,
+}
+
+/// Blobs from one running `git cat-file --batch` ([`Git::read_blobs`]).
+pub struct BlobReader<'a> {
+    git: &'a Git,
+    child: tokio::process::Child,
+    stdout: Option<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    writer: tokio::task::JoinHandle<()>,
+    remaining: usize,
+    started: std::time::Instant,
+    deadline: tokio::time::Instant,
+}
+
+impl BlobReader<'_> {
+    /// An error of the batch; `git …` so that the strategy checks the clone (fsck).
+    fn error(&self, detail: impl std::fmt::Display) -> GitError {
+        GitError::new(
+            GitErrorKind::Other,
+            format!("git cat-file {} failed: {detail}", self.git.url),
+        )
+    }
+
+    fn timed_out(&self) -> GitError {
+        GitError::new(
+            GitErrorKind::Transient,
+            format!(
+                "git cat-file timed out after {}s",
+                self.git.timeout.as_secs()
+            ),
+        )
+    }
+
+    /// The next blob's content; `None` after the last one.
+    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, GitError> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let Some(stdout) = self.stdout.as_mut() else {
+            return Err(self.error("no output"));
+        };
+        let read = tokio::time::timeout_at(self.deadline, async {
+            let mut header = String::new();
+            stdout.read_line(&mut header).await?;
+            // <oid> SP blob SP <size> LF, or <oid> SP missing LF
+            let mut parts = header.split_whitespace();
+            let (oid, kind, size) = (parts.next(), parts.next(), parts.next());
+            let size = match (kind, size.and_then(|s| s.parse::<usize>().ok())) {
+                (Some("blob"), Some(size)) => size,
+                _ if header.is_empty() => {
+                    return Ok(Err("the output ended early".to_string()));
+                }
+                _ => {
+                    return Ok(Err(format!(
+                        "object {} is not a readable blob ({})",
+                        oid.unwrap_or("?"),
+                        header.trim()
+                    )));
+                }
+            };
+            // The content and its terminating LF.
+            let mut content = vec![0; size + 1];
+            stdout.read_exact(&mut content).await?;
+            content.truncate(size);
+            Ok::<_, std::io::Error>(Ok(content))
+        })
+        .await;
+        match read {
+            Ok(Ok(Ok(content))) => {
+                self.remaining -= 1;
+                Ok(Some(content))
+            }
+            Ok(Ok(Err(detail))) => Err(self.error(detail)),
+            Ok(Err(err)) => Err(self.error(err)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    /// Waits for `git cat-file` to exit, after every blob was read.
+    pub async fn finish(mut self) -> Result<(), GitError> {
+        use tokio::io::AsyncReadExt;
+        let _ = (&mut self.writer).await;
+        drop(self.stdout.take());
+        let mut stderr = Vec::new();
+        if let Some(mut pipe) = self.child.stderr.take() {
+            let _ = pipe.read_to_end(&mut stderr).await;
+        }
+        let status = tokio::time::timeout_at(self.deadline, self.child.wait()).await;
+        self.git.log_finished("cat-file", self.started);
+        match status {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(self.git.failed("cat-file", status, &stderr)),
+            Ok(Err(err)) => Err(self.error(err)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+}
+
+impl Drop for BlobReader<'_> {
+    fn drop(&mut self) {
+        self.writer.abort();
     }
 }
 

@@ -4,22 +4,30 @@
 //!
 //! An attempt looks at the world before acting, so repeating it changes nothing visible:
 //!
-//! 1. the base branch, checked out: the repository's cached clone ([`crate::clones`])
-//!    refreshed with one `git fetch --depth 1 --prune` of the base and the promotion
-//!    branch, the base checked out discarding local changes, `git clean -ffdx` and every
-//!    other ref deleted; or, the first time, when the clone is broken (then it is replaced
-//!    automatically) or with the cache off, a shallow clone (`git clone --depth 1
-//!    --single-branch`) and a fetch of the promotion branch;
-//! 2. rewrite every value marked `<ns>:<name>:<env>` to the revision. No marker at all is
-//!    an error (the pipeline points at the wrong repository or branch); markers already at
-//!    the revision end the promotion successfully, with no branch and no pull request;
-//! 3. commit on `promotion-<ns>-<name>-<env>`. When that branch already exists remotely
-//!    with the same tree, nothing is pushed; when its head was made for a *newer*
-//!    promotion of the same environment (commit trailers say which), this older one is
-//!    superseded and stops; otherwise the branch is force-pushed from the fresh base with
-//!    `--force-with-lease` against the commit fetched, so a newer version replaces an older
-//!    one and a concurrent push is never overwritten blindly (a lost race starts over from
-//!    step 1, a bounded number of times);
+//! 1. the base branch, fetched: the repository's cached clone ([`crate::clones`]), which
+//!    has no work tree (nothing is ever checked out), refreshed with one `git fetch
+//!    --depth 1 --prune` of the base and the promotion branch, the local base branch set
+//!    to the fetched one and every other ref deleted; or, the first time, when the clone
+//!    is broken (then it is replaced automatically) or with the cache off, a shallow clone
+//!    without checkout (`git clone --depth 1 --single-branch --no-checkout`) and a fetch
+//!    of the promotion branch;
+//! 2. rewrite every value marked `<ns>:<name>:<env>` to the revision, reading the YAML
+//!    files of the base's tree from git's objects (`git ls-tree -r`, then one `git
+//!    cat-file --batch` for their blobs): the same files and results as a scan of a
+//!    checkout would give (regular `*.yaml`/`*.yml` files, any case; no symbolic link, no
+//!    submodule; non-UTF-8 files skipped), the blobs as stored, with no line-ending or
+//!    other checkout conversion. No marker at all is an error (the pipeline points at the
+//!    wrong repository or branch); markers already at the revision end the promotion
+//!    successfully, with no branch and no pull request;
+//! 3. commit on `promotion-<ns>-<name>-<env>`: the changed files are written as blobs
+//!    (byte for byte, each keeping its mode) and the commit made on the base from a
+//!    temporary index (`read-tree`, `update-index`, `write-tree`, `commit-tree`). When
+//!    that branch already exists remotely with the same tree, nothing is pushed; when its
+//!    head was made for a *newer* promotion of the same environment (commit trailers say
+//!    which), this older one is superseded and stops; otherwise the branch is force-pushed
+//!    from the fresh base with `--force-with-lease` against the commit fetched, so a newer
+//!    version replaces an older one and a concurrent push is never overwritten blindly (a
+//!    lost race starts over from step 1, a bounded number of times);
 //! 4. the open pull request from that branch is updated (title, body) or one is created.
 //!    Its URL is the record's result.
 //!
@@ -45,8 +53,8 @@ use crate::credentials::Credentials;
 use crate::forge::{
     self, Forge, ForgeError, ForgeErrorKind, ForgeKind, ForgeTarget, PullRequest, PullRequestDraft,
 };
-use crate::git::{Author, Git, GitError, GitErrorKind};
-use crate::markers::{MarkerKey, TreeError, rewrite_tree};
+use crate::git::{Author, Git, GitError, GitErrorKind, TreeFile};
+use crate::markers::{BlobScan, MarkerKey, TreeError, TreeRewrite, is_yaml_path};
 use crate::repo_url::RepoUrl;
 
 /// Commit trailers recording which promotion made a branch head.
@@ -528,14 +536,14 @@ impl Attempt<'_> {
             })?;
         let repo = workspace.path().join("repo");
         let result = async {
-            git.clone_branch(&self.spec.base_branch, &repo).await?;
-            let remote = self
+            git.clone_branch_no_checkout(&self.spec.base_branch, &repo)
+                .await?;
+            let fetched = self
                 .promotion_branch_of_fresh_clone(git, &repo, branch)
                 .await?;
-            self.prepare_in(git, &repo, branch, remote).await
+            self.prepare_in(git, &repo, branch, fetched).await
         }
         .await;
-        // Removing a big checkout takes a while; keep it off the async workers.
         let _ = tokio::task::spawn_blocking(move || drop(workspace)).await;
         result
     }
@@ -549,8 +557,7 @@ impl Attempt<'_> {
         gc_done: &mut bool,
     ) -> Result<BranchState, GitError> {
         let repo = lease.path();
-        let mut remote = None;
-        let mut ready = false;
+        let mut fetched = None;
         if lease.exists() {
             let started = std::time::Instant::now();
             match self.refresh(git, repo, branch, lease.gc_due()).await {
@@ -562,9 +569,8 @@ impl Attempt<'_> {
                         gc,
                         "cached clone refreshed"
                     );
-                    remote = seen;
+                    fetched = Some(seen);
                     *gc_done = gc;
-                    ready = true;
                 }
                 Err(Refresh::Remote(err)) => return Err(err),
                 Err(Refresh::Broken(err)) => {
@@ -578,26 +584,31 @@ impl Attempt<'_> {
                 }
             }
         }
-        if !ready {
-            let started = std::time::Instant::now();
-            let fresh = lease.fresh_dir()?;
-            if let Err(err) = git.clone_branch(&self.spec.base_branch, fresh.path()).await {
-                let _ = tokio::task::spawn_blocking(move || drop(fresh)).await;
-                return Err(err);
+        let fetched = match fetched {
+            Some(fetched) => fetched,
+            None => {
+                let started = std::time::Instant::now();
+                let fresh = lease.fresh_dir()?;
+                if let Err(err) = git
+                    .clone_branch_no_checkout(&self.spec.base_branch, fresh.path())
+                    .await
+                {
+                    let _ = tokio::task::spawn_blocking(move || drop(fresh)).await;
+                    return Err(err);
+                }
+                lease.install(fresh).await?;
+                tracing::info!(
+                    repository = %self.url,
+                    base = %self.spec.base_branch,
+                    clone = %repo.display(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "cloned into the clone cache"
+                );
+                self.promotion_branch_of_fresh_clone(git, repo, branch)
+                    .await?
             }
-            lease.install(fresh).await?;
-            tracing::info!(
-                repository = %self.url,
-                base = %self.spec.base_branch,
-                clone = %repo.display(),
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "cloned into the clone cache"
-            );
-            remote = self
-                .promotion_branch_of_fresh_clone(git, repo, branch)
-                .await?;
-        }
-        let result = self.prepare_in(git, repo, branch, remote).await;
+        };
+        let result = self.prepare_in(git, repo, branch, fetched).await;
         if let Err(err) = &result {
             // A git command failed for no remote reason: make sure the clone is sound.
             if err.kind == GitErrorKind::Other
@@ -618,17 +629,18 @@ impl Attempt<'_> {
 
     /// Brings the cached clone at `repo` to the remote base branch, with nothing left of
     /// earlier promotions: one `fetch --depth 1 --prune` of the base and the promotion
-    /// branch (only what changed is transferred) while the work tree is cleaned
-    /// (`clean -ffdx`), then the base checked out discarding every local change (like
-    /// `reset --hard`) and every other ref deleted. Returns the promotion branch's remote
-    /// head (fetched), and whether the clone was garbage-collected.
+    /// branch (only what changed is transferred), the local base branch set to the fetched
+    /// one with `HEAD` on it, and every other ref deleted. The clone has no work tree:
+    /// anything found beside `.git` (and a `.git/index`, from clones of earlier versions,
+    /// which checked the files out) is removed while the fetch runs. Returns the fetched
+    /// heads, and whether the clone was garbage-collected.
     async fn refresh(
         &self,
         git: &Git,
         repo: &Path,
         branch: &str,
         gc_due: bool,
-    ) -> Result<(Option<String>, bool), Refresh> {
+    ) -> Result<(Fetched, bool), Refresh> {
         let base = self.spec.base_branch.as_str();
         git.rev_parse(repo, "HEAD^{commit}")
             .await
@@ -637,13 +649,32 @@ impl Attempt<'_> {
             format!("+refs/heads/{base}:refs/remotes/origin/{base}"),
             promotion_refspec(branch),
         ];
-        let (fetched, cleaned) = tokio::join!(git.fetch(repo, &refspecs, true), git.clean(repo));
+        let checkout = repo.to_path_buf();
+        let (fetched, cleared) = tokio::join!(
+            git.fetch(repo, &refspecs, true),
+            tokio::task::spawn_blocking(move || remove_checkout(&checkout))
+        );
         fetched.map_err(Refresh::from_remote)?;
-        cleaned.map_err(Refresh::Broken)?;
-        git.reset_to_base(repo, base)
+        match cleared {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                return Err(Refresh::Broken(GitError {
+                    kind: GitErrorKind::Other,
+                    message: format!("cannot remove the files beside .git: {err}"),
+                }));
+            }
+            Err(err) => {
+                return Err(Refresh::Broken(GitError {
+                    kind: GitErrorKind::Other,
+                    message: format!("removing the files beside .git stopped: {err}"),
+                }));
+            }
+        }
+        let refs = git.refs(repo).await.map_err(Refresh::Broken)?;
+        let fetched = Fetched::from_refs(&refs, base, branch).map_err(Refresh::Broken)?;
+        git.point_head_at(repo, base)
             .await
             .map_err(Refresh::Broken)?;
-        let refs = git.refs(repo).await.map_err(Refresh::Broken)?;
         let keep = [
             format!("refs/heads/{base}"),
             format!("refs/remotes/origin/{base}"),
@@ -654,22 +685,24 @@ impl Attempt<'_> {
             .map(String::as_str)
             .filter(|name| !keep.iter().any(|k| k == name))
             .collect();
-        git.delete_refs(repo, &stale)
+        let set_base =
+            (refs.get(&keep[0]) != Some(&fetched.base)).then_some((base, fetched.base.as_str()));
+        git.update_refs(repo, set_base, &stale)
             .await
             .map_err(Refresh::Broken)?;
         if gc_due {
             git.gc(repo).await.map_err(Refresh::Broken)?;
         }
-        Ok((refs.get(&keep[2]).cloned(), gc_due))
+        Ok((fetched, gc_due))
     }
 
-    /// The promotion branch's remote head, fetched into a fresh clone, if it exists.
+    /// The base and the promotion branch's remote head, fetched into a fresh clone.
     async fn promotion_branch_of_fresh_clone(
         &self,
         git: &Git,
         repo: &Path,
         branch: &str,
-    ) -> Result<Option<String>, GitError> {
+    ) -> Result<Fetched, GitError> {
         // With the base: a shallow fetch of a pattern that matches nothing fails.
         let base = &self.spec.base_branch;
         let refspecs = [
@@ -677,48 +710,40 @@ impl Attempt<'_> {
             promotion_refspec(branch),
         ];
         git.fetch(repo, &refspecs, false).await?;
-        let tracking = format!("refs/remotes/origin/{branch}");
-        Ok(git.refs(repo).await?.remove(&tracking))
+        Fetched::from_refs(&git.refs(repo).await?, base, branch)
     }
 
-    /// Rewrites, commits and pushes in `repo`, a clone of the base branch; `remote` is the
-    /// promotion branch's remote head, fetched (`refs/remotes/origin/<branch>`), if it
+    /// Rewrites the markers of the fetched base's tree, commits and pushes from `repo`, a
+    /// clone without work tree: the base's YAML blobs are read (`ls-tree`, `cat-file
+    /// --batch`), the changed files written as new blobs and the commit made from a
+    /// temporary index; `fetched.promotion` is the promotion branch's remote head, if it
     /// exists.
     async fn prepare_in(
         &self,
         git: &Git,
         repo: &Path,
         branch: &str,
-        remote: Option<String>,
+        fetched: Fetched,
     ) -> Result<BranchState, GitError> {
         let record = self.record;
-        let key = self.key();
-        let revision = record.revision.clone();
-        let root = repo.to_path_buf();
         let rewrite_started = std::time::Instant::now();
-        let rewrite = tokio::task::spawn_blocking(move || rewrite_tree(&root, &key, &revision))
-            .await
-            .map_err(|e| GitError {
-                kind: GitErrorKind::Other,
-                message: format!("rewriting markers stopped: {e}"),
-            })?
-            .map_err(|e| GitError {
-                kind: GitErrorKind::Other,
-                message: match e {
-                    TreeError::Marker { .. } => format!(
-                        "cannot apply marker {} in {}: {e}",
-                        self.key(),
-                        self.where_()
-                    ),
-                    TreeError::Io { .. } => format!("rewriting markers: {e}"),
-                },
-            })?;
+        let mut yaml: Vec<TreeFile> = git
+            .regular_files(repo, &fetched.base)
+            .await?
+            .into_iter()
+            .filter(|file| is_yaml_path(&file.path))
+            .collect();
+        // Path order, as the scan of a checkout had: it orders the files of the commit
+        // message and pull request, the warnings, and which error is reported.
+        yaml.sort_by(|a, b| a.path.cmp(&b.path));
+        let (rewrite, rewritten, scan_ms) = self.scan_blobs(git, repo, &yaml).await?;
         tracing::debug!(
             promotion = %record.id,
             scanned = rewrite.scanned,
             matched = rewrite.matched(),
             changed = rewrite.changed(),
-            elapsed_ms = rewrite_started.elapsed().as_millis() as u64,
+            elapsed_ms = scan_ms,
+            read_and_scan_ms = rewrite_started.elapsed().as_millis() as u64,
             "markers rewritten"
         );
         for warning in &rewrite.warnings {
@@ -746,28 +771,46 @@ impl Attempt<'_> {
             });
         }
         let files: Vec<PathBuf> = rewrite.changed_paths().map(Path::to_path_buf).collect();
-        git.commit(
-            repo,
-            branch,
-            &files,
-            &self.strategy.settings.author,
-            &self.commit_message(&files),
-        )
-        .await?;
+        let contents: Vec<&[u8]> = rewritten.iter().map(|(_, text)| text.as_bytes()).collect();
+        let oids = git.write_blobs(repo, &contents).await?;
+        let modes: HashMap<&Path, &str> = yaml
+            .iter()
+            .map(|file| (file.path.as_path(), file.mode.as_str()))
+            .collect();
+        let changes: Vec<TreeFile> = rewritten
+            .iter()
+            .zip(oids)
+            .map(|((path, _), oid)| TreeFile {
+                mode: modes
+                    .get(path.as_path())
+                    .copied()
+                    .unwrap_or("100644")
+                    .to_string(),
+                oid,
+                path: path.clone(),
+            })
+            .collect();
+        let made = git
+            .commit_changes(
+                repo,
+                &fetched.base,
+                &changes,
+                &self.strategy.settings.author,
+                &self.commit_message(&files),
+            )
+            .await?;
+        git.update_refs(repo, Some((branch, &made.commit)), &[])
+            .await?;
 
-        if let Some(remote_sha) = &remote {
-            let ours = git.rev_parse(repo, "HEAD^{tree}").await?;
-            let theirs = git
-                .rev_parse(repo, &format!("{remote_sha}^{{tree}}"))
-                .await?;
-            if ours == theirs {
+        if let Some(remote_sha) = &fetched.promotion {
+            let theirs = git.commit_info(repo, remote_sha).await?;
+            if made.tree == theirs.tree {
                 return Ok(BranchState::Proposed {
                     pushed: false,
                     files,
                 });
             }
-            let message = git.message(repo, remote_sha).await?;
-            if let Some(by) = newer_promotion(&message, record) {
+            if let Some(by) = newer_promotion(&theirs.message, record) {
                 return Ok(BranchState::Superseded { by });
             }
             git.push_with_lease(repo, branch, Some(remote_sha)).await?;
@@ -778,6 +821,117 @@ impl Attempt<'_> {
             pushed: true,
             files,
         })
+    }
+
+    /// Reads the blobs of `yaml` with one `git cat-file --batch` and scans them for the
+    /// promoted key, in parts of about [`SCAN_PART_BYTES`] (so memory stays bounded);
+    /// returns the report, the new texts, and the milliseconds spent scanning.
+    async fn scan_blobs(
+        &self,
+        git: &Git,
+        repo: &Path,
+        yaml: &[TreeFile],
+    ) -> Result<(TreeRewrite, Vec<(PathBuf, String)>, u64), GitError> {
+        let oids: Vec<&str> = yaml.iter().map(|file| file.oid.as_str()).collect();
+        let mut reader = git.read_blobs(repo, &oids)?;
+        let mut scan = BlobScan::new(self.key(), self.record.revision.clone());
+        let mut part = Vec::new();
+        let mut part_bytes = 0;
+        let mut scan_ms = 0;
+        let mut paths = yaml.iter();
+        loop {
+            let next = reader.next().await?;
+            let last = next.is_none();
+            if let (Some(content), Some(file)) = (next, paths.next()) {
+                part_bytes += content.len();
+                part.push((file.path.clone(), content));
+            }
+            if part.is_empty() || (!last && part_bytes < SCAN_PART_BYTES) {
+                if last {
+                    break;
+                }
+                continue;
+            }
+            let files = std::mem::take(&mut part);
+            part_bytes = 0;
+            let started = std::time::Instant::now();
+            scan = tokio::task::spawn_blocking(move || scan.scan(files).map(|()| scan))
+                .await
+                .map_err(|e| GitError {
+                    kind: GitErrorKind::Other,
+                    message: format!("rewriting markers stopped: {e}"),
+                })?
+                .map_err(|e| self.marker_error(e))?;
+            scan_ms += started.elapsed().as_millis() as u64;
+            if last {
+                break;
+            }
+        }
+        reader.finish().await?;
+        let (report, rewritten) = scan.finish();
+        Ok((report, rewritten, scan_ms))
+    }
+
+    fn marker_error(&self, err: TreeError) -> GitError {
+        GitError {
+            kind: GitErrorKind::Other,
+            message: match err {
+                TreeError::Marker { .. } => format!(
+                    "cannot apply marker {} in {}: {err}",
+                    self.key(),
+                    self.where_()
+                ),
+                TreeError::Io { .. } => format!("rewriting markers: {err}"),
+            },
+        }
+    }
+}
+
+/// Blob bytes scanned together (on several threads); reading pauses meanwhile.
+const SCAN_PART_BYTES: usize = 8 << 20;
+
+/// What a fetch brought: the base branch's head, and the promotion branch's, if it
+/// exists.
+struct Fetched {
+    base: String,
+    promotion: Option<String>,
+}
+
+impl Fetched {
+    fn from_refs(
+        refs: &HashMap<String, String>,
+        base: &str,
+        branch: &str,
+    ) -> Result<Self, GitError> {
+        let base_ref = format!("refs/remotes/origin/{base}");
+        let base = refs.get(&base_ref).cloned().ok_or_else(|| GitError {
+            kind: GitErrorKind::Other,
+            message: format!("git fetch left no {base_ref}"),
+        })?;
+        Ok(Self {
+            base,
+            promotion: refs.get(&format!("refs/remotes/origin/{branch}")).cloned(),
+        })
+    }
+}
+
+/// Removes everything in the clone at `repo` but `.git`, and `.git/index`: the clone has
+/// no work tree (clones of earlier versions had one). Cheap when there is nothing.
+fn remove_checkout(repo: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(repo)? {
+        let entry = entry?;
+        if entry.file_name() == ".git" {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(entry.path())?;
+        } else {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    match std::fs::remove_file(repo.join(".git").join("index")) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
     }
 }
 

@@ -268,11 +268,26 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
     let config = std::fs::read_to_string(clone.join(".git/config")).unwrap();
     assert!(config.contains(&format!("url = {url}")), "{config}");
 
-    // Marks that tell a reused clone from a fresh one: a file in .git survives, an
-    // untracked file and a local edit do not.
+    // Nothing is checked out: the clone is `.git` alone.
+    let beside: Vec<String> = std::fs::read_dir(&clone)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(beside, [".git"], "{beside:?}");
+
+    // Marks that tell a reused clone from a fresh one: a file in .git survives, files put
+    // beside it do not, and are never read (the marked file planted here differs from the
+    // repository's).
     std::fs::write(clone.join(".git/test-reuse-mark"), "still here").unwrap();
     std::fs::write(clone.join("untracked.yaml"), "junk: 1\n").unwrap();
     std::fs::write(clone.join("README.md"), "local edit\n").unwrap();
+    std::fs::create_dir_all(clone.join("apps/prod")).unwrap();
+    std::fs::write(
+        clone.join("apps/prod/podinfo.yaml"),
+        "planted: \"1.0.0\" # {\"$promotion\": \"flux-system:podinfo:prod\"}\n",
+    )
+    .unwrap();
 
     // 2. A commit lands on the base branch in between.
     let seed = tempfile::tempdir().unwrap();
@@ -299,10 +314,18 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
     assert_eq!(clones_of(&url), 1, "the second promotion cloned again");
     assert_eq!(only_clone(work.path()), clone);
     assert!(clone.join(".git/test-reuse-mark").exists());
-    assert!(!clone.join("untracked.yaml").exists(), "git clean ran");
-    assert!(
-        clone.join("apps/new.yaml").exists(),
-        "the new base is checked out"
+    // The clone has no work tree: what was put beside `.git` is gone, nothing is checked
+    // out, and the new base reached the branch through git's objects alone.
+    let beside: Vec<String> = std::fs::read_dir(&clone)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(beside, [".git"], "{beside:?}");
+    assert!(!clone.join(".git/index").exists());
+    assert_eq!(
+        gitea.file("fleet", BRANCH, "apps/new.yaml").await.unwrap(),
+        "added: on main\n"
     );
     // One commit on top of the new base, changing the marked file only (Gitea's own pull
     // request diff may still use the old merge base for a while).
@@ -323,6 +346,13 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
         .map(|f| f["filename"].as_str().unwrap())
         .collect();
     assert_eq!(files, ["apps/prod/podinfo.yaml"], "{commit:#}");
+    assert_eq!(
+        gitea
+            .file("fleet", BRANCH, "apps/prod/podinfo.yaml")
+            .await
+            .unwrap(),
+        PROD.replace("6.0.0", "6.5.2")
+    );
     assert_eq!(gitea.pulls("fleet", "open").await.unwrap().len(), 1);
     assert_eq!(
         gitea.file("fleet", BRANCH, "README.md").await.unwrap(),

@@ -54,7 +54,9 @@ use serde::Deserialize;
 
 use scan::{Kind, LineKind, Scanner, Tok};
 
-pub use tree::{FileRewrite, TreeError, TreeRewrite, TreeWarning, rewrite_tree};
+pub use tree::{
+    BlobScan, FileRewrite, TreeError, TreeRewrite, TreeWarning, is_yaml_path, rewrite_tree,
+};
 
 /// The text every marker contains; files without it are skipped without parsing.
 pub const MARKER_FIELD: &str = "$promotion";

@@ -1,4 +1,5 @@
-//! Applying a promotion to every YAML file of a checked-out repository.
+//! Applying a promotion to every YAML file of a checked-out repository ([`rewrite_tree`]) or
+//! of a git tree read from its blobs ([`BlobScan`]).
 
 use std::fs;
 use std::io::{self, Write};
@@ -147,6 +148,30 @@ enum Scanned {
     },
 }
 
+/// Scans the content of the YAML file `rel`.
+fn scan_bytes(
+    rel: PathBuf,
+    bytes: Vec<u8>,
+    key: &MarkerKey,
+    new_value: &str,
+) -> Result<Scanned, TreeError> {
+    let Ok(text) = String::from_utf8(bytes) else {
+        return Ok(Scanned::NonUtf8(rel));
+    };
+    let scan = match scan_text(&text, key, new_value) {
+        Ok(scan) => scan,
+        Err(source) => return Err(TreeError::Marker { path: rel, source }),
+    };
+    let rewritten = (scan.matched > 0 && !scan.edits.is_empty()).then(|| scan.apply(&text));
+    Ok(Scanned::Yaml {
+        rel,
+        matched: scan.matched,
+        changed: scan.edits.len(),
+        warnings: scan.warnings,
+        rewritten,
+    })
+}
+
 fn scan_file(
     root: &Path,
     rel: &Path,
@@ -155,21 +180,7 @@ fn scan_file(
 ) -> Result<Scanned, TreeError> {
     let path = root.join(rel);
     let bytes = fs::read(&path).map_err(io_error(&path))?;
-    let Ok(text) = String::from_utf8(bytes) else {
-        return Ok(Scanned::NonUtf8(rel.to_path_buf()));
-    };
-    let scan = scan_text(&text, key, new_value).map_err(|source| TreeError::Marker {
-        path: rel.to_path_buf(),
-        source,
-    })?;
-    let rewritten = (scan.matched > 0 && !scan.edits.is_empty()).then(|| scan.apply(&text));
-    Ok(Scanned::Yaml {
-        rel: rel.to_path_buf(),
-        matched: scan.matched,
-        changed: scan.edits.len(),
-        warnings: scan.warnings,
-        rewritten,
-    })
+    scan_bytes(rel.to_path_buf(), bytes, key, new_value)
 }
 
 /// Files per scanning thread below which one thread does it all.
@@ -177,34 +188,44 @@ const FILES_PER_THREAD: usize = 256;
 /// Most threads a scan uses.
 const MAX_THREADS: usize = 4;
 
-/// Scans `files` (in order), on several threads for big trees. The result is what a
-/// sequential scan gives: the files in order, or the error of the first failing file.
-fn scan_files(
-    root: &Path,
-    files: &[PathBuf],
-    key: &MarkerKey,
-    new_value: &str,
+/// Scans `items` (in order) with `scan_one`, on several threads for many items. The result
+/// is what a sequential scan gives: the files in order, or the error of the first failing
+/// file.
+fn scan_parallel<T: Send>(
+    items: Vec<T>,
+    scan_one: impl Fn(T) -> Result<Scanned, TreeError> + Sync,
 ) -> Result<Vec<Scanned>, TreeError> {
     let threads = std::thread::available_parallelism()
         .map_or(1, std::num::NonZeroUsize::get)
         .min(MAX_THREADS)
-        .min(files.len() / FILES_PER_THREAD)
+        .min(items.len() / FILES_PER_THREAD)
         .max(1);
-    let scan_part = |part: &[PathBuf]| -> Result<Vec<Scanned>, TreeError> {
-        part.iter()
-            .map(|rel| scan_file(root, rel, key, new_value))
-            .collect()
-    };
     if threads == 1 {
-        return scan_part(files);
+        return items.into_iter().map(scan_one).collect();
     }
-    let chunk = files.len().div_ceil(threads);
+    let chunk = items.len().div_ceil(threads);
+    let mut parts: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut rest = items.into_iter();
+    loop {
+        let part: Vec<T> = rest.by_ref().take(chunk).collect();
+        if part.is_empty() {
+            break;
+        }
+        parts.push(part);
+    }
+    let scan_one = &scan_one;
     std::thread::scope(|scope| {
-        let workers: Vec<_> = files
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || scan_part(part)))
+        let workers: Vec<_> = parts
+            .into_iter()
+            .map(|part| {
+                scope.spawn(move || {
+                    part.into_iter()
+                        .map(scan_one)
+                        .collect::<Result<Vec<_>, _>>()
+                })
+            })
             .collect();
-        let mut all = Vec::with_capacity(files.len());
+        let mut all = Vec::new();
         for worker in workers {
             match worker.join() {
                 Ok(part) => all.extend(part?),
@@ -213,6 +234,93 @@ fn scan_files(
         }
         Ok(all)
     })
+}
+
+/// Adds what scanning one file found to `report`; returns the file's new text when it
+/// changes.
+fn record(report: &mut TreeRewrite, scanned: Scanned) -> Option<(PathBuf, String)> {
+    report.scanned += 1;
+    let (rel, warnings, matched, changed, rewritten) = match scanned {
+        Scanned::NonUtf8(rel) => {
+            report.skipped_non_utf8.push(rel);
+            return None;
+        }
+        Scanned::Yaml {
+            rel,
+            warnings,
+            matched,
+            changed,
+            rewritten,
+        } => (rel, warnings, matched, changed, rewritten),
+    };
+    report
+        .warnings
+        .extend(warnings.into_iter().map(|warning| TreeWarning {
+            path: rel.clone(),
+            warning,
+        }));
+    if matched == 0 {
+        return None;
+    }
+    let write = rewritten.map(|text| (rel.clone(), text));
+    report.files.push(FileRewrite {
+        path: rel,
+        matched,
+        changed,
+    });
+    write
+}
+
+/// Whether the file at `path` (relative to the tree's root) is one of the YAML files a
+/// promotion scans: its name ends in `.yaml` or `.yml` (any case) after a non-empty stem,
+/// and no directory on the way is named `.git` (which git never checks out).
+pub fn is_yaml_path(path: &Path) -> bool {
+    is_yaml(path)
+        && !path
+            .components()
+            .any(|c| c.as_os_str().eq_ignore_ascii_case(".git"))
+}
+
+/// Scans the YAML files of a git tree from their content (blobs), with the same rules and
+/// results as [`rewrite_tree`] on a checkout of that tree, but writing nothing: the new
+/// texts are handed back. The caller lists the tree's regular files (not symbolic links,
+/// not submodules) that pass [`is_yaml_path`], sorted by path (`Path` order, as
+/// [`rewrite_tree`] does), and gives their contents in that order, in one or more parts.
+#[derive(Debug)]
+pub struct BlobScan {
+    key: MarkerKey,
+    new_value: String,
+    report: TreeRewrite,
+    rewritten: Vec<(PathBuf, String)>,
+}
+
+impl BlobScan {
+    pub fn new(key: MarkerKey, new_value: impl Into<String>) -> Self {
+        Self {
+            key,
+            new_value: new_value.into(),
+            report: TreeRewrite::default(),
+            rewritten: Vec::new(),
+        }
+    }
+
+    /// Scans the next files (path, content), which come after every file given before;
+    /// on several threads when there are many. The error is that of the first failing file.
+    pub fn scan(&mut self, files: Vec<(PathBuf, Vec<u8>)>) -> Result<(), TreeError> {
+        let (key, new_value) = (&self.key, self.new_value.as_str());
+        let scanned = scan_parallel(files, |(rel, bytes)| scan_bytes(rel, bytes, key, new_value))?;
+        for one in scanned {
+            if let Some(write) = record(&mut self.report, one) {
+                self.rewritten.push(write);
+            }
+        }
+        Ok(())
+    }
+
+    /// What the scan found, and the new text of each file that changes (in path order).
+    pub fn finish(self) -> (TreeRewrite, Vec<(PathBuf, String)>) {
+        (self.report, self.rewritten)
+    }
 }
 
 /// Rewrites every value marked for `key` in the `*.yaml`/`*.yml` files under `root`.
@@ -231,38 +339,13 @@ pub fn rewrite_tree(
     let mut report = TreeRewrite::default();
     let mut writes = Vec::new();
     let files = yaml_files(root)?;
-    for scanned in scan_files(root, &files, key, new_value)? {
-        report.scanned += 1;
-        let (rel, warnings, matched, changed, rewritten) = match scanned {
-            Scanned::NonUtf8(rel) => {
-                report.skipped_non_utf8.push(rel);
-                continue;
-            }
-            Scanned::Yaml {
-                rel,
-                warnings,
-                matched,
-                changed,
-                rewritten,
-            } => (rel, warnings, matched, changed, rewritten),
-        };
-        report
-            .warnings
-            .extend(warnings.into_iter().map(|warning| TreeWarning {
-                path: rel.clone(),
-                warning,
-            }));
-        if matched == 0 {
-            continue;
+    let scanned = scan_parallel(files.iter().collect(), |rel: &PathBuf| {
+        scan_file(root, rel, key, new_value)
+    })?;
+    for one in scanned {
+        if let Some((rel, text)) = record(&mut report, one) {
+            writes.push((root.join(rel), text));
         }
-        if let Some(text) = rewritten {
-            writes.push((root.join(&rel), text));
-        }
-        report.files.push(FileRewrite {
-            path: rel,
-            matched,
-            changed,
-        });
     }
     for (path, text) in &writes {
         replace_file(path, text)?;
