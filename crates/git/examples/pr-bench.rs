@@ -111,7 +111,8 @@ async fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let gitea = Gitea::start().await.unwrap_or_else(|e| {
+    // With Gitea's router log: the time Gitea itself spent on each request.
+    let gitea = Gitea::start_with(true).await.unwrap_or_else(|e| {
         eprintln!("{e}");
         std::process::exit(2);
     });
@@ -479,6 +480,65 @@ struct Figures {
     forge: f64,
     forge_requests: usize,
     markers: f64,
+    /// Gitea's own time (its router log) serving this promotion's git over HTTP requests
+    /// and its pull-request API requests.
+    gitea_git: f64,
+    gitea_api: f64,
+}
+
+/// What Gitea's router log says it spent on the requests of one promotion, in the log
+/// text written since the event was sent: (git over HTTP ms, requests), (API ms,
+/// requests). Only the repository's git endpoints and its pull-request API count (not the
+/// internal hook calls, which run inside a `git-receive-pack` request, nor the bench's own
+/// requests).
+fn gitea_share(log: &str, owner: &str, repo: &str) -> ((f64, usize), (f64, usize)) {
+    let git_prefix = format!("/{owner}/{repo}/");
+    let api_prefix = format!("/api/v1/repos/{owner}/{repo}/pulls");
+    let mut git = (0.0, 0);
+    let mut api = (0.0, 0);
+    for line in log.lines() {
+        let Some(rest) = line.split_once("router: completed ").map(|(_, r)| r) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let (Some(_method), Some(path)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Some(took) = rest
+            .rsplit_once(" in ")
+            .and_then(|(_, t)| t.split(" @ ").next())
+            .and_then(go_duration_ms)
+        else {
+            continue;
+        };
+        let slot = if path.starts_with(&api_prefix) {
+            &mut api
+        } else if path.starts_with(&git_prefix) {
+            &mut git
+        } else {
+            continue;
+        };
+        slot.0 += took;
+        slot.1 += 1;
+    }
+    (git, api)
+}
+
+/// A Go duration as Gitea logs it (`12.3ms`, `950µs`, `1.2s`) in milliseconds.
+fn go_duration_ms(text: &str) -> Option<f64> {
+    let text = text.trim();
+    for (unit, factor) in [
+        ("ms", 1.0),
+        ("µs", 0.001),
+        ("us", 0.001),
+        ("ns", 1e-6),
+        ("s", 1000.0),
+    ] {
+        if let Some(number) = text.strip_suffix(unit) {
+            return number.parse::<f64>().ok().map(|n| n * factor);
+        }
+    }
+    None
 }
 
 /// Event in, pull request out, through the real `pipeline-controller serve`.
@@ -522,6 +582,8 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
         .arg("--pr-work-dir")
         .arg(&work)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        // The promotions API is on the internal listener.
+        .args(["--internal-listen", "127.0.0.1:0"])
         // pipeline_git=debug: one line per git command and per forge request.
         .env("RUST_LOG", "info,pipeline_git=debug")
         .stdin(Stdio::null())
@@ -535,6 +597,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
     let pid = child.id().to_string();
     let log = Arc::new(Mutex::new(ControllerLog::default()));
     let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
+    let (internal_tx, internal_rx) = std::sync::mpsc::channel::<String>();
     {
         let log = log.clone();
         let stderr = child.stderr.take().unwrap();
@@ -547,6 +610,9 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
                     && let Some(address) = value["address"].as_str()
                 {
                     let _ = address_tx.send(address.to_string());
+                }
+                if let Some(address) = value["internal_address"].as_str() {
+                    let _ = internal_tx.send(address.to_string());
                 }
                 let elapsed = value["elapsed_ms"].as_u64();
                 let logged = match (value["message"].as_str(), elapsed) {
@@ -581,6 +647,11 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             "the controller did not start:\n{}",
             log.lock().unwrap().lines.join("\n")
         );
+        std::process::exit(1);
+    };
+    let Ok(internal) = internal_rx.recv_timeout(Duration::from_secs(30)) else {
+        let _ = child.kill();
+        eprintln!("the controller logged no internal listener address");
         std::process::exit(1);
     };
     let idle_rss = status_kib(&pid, "VmRSS:").unwrap_or(0);
@@ -622,6 +693,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
         .build()
         .unwrap();
     let base = format!("http://{address}");
+    let api = format!("http://{internal}");
     let mut failed = false;
     let mut figures: Vec<Figures> = Vec::new();
     for round in 0..=args.warm {
@@ -632,6 +704,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
         }
         let body = flux_event("staging", &revision);
         let signature = sign(HmacAlgorithm::Sha256, HMAC_KEY.as_bytes(), &body);
+        let gitea_log_from = gitea.log().len();
         let sent_at = chrono::Utc::now();
         let start = Instant::now();
         let response = client
@@ -655,7 +728,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
         let id = answer["id"].as_str().unwrap().to_string();
         let record = loop {
             let record: Value = client
-                .get(format!("{base}/api/v1/promotions/{id}"))
+                .get(format!("{api}/api/v1/promotions/{id}"))
                 .send()
                 .await
                 .unwrap()
@@ -779,6 +852,16 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             "  forge API: {forge_ms:.0} ms in {forge_requests} request(s): {}",
             list(&forge)
         );
+        let gitea_log = gitea.log();
+        let ((gitea_git, git_requests), (gitea_api, api_requests)) = gitea_share(
+            gitea_log.get(gitea_log_from..).unwrap_or_default(),
+            ADMIN_USER,
+            "fleet",
+        );
+        println!(
+            "  Gitea's own time (router log): git over HTTP {gitea_git:.0} ms in {git_requests} request(s), pull-request API {gitea_api:.0} ms in {api_requests} request(s); event -> pull request without it {:.0} ms",
+            ms(total) - gitea_git - gitea_api
+        );
         println!(
             "  split: git network {git_network:.0} ms, git local {git_local:.0} ms (without clean, which runs during the fetch), forge API {forge_ms:.0} ms, markers {markers:.0} ms ({scanned} YAML files), rest {:.0} ms",
             (attempt - git_network - git_local - forge_ms - markers).max(0.0)
@@ -792,6 +875,8 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             forge: forge_ms,
             forge_requests,
             markers,
+            gitea_git,
+            gitea_api,
         });
     }
     stop.store(true, Ordering::Relaxed);
@@ -825,6 +910,16 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
                 ("forge API (Gitea)", pick(|f| f.forge)),
                 ("markers", pick(|f| f.markers)),
                 ("attempt", pick(|f| f.attempt)),
+                ("Gitea's own time, git over HTTP", pick(|f| f.gitea_git)),
+                ("Gitea's own time, pull-request API", pick(|f| f.gitea_api)),
+                (
+                    "Gitea's own time, both",
+                    pick(|f| f.gitea_git + f.gitea_api),
+                ),
+                (
+                    "event -> pull request without Gitea's own time",
+                    pick(|f| f.total - f.gitea_git - f.gitea_api),
+                ),
             ] {
                 if let Some(line) = summary(&values) {
                     println!("      {part}: {line}");
@@ -850,6 +945,9 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             "peak memory: largest git child VmHWM {:.1} MiB ({command})",
             kib as f64 / 1024.0
         );
+    }
+    if std::env::var_os("PR_BENCH_GITEA_LOG").is_some() {
+        eprintln!("--- Gitea log ---\n{}", gitea.log());
     }
     let _ = child.kill();
     let _ = child.wait();

@@ -87,6 +87,12 @@ fn free_port() -> std::io::Result<u16> {
 impl Gitea {
     /// Starts Gitea and waits until its API answers.
     pub async fn start() -> Result<Gitea, String> {
+        Self::start_with(false).await
+    }
+
+    /// Like [`Gitea::start`]; with `router_log`, [`Gitea::log`] also holds a line for every
+    /// request Gitea served, with the time it took (`router: completed … in 12.3ms`).
+    pub async fn start_with(router_log: bool) -> Result<Gitea, String> {
         let (bin, static_root) = gitea_binary()?;
         let dir = tempfile::Builder::new()
             .prefix("gitea-test-")
@@ -171,6 +177,14 @@ SHOW_FOOTER_VERSION = false
             user = std::env::var("USER").unwrap_or_else(|_| whoami()),
             root = static_root.display(),
         );
+        let config = if router_log {
+            format!(
+                "{}\n[log.router-console]\nMODE = console\nLEVEL = info\n",
+                config.replace("[log]\n", "[log]\nlogger.router.MODE = router-console\n")
+            )
+        } else {
+            config
+        };
         let ini = work.join("app.ini");
         std::fs::write(&ini, config).map_err(|e| e.to_string())?;
         let cli = |args: &[&str]| -> Result<String, String> {
