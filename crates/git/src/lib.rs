@@ -6,6 +6,7 @@
 //!   messages.
 //! - [`forge`] opens and updates pull requests on GitHub, GitLab, Gitea/Forgejo, Bitbucket
 //!   Server and Azure DevOps.
+//! - [`objects`] applies a promotion to a commit's YAML blobs, without a checkout.
 //! - [`clones`] keeps a warm clone per repository and base branch between promotions.
 //! - [`PullRequestStrategy`] puts them together as the `pull-request` promotion strategy.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ pub mod credentials;
 pub mod forge;
 pub mod git;
 pub mod markers;
+pub mod objects;
 pub mod repo_url;
 mod strategy;
 #[cfg(feature = "testing")]

@@ -54,7 +54,8 @@ use crate::forge::{
     self, Forge, ForgeError, ForgeErrorKind, ForgeKind, ForgeTarget, PullRequest, PullRequestDraft,
 };
 use crate::git::{Author, Git, GitError, GitErrorKind, TreeFile};
-use crate::markers::{BlobScan, MarkerKey, TreeError, TreeRewrite, is_yaml_path};
+use crate::markers::{MarkerKey, TreeError};
+use crate::objects::{CommitRewrite, RewriteError, rewrite_commit};
 use crate::repo_url::RepoUrl;
 
 /// Commit trailers recording which promotion made a branch head.
@@ -727,16 +728,16 @@ impl Attempt<'_> {
     ) -> Result<BranchState, GitError> {
         let record = self.record;
         let rewrite_started = std::time::Instant::now();
-        let mut yaml: Vec<TreeFile> = git
-            .regular_files(repo, &fetched.base)
-            .await?
-            .into_iter()
-            .filter(|file| is_yaml_path(&file.path))
-            .collect();
-        // Path order, as the scan of a checkout had: it orders the files of the commit
-        // message and pull request, the warnings, and which error is reported.
-        yaml.sort_by(|a, b| a.path.cmp(&b.path));
-        let (rewrite, rewritten, scan_ms) = self.scan_blobs(git, repo, &yaml).await?;
+        let CommitRewrite {
+            report: rewrite,
+            changes,
+            scan_ms,
+        } = rewrite_commit(git, repo, &fetched.base, &self.key(), &record.revision)
+            .await
+            .map_err(|err| match err {
+                RewriteError::Git(err) => err,
+                RewriteError::Markers(err) => self.marker_error(err),
+            })?;
         tracing::debug!(
             promotion = %record.id,
             scanned = rewrite.scanned,
@@ -771,24 +772,12 @@ impl Attempt<'_> {
             });
         }
         let files: Vec<PathBuf> = rewrite.changed_paths().map(Path::to_path_buf).collect();
-        let contents: Vec<&[u8]> = rewritten.iter().map(|(_, text)| text.as_bytes()).collect();
+        let contents: Vec<&[u8]> = changes.iter().map(|(_, text)| text.as_bytes()).collect();
         let oids = git.write_blobs(repo, &contents).await?;
-        let modes: HashMap<&Path, &str> = yaml
-            .iter()
-            .map(|file| (file.path.as_path(), file.mode.as_str()))
-            .collect();
-        let changes: Vec<TreeFile> = rewritten
-            .iter()
+        let changes: Vec<TreeFile> = changes
+            .into_iter()
             .zip(oids)
-            .map(|((path, _), oid)| TreeFile {
-                mode: modes
-                    .get(path.as_path())
-                    .copied()
-                    .unwrap_or("100644")
-                    .to_string(),
-                oid,
-                path: path.clone(),
-            })
+            .map(|((file, _), oid)| TreeFile { oid, ..file })
             .collect();
         let made = git
             .commit_changes(
@@ -823,55 +812,6 @@ impl Attempt<'_> {
         })
     }
 
-    /// Reads the blobs of `yaml` with one `git cat-file --batch` and scans them for the
-    /// promoted key, in parts of about [`SCAN_PART_BYTES`] (so memory stays bounded);
-    /// returns the report, the new texts, and the milliseconds spent scanning.
-    async fn scan_blobs(
-        &self,
-        git: &Git,
-        repo: &Path,
-        yaml: &[TreeFile],
-    ) -> Result<(TreeRewrite, Vec<(PathBuf, String)>, u64), GitError> {
-        let oids: Vec<&str> = yaml.iter().map(|file| file.oid.as_str()).collect();
-        let mut reader = git.read_blobs(repo, &oids)?;
-        let mut scan = BlobScan::new(self.key(), self.record.revision.clone());
-        let mut part = Vec::new();
-        let mut part_bytes = 0;
-        let mut scan_ms = 0;
-        let mut paths = yaml.iter();
-        loop {
-            let next = reader.next().await?;
-            let last = next.is_none();
-            if let (Some(content), Some(file)) = (next, paths.next()) {
-                part_bytes += content.len();
-                part.push((file.path.clone(), content));
-            }
-            if part.is_empty() || (!last && part_bytes < SCAN_PART_BYTES) {
-                if last {
-                    break;
-                }
-                continue;
-            }
-            let files = std::mem::take(&mut part);
-            part_bytes = 0;
-            let started = std::time::Instant::now();
-            scan = tokio::task::spawn_blocking(move || scan.scan(files).map(|()| scan))
-                .await
-                .map_err(|e| GitError {
-                    kind: GitErrorKind::Other,
-                    message: format!("rewriting markers stopped: {e}"),
-                })?
-                .map_err(|e| self.marker_error(e))?;
-            scan_ms += started.elapsed().as_millis() as u64;
-            if last {
-                break;
-            }
-        }
-        reader.finish().await?;
-        let (report, rewritten) = scan.finish();
-        Ok((report, rewritten, scan_ms))
-    }
-
     fn marker_error(&self, err: TreeError) -> GitError {
         GitError {
             kind: GitErrorKind::Other,
@@ -886,9 +826,6 @@ impl Attempt<'_> {
         }
     }
 }
-
-/// Blob bytes scanned together (on several threads); reading pauses meanwhile.
-const SCAN_PART_BYTES: usize = 8 << 20;
 
 /// What a fetch brought: the base branch's head, and the promotion branch's, if it
 /// exists.

@@ -563,3 +563,174 @@ async fn least_recently_used_clones_are_evicted() {
 fn name_of_any(url: &str) -> String {
     format!("/{}-", url.rsplit('/').next().unwrap())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promotes_from_git_objects_keeping_modes_links_and_submodules() {
+    let gitea = gitea().await;
+    let url = fleet(&gitea, "objects").await;
+    // An executable marked file, a symbolic link named like YAML to the marked file, a
+    // YAML file that is not UTF-8 and a submodule named like YAML.
+    let seed = tempfile::tempdir().unwrap();
+    gitea
+        .git(seed.path(), &["clone", "--quiet", &url, "seed"])
+        .unwrap();
+    let seed = seed.path().join("seed");
+    std::fs::create_dir_all(seed.join("deploy")).unwrap();
+    std::fs::write(
+        seed.join("deploy/run.yaml"),
+        "image: {tag: 6.0.0} # {\"$promotion\": \"flux-system:podinfo:prod\"}\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        seed.join("deploy/run.yaml"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("apps/prod/podinfo.yaml", seed.join("link.yaml")).unwrap();
+    std::fs::write(
+        seed.join("latin1.yaml"),
+        b"name: caf\xe9 # {\"$promotion\": \"flux-system:podinfo:prod\"}\n",
+    )
+    .unwrap();
+    gitea.git(&seed, &["add", "--all"]).unwrap();
+    gitea
+        .git(
+            &seed,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                "160000,1234567890abcdef1234567890abcdef12345678,vendor/chart.yaml",
+            ],
+        )
+        .unwrap();
+    gitea
+        .git(&seed, &["commit", "--quiet", "-m", "more kinds of files"])
+        .unwrap();
+    gitea
+        .git(&seed, &["push", "--quiet", "origin", "main"])
+        .unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let strategy = strategy(work.path(), CloneCacheLimits::default());
+    let secrets = secret(&gitea, ADMIN_PASSWORD);
+
+    let outcome = promote(&strategy, &url, "6.5.1", &secrets).await.unwrap();
+    assert!(
+        outcome.message.starts_with("opened pull request #1"),
+        "{outcome:?}"
+    );
+    gitea
+        .git(&seed, &["fetch", "--quiet", "origin", BRANCH])
+        .unwrap();
+    let diff = gitea
+        .git(
+            &seed,
+            &["diff-tree", "-r", "--name-status", "main", "FETCH_HEAD"],
+        )
+        .unwrap();
+    assert_eq!(diff, "M\tapps/prod/podinfo.yaml\nM\tdeploy/run.yaml\n");
+    let entry = |rev: &str, path: &str| {
+        gitea
+            .git(&seed, &["ls-tree", rev, "--", path])
+            .unwrap()
+            .split('\t')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert!(entry("FETCH_HEAD", "deploy/run.yaml").starts_with("100755 blob "));
+    for path in ["link.yaml", "latin1.yaml", "vendor/chart.yaml", "README.md"] {
+        assert_eq!(entry("FETCH_HEAD", path), entry("main", path), "{path}");
+    }
+    assert_eq!(
+        gitea
+            .git(&seed, &["show", "FETCH_HEAD:deploy/run.yaml"])
+            .unwrap(),
+        "image: {tag: 6.5.1} # {\"$promotion\": \"flux-system:podinfo:prod\"}\n"
+    );
+    // The commit message and the pull request list the files in path order.
+    let message = gitea
+        .git(&seed, &["log", "-1", "--format=%B", "FETCH_HEAD"])
+        .unwrap();
+    assert!(
+        message.contains("in:\n  apps/prod/podinfo.yaml\n  deploy/run.yaml\n"),
+        "{message}"
+    );
+    let pulls = gitea.pulls("objects", "open").await.unwrap();
+    let body = pulls[0]["body"].as_str().unwrap();
+    assert!(
+        body.contains("- `apps/prod/podinfo.yaml`\n- `deploy/run.yaml`\n"),
+        "{body}"
+    );
+    // The clone cache holds `.git` alone.
+    let clone = only_clone(work.path());
+    let beside: Vec<String> = std::fs::read_dir(&clone)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(beside, [".git"], "{beside:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_marker_and_bad_markers_fail_naming_what_was_scanned() {
+    let gitea = gitea().await;
+    let secrets = secret(&gitea, ADMIN_PASSWORD);
+    let work = tempfile::tempdir().unwrap();
+    let strategy = strategy(work.path(), CloneCacheLimits::default());
+
+    // No marker for the key: the count of YAML files scanned, as a checkout scan gave it.
+    let unmarked = gitea
+        .create_repo(
+            "unmarked",
+            &[
+                (
+                    "apps/staging.yaml".into(),
+                    "v: 1 # {\"$promotion\": \"flux-system:podinfo:staging\"}\n".into(),
+                ),
+                ("apps/plain.YML".into(), "plain: yaml\n".into()),
+                ("docs/readme.md".into(), "# docs\n".into()),
+            ],
+        )
+        .await
+        .unwrap();
+    let err = promote(&strategy, &unmarked, "6.5.1", &secrets)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.ends_with(
+            "is marked {\"$promotion\": \"flux-system:podinfo:prod\"} (2 YAML file(s) scanned)"
+        ),
+        "{err:?}"
+    );
+    assert_eq!(gitea.branch_head("unmarked", BRANCH).await.unwrap(), None);
+
+    // A marker that cannot be applied: the file and line, nothing pushed, and the clone
+    // is kept (it is not broken).
+    let broken = gitea
+        .create_repo(
+            "broken",
+            &[
+                ("apps/prod/podinfo.yaml".into(), PROD.into()),
+                (
+                    "apps/prod/tags.yaml".into(),
+                    "tags: [1, 2] # {\"$promotion\": \"flux-system:podinfo:prod\"}\n".into(),
+                ),
+            ],
+        )
+        .await
+        .unwrap();
+    let err = promote(&strategy, &broken, "6.5.1", &secrets)
+        .await
+        .unwrap_err();
+    assert!(
+        err.message.contains(&format!(
+            "cannot apply marker flux-system:podinfo:prod in {broken}@main: apps/prod/tags.yaml: line 1: the marker is ambiguous"
+        )),
+        "{err:?}"
+    );
+    assert_eq!(gitea.branch_head("broken", BRANCH).await.unwrap(), None);
+    assert!(log_lines(&broken, "cached clone corrupt").is_empty());
+    assert_eq!(cached(work.path()).len(), 2);
+}
