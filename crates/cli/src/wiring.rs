@@ -9,9 +9,9 @@ use pipeline_core::deployment::DeploymentView;
 use pipeline_core::insights::InsightsExporter;
 use pipeline_core::observe::Proposer;
 use pipeline_core::{
-    Executor, ExecutorSettings, HealthGate, Intake, Metrics, PipelineSource, PortReader,
-    PromotionStore, ReadPort, RetentionPolicy, RetryPolicy, SecretSource, StrategySet, SystemClock,
-    TimeWindow,
+    Executor, ExecutorSettings, HealthGate, Intake, IntakeLoad, Metrics, PipelineSource,
+    PortReader, PromotionStore, ReadPort, RetentionPolicy, RetryPolicy, SecretSource, StrategySet,
+    SystemClock, TimeWindow,
 };
 use pipeline_dashboard::{ApproveVia, DashboardSettings};
 use pipeline_git::PullRequestSettings;
@@ -62,6 +62,7 @@ pub(crate) struct Core {
 pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) -> Core {
     let wake = ports.wake;
     let clock = Arc::new(SystemClock);
+    let load = Arc::new(IntakeLoad::default());
     let intake = Arc::new(
         Intake::new(
             ports.pipelines.clone(),
@@ -72,7 +73,8 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
             metrics.clone(),
             wake.clone(),
         )
-        .with_hmac_approvals(ports.hmac_approvals),
+        .with_hmac_approvals(ports.hmac_approvals)
+        .with_load(load.clone()),
     );
     let store = ports.store.clone();
     let executor = Executor::new(
@@ -84,7 +86,8 @@ pub(crate) fn build_core(ports: Ports, args: &ServeArgs, metrics: Arc<Metrics>) 
         metrics,
         executor_settings(args),
         wake.clone(),
-    );
+    )
+    .with_load(load);
     // Watch every target's app object, propose what is deployed, gate on it.
     let watcher = ports.clusters.map(|clusters| {
         Arc::new(DeploymentWatcher::new(

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::deployment::{DeploymentView, EnvironmentState};
+use crate::intake_load::IntakeLoad;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Promotion, StrategyKind};
 use crate::ports::{Clock, PipelineSource, PromotionStore, SecretSource, StoreError};
@@ -144,6 +145,8 @@ pub struct Executor {
     /// How many promotions this executor brought to a final phase, so the retention
     /// sweep can follow the pace of promotions rather than only a timer.
     finished: tokio::sync::watch::Sender<u64>,
+    /// While the intake records new promotions, at most one attempt runs.
+    load: Arc<IntakeLoad>,
 }
 
 impl Executor {
@@ -169,7 +172,14 @@ impl Executor {
             settings,
             wake,
             finished: tokio::sync::watch::Sender::new(0),
+            load: Arc::default(),
         }
+    }
+
+    /// Yields to the intake reporting to `load`: one attempt at a time while it is busy.
+    pub fn with_load(mut self, load: Arc<IntakeLoad>) -> Self {
+        self.load = load;
+        self
     }
 
     /// Counts promotions this executor brought to a final phase (a notification per
@@ -227,7 +237,12 @@ impl Executor {
                     }
                 }
             }
-            while in_flight.len() < self.settings.concurrency && !outage.waiting() {
+            let limit = if self.load.busy() {
+                1
+            } else {
+                self.settings.concurrency
+            };
+            while in_flight.len() < limit && !outage.waiting() {
                 let Some(id) = queue.pop_front() else { break };
                 let this = Arc::clone(&self);
                 let task = in_flight.spawn({
@@ -240,6 +255,11 @@ impl Executor {
                 () = &mut shutdown => break,
                 () = self.wake.notified() => held.clear(),
                 () = tokio::time::sleep(outage.remaining().unwrap_or(sleep_for)) => {}
+                // Held back by a busy intake: look again once it may have gone quiet.
+                () = tokio::time::sleep(crate::intake_load::QUIET),
+                    if !queue.is_empty()
+                        && in_flight.len() >= limit
+                        && limit < self.settings.concurrency => {}
                 Some(done) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                     let task = match done {
                         Ok((task, Ok(Attempt::Done))) => task,
@@ -709,6 +729,103 @@ mod tests {
             assert_eq!(record.attempts as usize, expected);
         }
         assert_eq!(strategy.total.load(Ordering::SeqCst), 300 + 30);
+    }
+
+    /// Tracks how many attempts run at once.
+    #[derive(Default)]
+    struct Overlap {
+        now: AtomicUsize,
+        max: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl PromotionStrategy for Overlap {
+        async fn promote(&self, _: PromotionContext<'_>) -> Result<StrategyOutcome, StrategyError> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(StrategyOutcome {
+                message: "done".into(),
+                result: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_busy_intake_gets_one_attempt_at_a_time_and_still_progress() {
+        let spec = parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
+            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
+                             {"name": "b", "targets": [{"namespace": "b"}]}],
+            "promotion": {"strategy": {"notification": {}}}
+        }))
+        .unwrap();
+        let store = Arc::new(MemoryStore::default());
+        let add = |from: usize| {
+            let store = store.clone();
+            async move {
+                for i in from..from + 12 {
+                    let record = PromotionRecord::new(
+                        PipelineRef::new("ns", "p"),
+                        "a",
+                        "b",
+                        &format!("1.0.{i}"),
+                        false,
+                        Trigger::default(),
+                        chrono::Utc::now(),
+                    );
+                    store.create_if_absent(record).await.unwrap();
+                }
+            }
+        };
+        let drained = |store: Arc<MemoryStore>| async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while !store.unfinished().await.unwrap().is_empty() {
+                assert!(std::time::Instant::now() < deadline, "backlog not drained");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let strategy = Arc::new(Overlap::default());
+        let load = Arc::new(IntakeLoad::default());
+        let wake = Arc::new(Notify::new());
+        let settings = ExecutorSettings {
+            concurrency: 4,
+            idle_poll: Duration::from_millis(50),
+            ..ExecutorSettings::default()
+        };
+        let executor = Arc::new(
+            executor(
+                store.clone(),
+                one_pipeline(spec),
+                strategy.clone(),
+                settings,
+                wake.clone(),
+            )
+            .with_load(load.clone()),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(executor.run(async {
+            let _ = stopped.await;
+        }));
+
+        // While a recording is in progress, the backlog drains one attempt at a time.
+        let recording = load.recording();
+        add(0).await;
+        wake.notify_one();
+        drained(store.clone()).await;
+        assert_eq!(strategy.max.load(Ordering::SeqCst), 1);
+        drop(recording);
+
+        // Once the intake is quiet, attempts run side by side again.
+        tokio::time::sleep(crate::intake_load::QUIET * 2).await;
+        add(100).await;
+        wake.notify_one();
+        drained(store.clone()).await;
+        assert!(strategy.max.load(Ordering::SeqCst) > 1);
+
+        let _ = stop.send(());
+        task.await.unwrap();
     }
 
     /// Breaks the store while promoting, as a disk that fills up mid-attempt would.

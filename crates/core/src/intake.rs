@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::event::{FluxEvent, Outcome};
+use crate::intake_load::IntakeLoad;
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, PipelineRef, api_group_of};
 use crate::ports::PromotionFilter;
@@ -284,6 +285,7 @@ pub struct Intake {
     window: TimeWindow,
     metrics: Arc<Metrics>,
     executor_wake: Arc<Notify>,
+    load: Arc<IntakeLoad>,
 }
 
 impl Intake {
@@ -305,7 +307,14 @@ impl Intake {
             window,
             metrics,
             executor_wake,
+            load: Arc::default(),
         }
+    }
+
+    /// Reports recordings to `load`, which the executor shares to yield to them.
+    pub fn with_load(mut self, load: Arc<IntakeLoad>) -> Self {
+        self.load = load;
+        self
     }
 
     /// Takes (or refuses) HTTP decisions signed with an approval key.
@@ -525,7 +534,9 @@ impl Intake {
             trigger,
             self.clock.now(),
         );
+        let recording = self.load.recording();
         let (stored, created) = self.store.create_if_absent(record).await?;
+        drop(recording);
         if !created {
             return Ok(Decision::Duplicate(stored));
         }

@@ -11,6 +11,7 @@ pub mod executor;
 pub mod flux_wiring;
 pub mod insights;
 pub mod intake;
+pub mod intake_load;
 pub mod metrics;
 pub mod observe;
 pub mod pipeline;
@@ -31,6 +32,7 @@ pub use intake::{
     ApprovalBody, ApprovalRequest, Decision, EventRequest, Intake, Refusal, RefusalClass,
     TimeWindow, Verdict, decide,
 };
+pub use intake_load::IntakeLoad;
 pub use metrics::Metrics;
 pub use pipeline::{Pipeline, PipelineRef, PipelineSpec};
 pub use ports::{
