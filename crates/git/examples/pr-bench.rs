@@ -156,8 +156,12 @@ async fn main() {
         }
     );
     if let Some(controller) = &args.controller {
-        through_the_controller(controller, &gitea, &url, &args).await;
+        let ok = through_the_controller(controller, &gitea, &url, &args).await;
+        // Gitea stops when dropped; `exit` would leave it running.
         drop(gitea);
+        if !ok {
+            std::process::exit(1);
+        }
         return;
     }
 
@@ -542,7 +546,8 @@ fn go_duration_ms(text: &str) -> Option<f64> {
 }
 
 /// Event in, pull request out, through the real `pipeline-controller serve`.
-async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, args: &Args) {
+/// `false` when a promotion failed (or the controller did not start).
+async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, args: &Args) -> bool {
     let dir = tempfile::tempdir().unwrap();
     let manifests = dir.path().join("manifests");
     std::fs::create_dir_all(&manifests).unwrap();
@@ -573,7 +578,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
     .unwrap();
 
     let work = dir.path().join("work");
-    let mut child = Command::new(controller)
+    let spawned = Command::new(controller)
         .arg("serve")
         .arg("--manifests")
         .arg(&manifests)
@@ -589,11 +594,14 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
             eprintln!("cannot start {}: {e}", controller.display());
-            std::process::exit(2);
-        });
+            return false;
+        }
+    };
     let pid = child.id().to_string();
     let log = Arc::new(Mutex::new(ControllerLog::default()));
     let (address_tx, address_rx) = std::sync::mpsc::channel::<String>();
@@ -647,12 +655,12 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             "the controller did not start:\n{}",
             log.lock().unwrap().lines.join("\n")
         );
-        std::process::exit(1);
+        return false;
     };
     let Ok(internal) = internal_rx.recv_timeout(Duration::from_secs(30)) else {
         let _ = child.kill();
         eprintln!("the controller logged no internal listener address");
-        std::process::exit(1);
+        return false;
     };
     let idle_rss = status_kib(&pid, "VmRSS:").unwrap_or(0);
     println!(
@@ -956,6 +964,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             "--- controller log ---\n{}",
             log.lock().unwrap().lines.join("\n")
         );
-        std::process::exit(1);
+        return false;
     }
+    true
 }
