@@ -276,6 +276,19 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
         .collect();
     assert_eq!(beside, [".git"], "{beside:?}");
 
+    // What an earlier version left: a checkout of the promotion branch, with an index
+    // and `HEAD` on that branch. Adopted as it is: no new clone, the checkout removed.
+    let checkout = std::process::Command::new("git")
+        .args(["checkout", "--quiet", "--force", BRANCH])
+        .current_dir(&clone)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    assert!(checkout.status.success(), "{checkout:?}");
+    assert!(clone.join("apps/prod/podinfo.yaml").is_file());
+    assert!(clone.join(".git/index").is_file());
+
     // Marks that tell a reused clone from a fresh one: a file in .git survives, files put
     // beside it do not, and are never read (the marked file planted here differs from the
     // repository's).
@@ -323,6 +336,10 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
         .collect();
     assert_eq!(beside, [".git"], "{beside:?}");
     assert!(!clone.join(".git/index").exists());
+    assert_eq!(
+        std::fs::read_to_string(clone.join(".git/HEAD")).unwrap(),
+        "ref: refs/heads/main\n"
+    );
     assert_eq!(
         gitea.file("fleet", BRANCH, "apps/new.yaml").await.unwrap(),
         "added: on main\n"
