@@ -840,10 +840,8 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        // `clean` runs while the fetch does: not on the critical path, not counted.
         let sum = |map: &BTreeMap<String, (u32, u64)>, network: Option<bool>| -> f64 {
             map.iter()
-                .filter(|(name, _)| name.as_str() != "clean")
                 .filter(|(name, _)| network.is_none_or(|n| is_network(name) == n))
                 .map(|(_, (_, ms))| *ms as f64)
                 .sum()
@@ -871,7 +869,7 @@ async fn through_the_controller(controller: &Path, gitea: &Gitea, url: &str, arg
             ms(total) - gitea_git - gitea_api
         );
         println!(
-            "  split: git network {git_network:.0} ms, git local {git_local:.0} ms (without clean, which runs during the fetch), forge API {forge_ms:.0} ms, markers {markers:.0} ms ({scanned} YAML files), rest {:.0} ms",
+            "  split: git network {git_network:.0} ms, git local {git_local:.0} ms, forge API {forge_ms:.0} ms, markers {markers:.0} ms ({scanned} YAML files), rest {:.0} ms",
             (attempt - git_network - git_local - forge_ms - markers).max(0.0)
         );
         figures.push(Figures {

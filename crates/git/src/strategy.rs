@@ -852,24 +852,36 @@ impl Fetched {
     }
 }
 
-/// Removes everything in the clone at `repo` but `.git`, and `.git/index`: the clone has
-/// no work tree (clones of earlier versions had one). Cheap when there is nothing.
+/// Removes everything in the clone at `repo` but `.git`, `.git/index`, and the scratch
+/// directories of an attempt that did not end (`.git/promotion-*`, see [`Git`]):
+/// the clone has no work tree (clones of earlier versions had one). Cheap when there is
+/// nothing to remove.
 fn remove_checkout(repo: &Path) -> std::io::Result<()> {
+    let remove = |path: &Path, is_dir: bool| {
+        if is_dir {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        }
+    };
     for entry in std::fs::read_dir(repo)? {
         let entry = entry?;
-        if entry.file_name() == ".git" {
-            continue;
-        }
-        if entry.file_type()?.is_dir() {
-            std::fs::remove_dir_all(entry.path())?;
-        } else {
-            std::fs::remove_file(entry.path())?;
+        if entry.file_name() != ".git" {
+            remove(&entry.path(), entry.file_type()?.is_dir())?;
         }
     }
-    match std::fs::remove_file(repo.join(".git").join("index")) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
+    for entry in std::fs::read_dir(repo.join(".git"))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        // `PROMOTION_MSG`: the commit message file of earlier versions.
+        if name == "index"
+            || name == "PROMOTION_MSG"
+            || name.to_string_lossy().starts_with("promotion-")
+        {
+            remove(&entry.path(), entry.file_type()?.is_dir())?;
+        }
     }
+    Ok(())
 }
 
 /// Fetches the promotion branch if it exists: a pattern, because a refspec naming a

@@ -288,6 +288,9 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
     assert!(checkout.status.success(), "{checkout:?}");
     assert!(clone.join("apps/prod/podinfo.yaml").is_file());
     assert!(clone.join(".git/index").is_file());
+    // And the scratch directory of an attempt that did not end.
+    std::fs::create_dir_all(clone.join(".git/promotion-index-left")).unwrap();
+    std::fs::write(clone.join(".git/promotion-index-left/index"), "x").unwrap();
 
     // Marks that tell a reused clone from a fresh one: a file in .git survives, files put
     // beside it do not, and are never read (the marked file planted here differs from the
@@ -336,6 +339,7 @@ async fn a_cached_clone_is_reused_refreshed_and_replaced_when_broken() {
         .collect();
     assert_eq!(beside, [".git"], "{beside:?}");
     assert!(!clone.join(".git/index").exists());
+    assert!(!clone.join(".git/promotion-index-left").exists());
     assert_eq!(
         std::fs::read_to_string(clone.join(".git/HEAD")).unwrap(),
         "ref: refs/heads/main\n"
