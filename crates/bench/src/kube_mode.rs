@@ -687,8 +687,9 @@ async fn memory_growth(
     println!();
     println!(
         "memory: a fresh controller, no Promotions; then new events until {} promotions were \
-         made (--retention-per-environment {}). RSS once every promotion of a step is notified:",
-        args.history, args.retention_per_environment
+         made, {} at a time (--history-batch; --retention-per-environment {}). RSS once every \
+         promotion of a step is notified:",
+        args.history, args.history_batch, args.retention_per_environment
     );
     println!(
         "| promotions made | Promotion objects kept | records the controller lists | controller RSS (KiB) | peak RSS (VmHWM) |"
@@ -699,7 +700,7 @@ async fn memory_growth(
         rss_kib(controller.pid()),
         memory(controller.pid()).1
     );
-    let mut steps: Vec<usize> = [100, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000]
+    let mut steps: Vec<usize> = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000]
         .into_iter()
         .filter(|step| *step < args.history)
         .collect();
@@ -710,21 +711,27 @@ async fn memory_growth(
         if step <= made {
             continue;
         }
-        made += send_new(
-            &controller,
-            &clients,
-            key,
-            &format!("{tag}-{made}"),
-            step - made,
-        )
-        .await?;
-        let (_, complete) = drained(&receiver, made, Duration::from_secs(args.drain_timeout)).await;
-        ensure!(
-            complete,
-            "only {} of {made} promotions notified after {} s",
-            receiver.count(),
-            args.drain_timeout
-        );
+        while made < step {
+            let batch = match args.history_batch {
+                0 => step - made,
+                n => n.min(step - made),
+            };
+            let accepted =
+                send_new(&controller, &clients, key, &format!("{tag}-{made}"), batch).await?;
+            ensure!(
+                accepted == batch,
+                "{accepted} of {batch} new events accepted"
+            );
+            made += batch;
+            let (_, complete) =
+                drained(&receiver, made, Duration::from_secs(args.drain_timeout)).await;
+            ensure!(
+                complete,
+                "only {} of {made} promotions notified after {} s",
+                receiver.count(),
+                args.drain_timeout
+            );
+        }
         // Let the last status writes and the watch settle.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let kept = api.list_metadata(&ListParams::default()).await?.items.len();

@@ -84,6 +84,11 @@ struct Args {
     /// finished Promotion).
     #[arg(long, default_value_t = 100)]
     retention_per_environment: usize,
+    /// Kubernetes mode, memory phase: new events are sent this many at a time, each batch
+    /// notified before the next, so the history grows while the live set of Promotions
+    /// stays near this size plus what retention keeps (0: each step at once).
+    #[arg(long, default_value_t = 500)]
+    history_batch: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

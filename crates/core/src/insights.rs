@@ -270,12 +270,19 @@ impl InsightsExporter {
             .seen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.retain(|_, at| *at >= horizon);
+        // Keys of what the records still show: the others can never come back (their
+        // records were deleted), so they are forgotten after this pass.
+        let mut shown: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut first_time = |key: String, at: DateTime<Utc>| -> bool {
-            if at < horizon || seen.contains_key(&key) {
+            if at < horizon {
                 return false;
             }
-            seen.insert(key, at);
+            if seen.contains_key(&key) {
+                shown.insert(key);
+                return false;
+            }
+            seen.insert(key.clone(), at);
+            shown.insert(key);
             true
         };
         for pipeline in pipelines {
@@ -332,6 +339,7 @@ impl InsightsExporter {
                 }
             }
         }
+        seen.retain(|key, _| shown.contains(key));
     }
 
     /// Exports every `interval` from `reader` until `stop`.
@@ -610,6 +618,15 @@ mod tests {
             !text.contains("pipeline_controller_approval_waiting_seconds{"),
             "{text}"
         );
+        // What deleted records showed is forgotten: what it remembers follows the records.
+        assert!(!exporter.seen.lock().unwrap().is_empty());
+        exporter.export(
+            &metrics,
+            std::slice::from_ref(&pipeline),
+            &[],
+            at("2026-04-01T10:41:00Z"),
+        );
+        assert!(exporter.seen.lock().unwrap().is_empty());
         // Before the process started: not counted again by a new process.
         let later = InsightsExporter::new(at("2026-04-01T11:00:00Z"));
         let fresh = crate::metrics::Metrics::new();

@@ -22,6 +22,9 @@ use tokio::sync::Notify;
 use crate::convert;
 use crate::watch::AbortOnDrop;
 
+/// Table capacity below which deletions never shrink it.
+const SHRINK_ABOVE: usize = 1024;
+
 /// What is kept of one Promotion.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedPromotion {
@@ -119,11 +122,7 @@ impl PromotionCache {
                         }
                     }
                     Ok(Event::Delete(object)) => {
-                        cache
-                            .entries
-                            .write()
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .remove(&object.name_any());
+                        cache.forget(&object.name_any());
                         cache.announce();
                     }
                     Err(err) => {
@@ -221,9 +220,69 @@ impl PromotionCache {
     }
 
     pub fn forget(&self, id: &str) {
-        self.entries
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
+        let mut entries = self.entries.write().unwrap_or_else(PoisonError::into_inner);
+        entries.remove(id);
+        // A table keeps the size of its largest burst: give it back once mostly empty.
+        let (len, capacity) = (entries.len(), entries.capacity());
+        if capacity > SHRINK_ABOVE && len * 4 < capacity {
+            entries.shrink_to(len * 2);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline_core::{PipelineRef, Trigger};
+
+    fn idle_cache() -> PromotionCache {
+        PromotionCache {
+            entries: RwLock::default(),
+            synced: AtomicBool::new(true),
+            changed: Arc::new(Notify::new()),
+            wake: Arc::new(Notify::new()),
+            task: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn entry(i: usize) -> CachedPromotion {
+        CachedPromotion {
+            record: PromotionRecord::new(
+                PipelineRef::new("ns", "p"),
+                "dev",
+                "prod",
+                &format!("1.0.{i}"),
+                false,
+                Trigger::default(),
+                chrono::Utc::now(),
+            ),
+            resource_version: Some("1".into()),
+            generation: Some(1),
+            conditions: Vec::new(),
+            approval: None,
+            retry_request: None,
+        }
+    }
+
+    #[test]
+    fn the_table_shrinks_once_a_burst_is_deleted() {
+        let cache = idle_cache();
+        let ids: Vec<String> = (0..5000)
+            .map(|i| {
+                let entry = entry(i);
+                let id = entry.record.id.clone();
+                cache.put(entry);
+                id
+            })
+            .collect();
+        let capacity = |cache: &PromotionCache| cache.entries.read().unwrap().capacity();
+        assert!(capacity(&cache) >= 5000);
+        for id in &ids[10..] {
+            cache.forget(id);
+        }
+        assert!(capacity(&cache) <= 2 * SHRINK_ABOVE, "{}", capacity(&cache));
+        for id in &ids[..10] {
+            assert!(cache.get(id).is_some(), "{id} kept");
+        }
     }
 }
