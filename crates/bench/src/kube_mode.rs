@@ -467,16 +467,28 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     println!();
 
     // The ceiling: one durable write per event, nothing else.
-    let baseline =
-        raw_creates(&cluster, &cluster_pids, args.requests, args.concurrency, false).await?;
+    let baseline = raw_creates(
+        &cluster,
+        &cluster_pids,
+        args.requests,
+        args.concurrency,
+        false,
+    )
+    .await?;
     eprintln!(
         "  done: raw creates {:>8.0} creates/s",
         baseline.creates as f64 / baseline.elapsed.as_secs_f64()
     );
     remove_baseline(&cluster).await?;
     // What the watch the controller keeps (and any other watcher) costs the creates.
-    let watched =
-        raw_creates(&cluster, &cluster_pids, args.requests, args.concurrency, true).await?;
+    let watched = raw_creates(
+        &cluster,
+        &cluster_pids,
+        args.requests,
+        args.concurrency,
+        true,
+    )
+    .await?;
     eprintln!(
         "  done: raw creates, watched {:>8.0} creates/s",
         watched.creates as f64 / watched.elapsed.as_secs_f64()
