@@ -41,6 +41,18 @@ where
         .is_ok_and(|r| r.is_ok())
 }
 
+/// Whether a cache has listed once, without waiting.
+fn ready_now<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .wait_until_ready()
+        .now_or_never()
+        .is_some_and(|r| r.is_ok())
+}
+
 /// Pipelines from a cluster-wide watch.
 #[derive(Clone)]
 pub struct KubePipelineSource {
@@ -227,11 +239,7 @@ impl KubeSecretSource {
         name: &str,
     ) -> Result<Option<Arc<Secret>>, Unavailable> {
         if let Some(cache) = self.cache(namespace)
-            && cache
-                .store
-                .wait_until_ready()
-                .now_or_never()
-                .is_some_and(|r| r.is_ok())
+            && ready_now(&cache.store)
         {
             return Ok(cache.store.get(&ObjectRef::new(name).within(namespace)));
         }
@@ -316,8 +324,10 @@ impl SecretSource for KubeSecretSource {
         name: &str,
         key: &str,
     ) -> Result<Option<SecretBytes>, SecretLookupError> {
+        // Not waiting for a listing: it may be slow (a busy API server) or never come
+        // (no RBAC to list Secrets there), and one GET answers now.
         let cached = match self.cache(namespace) {
-            Some(cache) if ready(&cache.store).await => {
+            Some(cache) if ready_now(&cache.store) => {
                 cache.store.get(&ObjectRef::new(name).within(namespace))
             }
             _ => None,
