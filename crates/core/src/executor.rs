@@ -603,6 +603,33 @@ mod tests {
     use crate::promotion::{ChangeReason, Phase, Trigger};
     use crate::testing::{HandView, MemoryCatalog, MemoryStore};
 
+    /// Environments a → b, notification strategy.
+    fn a_to_b() -> crate::pipeline::PipelineSpec {
+        parse_pipeline_spec(serde_json::json!({
+            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
+            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
+                             {"name": "b", "targets": [{"namespace": "b"}]}],
+            "promotion": {"strategy": {"notification": {}}}
+        }))
+        .unwrap()
+    }
+
+    /// Records ns/p a → b of revisions `1.0.<i>`, `i` in `revisions`.
+    async fn add_a_to_b(store: &MemoryStore, revisions: std::ops::Range<usize>) {
+        for i in revisions {
+            let record = PromotionRecord::new(
+                PipelineRef::new("ns", "p"),
+                "a",
+                "b",
+                &format!("1.0.{i}"),
+                false,
+                Trigger::default(),
+                chrono::Utc::now(),
+            );
+            store.create_if_absent(record).await.unwrap();
+        }
+    }
+
     /// A catalog holding `spec` as pipeline ns/p, the one every test here uses.
     fn one_pipeline(spec: crate::pipeline::PipelineSpec) -> Arc<MemoryCatalog> {
         Arc::new(MemoryCatalog::new().with_pipeline_spec("ns", "p", spec))
@@ -670,28 +697,10 @@ mod tests {
 
     #[tokio::test]
     async fn drains_a_backlog_once_each_with_retries() {
-        let spec = parse_pipeline_spec(serde_json::json!({
-            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
-            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
-                             {"name": "b", "targets": [{"namespace": "b"}]}],
-            "promotion": {"strategy": {"notification": {}}}
-        }))
-        .unwrap();
-        let reference = PipelineRef::new("ns", "p");
+        let spec = a_to_b();
         let pipeline = one_pipeline(spec);
         let store = Arc::new(MemoryStore::default());
-        for i in 0..300 {
-            let record = PromotionRecord::new(
-                reference.clone(),
-                "a",
-                "b",
-                &format!("1.0.{i}"),
-                false,
-                Trigger::default(),
-                chrono::Utc::now(),
-            );
-            store.create_if_absent(record).await.unwrap();
-        }
+        add_a_to_b(&store, 0..300).await;
         let strategy = Arc::new(Counting::default());
         let executor = Arc::new(executor(
             store.clone(),
@@ -754,31 +763,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_busy_intake_gets_one_attempt_at_a_time_and_still_progress() {
-        let spec = parse_pipeline_spec(serde_json::json!({
-            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
-            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
-                             {"name": "b", "targets": [{"namespace": "b"}]}],
-            "promotion": {"strategy": {"notification": {}}}
-        }))
-        .unwrap();
+        let spec = a_to_b();
         let store = Arc::new(MemoryStore::default());
-        let add = |from: usize| {
-            let store = store.clone();
-            async move {
-                for i in from..from + 12 {
-                    let record = PromotionRecord::new(
-                        PipelineRef::new("ns", "p"),
-                        "a",
-                        "b",
-                        &format!("1.0.{i}"),
-                        false,
-                        Trigger::default(),
-                        chrono::Utc::now(),
-                    );
-                    store.create_if_absent(record).await.unwrap();
-                }
-            }
-        };
         let drained = |store: Arc<MemoryStore>| async move {
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             while !store.unfinished().await.unwrap().is_empty() {
@@ -811,7 +797,7 @@ mod tests {
 
         // While a recording is in progress, the backlog drains one attempt at a time.
         let recording = load.recording();
-        add(0).await;
+        add_a_to_b(&store, 0..12).await;
         wake.notify_one();
         drained(store.clone()).await;
         assert_eq!(strategy.max.load(Ordering::SeqCst), 1);
@@ -819,7 +805,7 @@ mod tests {
 
         // Once the intake is quiet, attempts run side by side again.
         tokio::time::sleep(crate::intake_load::QUIET * 2).await;
-        add(100).await;
+        add_a_to_b(&store, 100..112).await;
         wake.notify_one();
         drained(store.clone()).await;
         assert!(strategy.max.load(Ordering::SeqCst) > 1);
@@ -848,13 +834,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_store_outage_neither_repeats_a_promotion_nor_spins() {
-        let spec = parse_pipeline_spec(serde_json::json!({
-            "appRef": {"apiVersion": "v1", "kind": "HelmRelease", "name": "app"},
-            "environments": [{"name": "a", "targets": [{"namespace": "a"}]},
-                             {"name": "b", "targets": [{"namespace": "b"}]}],
-            "promotion": {"strategy": {"notification": {}}}
-        }))
-        .unwrap();
+        let spec = a_to_b();
         let reference = PipelineRef::new("ns", "p");
         let pipeline = one_pipeline(spec);
         let store = Arc::new(MemoryStore::default());

@@ -5,13 +5,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use pipeline_git::credentials::Credentials;
 use pipeline_git::git::{Author, Git, TreeFile};
 use pipeline_git::markers::{MarkerKey, TreeError, rewrite_tree};
 use pipeline_git::objects::{RewriteError, rewrite_commit};
 use pipeline_git::repo_url::RepoUrl;
+use support::git;
+
+mod support;
 
 const M: &str = r#"{"$promotion": "flux-system:podinfo:prod"}"#;
 /// A submodule commit (a gitlink needs no object).
@@ -23,28 +25,6 @@ fn m(s: &str) -> String {
 
 fn key() -> MarkerKey {
     MarkerKey::new("flux-system", "podinfo", "prod")
-}
-
-/// Runs git in `dir` with no user or system configuration.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_AUTHOR_NAME", "test")
-        .env("GIT_AUTHOR_EMAIL", "test@example.com")
-        .env("GIT_COMMITTER_NAME", "test")
-        .env("GIT_COMMITTER_EMAIL", "test@example.com")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn write(root: &Path, rel: &str, bytes: &[u8]) {

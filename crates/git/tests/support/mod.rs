@@ -1,7 +1,10 @@
-//! What the tests of this crate share: the log lines of the code under test.
+//! What the tests of this crate share: the log lines of the code under test, and running
+//! git (and other programs) with no user or system configuration.
 #![allow(dead_code)]
 
 use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 
 /// Log lines of every test in the including file (one global subscriber, at debug level).
@@ -34,4 +37,37 @@ impl Write for LogWriter {
 /// Everything logged so far.
 pub fn logs_text() -> String {
     String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned()
+}
+
+/// Runs a command with no user or system git configuration and a fixed author; panics
+/// with its output when it fails. Returns its standard output.
+pub fn run(program: &str, args: &[&str], dir: Option<&Path>) -> String {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "test")
+        .env("GIT_AUTHOR_EMAIL", "test@example.com")
+        .env("GIT_COMMITTER_NAME", "test")
+        .env("GIT_COMMITTER_EMAIL", "test@example.com")
+        .stdin(Stdio::null());
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `git` in `dir`, as [`run`].
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    run("git", args, Some(dir))
 }
