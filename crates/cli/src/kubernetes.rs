@@ -33,8 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::ServeArgs;
 use crate::wiring::{
-    Ports, bind, build_core, http_settings, pull_request_settings, serve_http, server_settings,
-    stop_on_signal,
+    Ports, bind, build_core, export_insights, http_settings, pull_request_settings, serve_http,
+    server_settings, stop_on_signal,
 };
 
 /// Response header naming the Promotion object a 202 answer recorded.
@@ -255,7 +255,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             renew: k8s.lease_renew,
         },
     );
+    let insights_interval = listener.insights_interval;
     let lead = {
+        let metrics = metrics.clone();
         let client = client.clone();
         let store = store.clone();
         let pipelines = pipelines.clone();
@@ -265,6 +267,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let wiring = wiring.clone();
         let exposure = exposure.clone();
         move |stop: CancellationToken| {
+            let metrics = metrics.clone();
             let core = core.clone();
             let wiring = wiring.clone();
             let exposure = exposure.clone();
@@ -298,10 +301,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         }
                     }
                 };
+                // Only the leader exports the insights: with several replicas, a sum
+                // over them counts each deployment once.
+                let insights = export_insights(
+                    core.reader.clone(),
+                    metrics,
+                    insights_interval,
+                    stop.clone(),
+                );
                 tokio::join!(
                     core.lead(stop.clone()),
                     reconciler.run(stop.clone()),
-                    flux_wiring
+                    flux_wiring,
+                    insights
                 );
             }
         }

@@ -244,7 +244,10 @@ pub(crate) struct Listeners {
     /// How the dashboard tells approvers to approve (it depends on the mode).
     approve_via: ApproveVia,
     /// `--insights-interval`.
-    insights_interval: std::time::Duration,
+    pub insights_interval: std::time::Duration,
+    /// Whether serving also exports the delivery insights (embedded mode; in Kubernetes
+    /// mode only the leader does, so that a sum over replicas counts each event once).
+    export_insights: bool,
 }
 
 async fn bind_one(address: SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
@@ -297,26 +300,47 @@ pub(crate) async fn bind(args: &ServeArgs) -> anyhow::Result<(Listeners, SocketA
             insights_interval: args
                 .insights_interval
                 .max(std::time::Duration::from_millis(100)),
+            export_insights: args.manifests.is_some(),
         },
         address,
     ))
 }
 
+/// Exports the delivery insights read through `reader` to `metrics` until `stop`,
+/// counting what ends from now on.
+pub(crate) async fn export_insights(
+    reader: Arc<dyn ReadPort>,
+    metrics: Arc<Metrics>,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) {
+    InsightsExporter::new(chrono::Utc::now())
+        .run(
+            reader,
+            metrics,
+            Arc::new(SystemClock),
+            interval,
+            stop.cancelled_owned(),
+        )
+        .await;
+}
+
 /// Serves the public and the internal listener until `shutdown`, then cancels it for
-/// everything else. Also exports the delivery insights to the metrics meanwhile.
+/// everything else. In embedded mode also exports the delivery insights meanwhile.
 pub(crate) async fn serve_http(
     listeners: Listeners,
     state: AppState,
     settings: ServerSettings,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let exporter = tokio::spawn(InsightsExporter::new(chrono::Utc::now()).run(
-        state.reader(),
-        state.metrics(),
-        Arc::new(SystemClock),
-        listeners.insights_interval,
-        shutdown.clone().cancelled_owned(),
-    ));
+    let exporter = listeners.export_insights.then(|| {
+        tokio::spawn(export_insights(
+            state.reader(),
+            state.metrics(),
+            listeners.insights_interval,
+            shutdown.clone(),
+        ))
+    });
     let dashboard = pipeline_dashboard::router(
         state.reader(),
         DashboardSettings {
@@ -342,7 +366,9 @@ pub(crate) async fn serve_http(
         },
     );
     shutdown.cancel();
-    let _ = exporter.await;
+    if let Some(exporter) = exporter {
+        let _ = exporter.await;
+    }
     public.context("serving the public listener")?;
     internal.context("serving the internal listener")?;
     Ok(())

@@ -285,13 +285,38 @@ async fn wait_leader(controller: &Controller, what: &str) {
     }
 }
 
+async fn metrics_of(controller: &Controller) -> String {
+    client()
+        .get(controller.internal_url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// Waits (20 s at most) until `/metrics` of `controller` holds `series`.
+async fn wait_metric(controller: &Controller, series: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !metrics_of(controller).await.contains(series) {
+        assert!(Instant::now() < deadline, "{what}: no {series}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     let cluster = cluster().await;
     let kube = cluster.client();
     let gate = Gate::start().await;
     let url = gate.url();
-    let args = ["--events-addr", url.as_str()];
+    let args = [
+        "--events-addr",
+        url.as_str(),
+        "--insights-interval",
+        "200ms",
+    ];
     let mut a = Controller::start(&cluster, "replica-a", &args);
     wait_leader(&a, "A never led").await;
     let mut b = Controller::start(&cluster, "replica-b", &args);
@@ -310,6 +335,13 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
         !b.logs().contains("promotion attempt started"),
         "a follower executed"
     );
+    // Only the leader exports the delivery insights (a sum over replicas stays right).
+    let insight = "pipeline_controller_promotion_failure_ratio{";
+    wait_metric(&a, insight, "the leader's insights").await;
+    assert!(
+        !metrics_of(&b).await.contains(insight),
+        "a follower exported insights"
+    );
 
     // The leader is SIGKILLed mid-promotion: B takes over and finishes it.
     gate.set_hang(true);
@@ -325,6 +357,7 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     .await;
     let took = killed.elapsed();
     assert!(b.is_leader());
+    wait_metric(&b, insight, "the new leader's insights").await;
     let status = done.status.unwrap();
     assert_eq!(status.attempts, 2);
     assert!(

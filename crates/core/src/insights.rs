@@ -342,7 +342,8 @@ impl InsightsExporter {
         seen.retain(|key, _| shown.contains(key));
     }
 
-    /// Exports every `interval` from `reader` until `stop`.
+    /// Exports every `interval` from `reader` until `stop`, then withdraws what it
+    /// exported (with several replicas only the leader exports: see the CLI's wiring).
     pub async fn run(
         self,
         reader: std::sync::Arc<dyn crate::read::ReadPort>,
@@ -370,10 +371,11 @@ impl InsightsExporter {
                 }
             }
             tokio::select! {
-                () = &mut stop => return,
+                () = &mut stop => break,
                 () = tokio::time::sleep(interval) => {}
             }
         }
+        metrics.delivery.clear();
     }
 }
 

@@ -70,6 +70,19 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+impl DeliveryMetrics {
+    /// Drops every series, for an exporter that stops: another one (the next leader's)
+    /// takes over, and two sets of the same counts would be summed twice.
+    pub fn clear(&self) {
+        self.deployments.clear();
+        self.lead_time.clear();
+        self.approval_wait.clear();
+        self.time_to_recover.clear();
+        self.failure_ratio.clear();
+        self.approval_waiting.clear();
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
