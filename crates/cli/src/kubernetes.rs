@@ -279,7 +279,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 promotions.clone(),
                 core.wake.clone(),
             )
-            .with_secrets(secrets.clone());
+            .with_secrets(secrets.clone())
+            .with_metrics(metrics.clone());
             let reconciler = match &core.watcher {
                 Some(watcher) => reconciler.with_deployments(watcher.clone(), watcher.subscribe()),
                 None => reconciler,

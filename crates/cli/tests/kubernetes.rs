@@ -480,6 +480,12 @@ async fn manual_approval_through_the_kubernetes_api() {
     assert_eq!(code, 0, "{out}{err}");
     let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
     assert_approved_then_succeeded(&done, "alice");
+    // The decision is counted like one taken over HTTP: WaitingApproval -> Pending.
+    let metrics = metrics_of(&controller).await;
+    assert!(
+        metrics.contains(r#"pipeline_controller_promotions_total{phase="Pending"} 1"#),
+        "{metrics}"
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     while waiting(&pipelines.get("podinfo").await.unwrap()).as_deref() != Some("") {
         assert!(

@@ -24,8 +24,8 @@ use kube::{Api, Client, ResourceExt};
 use pipeline_core::deployment::{DeploymentView, TargetView, target_keys};
 use pipeline_core::intake::HMAC_KEY;
 use pipeline_core::pipeline::Promotion as PromotionSettings;
+use pipeline_core::{Metrics, Pipeline, PromotionStore};
 use pipeline_core::{Phase, PromotionRecord, Refusal, StoreError, Verdict, decide};
-use pipeline_core::{Pipeline, PromotionStore};
 use pipeline_crds::{ClusterAppReference, Pipeline as PipelineObject, TargetStatus};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,8 @@ pub struct Reconciler {
     promotions: Arc<PromotionCache>,
     /// What the deployment watches see, for `status.environments.<env>.targets`.
     deployments: Option<(Arc<dyn DeploymentView>, tokio::sync::watch::Receiver<u64>)>,
+    /// Where the phases decisions lead to are counted, as the webhook's are.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Reconciler {
@@ -76,6 +78,19 @@ impl Reconciler {
             pipelines,
             wake,
             deployments: None,
+            metrics: None,
+        }
+    }
+
+    /// Counts the phases that decisions and retry requests lead to in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn count_phase(&self, phase: Phase) {
+        if let Some(metrics) = &self.metrics {
+            metrics.record_phase(phase);
         }
     }
 
@@ -198,6 +213,7 @@ impl Reconciler {
         {
             Ok(decided) => {
                 tracing::info!(promotion = %record.id, by = %by, action = verdict.action(), phase = %decided.phase, "promotion decided through the Kubernetes API");
+                self.count_phase(decided.phase);
                 if decided.phase == Phase::Pending {
                     self.wake.notify_one();
                 }
@@ -236,8 +252,9 @@ impl Reconciler {
             Ok(())
         };
         match self.store.modify(&record.id, &change).await {
-            Ok(_) => {
+            Ok(requeued) => {
                 tracing::info!(promotion = %record.id, by = %by, "failed promotion re-queued through the Kubernetes API");
+                self.count_phase(requeued.phase);
                 self.wake.notify_one();
             }
             Err(StoreError::Transition(_)) => {}
