@@ -53,11 +53,18 @@ where
         .is_some_and(|r| r.is_ok())
 }
 
+/// A validated model (`None`: the object is invalid) and the object version it is of.
+type Models = HashMap<PipelineRef, (String, Option<Arc<Pipeline>>)>;
+
 /// Pipelines from a cluster-wide watch.
 #[derive(Clone)]
 pub struct KubePipelineSource {
     store: Store<PipelineObject>,
     changed: Arc<Notify>,
+    /// Validated models, reused while their object's resourceVersion stays: every event
+    /// looks its pipeline up, and validating the spec each time cost more than the rest
+    /// of a rejection.
+    models: Arc<Mutex<Models>>,
     _task: Arc<AbortOnDrop>,
 }
 
@@ -73,8 +80,35 @@ impl KubePipelineSource {
         Self {
             store,
             changed,
+            models: Arc::default(),
             _task: Arc::new(task),
         }
+    }
+
+    /// The validated model of `object`, from [`Self::models`] when its version was seen.
+    fn model(&self, object: &PipelineObject) -> Option<Arc<Pipeline>> {
+        let reference = PipelineRef::new(object.namespace().unwrap_or_default(), object.name_any());
+        let version = object.resource_version();
+        if let Some(version) = &version
+            && let Ok(models) = self.models.lock()
+            && let Some((seen, model)) = models.get(&reference)
+            && seen == version
+        {
+            return model.clone();
+        }
+        let model = match validate(object) {
+            Ok(pipeline) => Some(Arc::new(pipeline)),
+            Err(errors) => {
+                tracing::debug!(pipeline = %reference, errors = errors.len(), "invalid pipeline treated as absent");
+                None
+            }
+        };
+        if let Some(version) = version
+            && let Ok(mut models) = self.models.lock()
+        {
+            models.insert(reference, (version, model.clone()));
+        }
+        model
     }
 
     /// The cache, for the reconciler.
@@ -151,15 +185,12 @@ impl PipelineSource for KubePipelineSource {
             ));
         }
         let Some(object) = self.object(reference) else {
+            if let Ok(mut models) = self.models.lock() {
+                models.remove(reference);
+            }
             return Ok(None);
         };
-        match validate(&object) {
-            Ok(pipeline) => Ok(Some(Arc::new(pipeline))),
-            Err(errors) => {
-                tracing::debug!(pipeline = %reference, errors = errors.len(), "invalid pipeline treated as absent");
-                Ok(None)
-            }
-        }
+        Ok(self.model(&object))
     }
 
     async fn list(&self) -> Result<Vec<Arc<Pipeline>>, Unavailable> {
@@ -168,12 +199,22 @@ impl PipelineSource for KubePipelineSource {
                 "the Pipeline cache has not synced with the Kubernetes API yet".to_string(),
             ));
         }
-        Ok(self
-            .store
-            .state()
+        let objects = self.store.state();
+        let listed: Vec<Arc<Pipeline>> = objects
             .iter()
-            .filter_map(|object| validate(object).ok().map(Arc::new))
-            .collect())
+            .filter_map(|object| self.model(object))
+            .collect();
+        // Models of deleted objects go with them.
+        if let Ok(mut models) = self.models.lock()
+            && models.len() > objects.len()
+        {
+            let present: std::collections::HashSet<PipelineRef> = objects
+                .iter()
+                .map(|o| PipelineRef::new(o.namespace().unwrap_or_default(), o.name_any()))
+                .collect();
+            models.retain(|reference, _| present.contains(reference));
+        }
+        Ok(listed)
     }
 }
 
@@ -343,5 +384,70 @@ impl SecretSource for KubeSecretSource {
                 name: name.to_string(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+    use kube::runtime::watcher::Event;
+
+    fn object(version: &str, environments: &[&str]) -> PipelineObject {
+        let environments: Vec<serde_json::Value> = environments
+            .iter()
+            .map(|name| serde_json::json!({"name": name, "targets": [{"namespace": name}]}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "pipelines.weave.works/v1alpha1",
+            "kind": "Pipeline",
+            "metadata": {"name": "app", "namespace": "ns", "resourceVersion": version},
+            "spec": {
+                "appRef": {"apiVersion": "helm.toolkit.fluxcd.io/v2", "kind": "HelmRelease", "name": "app"},
+                "environments": environments,
+                "promotion": {"strategy": {"notification": {}}}
+            }
+        }))
+        .unwrap()
+    }
+
+    fn source(writer: &Writer<PipelineObject>) -> KubePipelineSource {
+        KubePipelineSource {
+            store: writer.as_reader(),
+            changed: Arc::new(Notify::new()),
+            models: Arc::default(),
+            _task: Arc::new(AbortOnDrop(tokio::spawn(async {}))),
+        }
+    }
+
+    #[tokio::test]
+    async fn models_are_reused_until_the_object_changes_and_go_with_it() {
+        let mut writer = Writer::<PipelineObject>::new(());
+        writer.apply_watcher_event(&Event::Init);
+        writer.apply_watcher_event(&Event::InitApply(object("1", &["dev", "prod"])));
+        writer.apply_watcher_event(&Event::InitDone);
+        let source = source(&writer);
+        let reference = PipelineRef::new("ns", "app");
+
+        let first = source.pipeline(&reference).await.unwrap().unwrap();
+        assert_eq!(first.spec.environments.len(), 2);
+        let again = source.pipeline(&reference).await.unwrap().unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "validated once per version");
+
+        writer.apply_watcher_event(&Event::Apply(object("2", &["dev", "staging", "prod"])));
+        let changed = source.pipeline(&reference).await.unwrap().unwrap();
+        assert_eq!(changed.spec.environments.len(), 3);
+
+        // Two environments with one name: invalid, so absent.
+        writer.apply_watcher_event(&Event::Apply(object("3", &["dev", "dev"])));
+        assert!(source.pipeline(&reference).await.unwrap().is_none());
+        assert!(source.list().await.unwrap().is_empty());
+
+        writer.apply_watcher_event(&Event::Apply(object("4", &["dev", "prod"])));
+        assert_eq!(source.list().await.unwrap().len(), 1);
+        writer.apply_watcher_event(&Event::Delete(object("4", &["dev", "prod"])));
+        assert!(source.pipeline(&reference).await.unwrap().is_none());
+        assert!(source.models.lock().unwrap().is_empty());
     }
 }
