@@ -187,6 +187,38 @@ struct Baseline {
     requests: Requests,
 }
 
+impl Baseline {
+    fn throughput(&self) -> f64 {
+        self.creates as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// One baseline run ([`raw_creates`]), reported on stderr; its Promotions are deleted
+/// afterwards.
+async fn baseline_run(
+    cluster: &TestCluster,
+    cluster_pids: &[u32],
+    args: &Args,
+    watched: bool,
+) -> anyhow::Result<Baseline> {
+    let run = raw_creates(
+        cluster,
+        cluster_pids,
+        args.requests,
+        args.concurrency,
+        watched,
+    )
+    .await?;
+    let name = if watched {
+        "raw creates, watched"
+    } else {
+        "raw creates"
+    };
+    eprintln!("  done: {name} {:>8.0} creates/s", run.throughput());
+    remove_baseline(cluster).await?;
+    Ok(run)
+}
+
 /// A client of its own (its own connections), as the controller is a client of its own.
 async fn fresh_client(cluster: &TestCluster) -> anyhow::Result<kube::Client> {
     let kubeconfig = kube::config::Kubeconfig::read_from(cluster.kubeconfig_path())?;
@@ -240,15 +272,6 @@ async fn creates(
 /// The raw create ceiling: `n` Promotions created by `concurrency` clients, each with
 /// its own connections, after a warm-up round that is not timed (connections, the
 /// API server's first writes of the resource).
-/// Aborts its task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// With `watched`, one watch of every Promotion (a client of its own, decoding each
 /// event as the controller's shared watch does) stays open throughout.
 async fn raw_creates(
@@ -271,7 +294,7 @@ async fn raw_creates(
                 std::hint::black_box(event.ok());
             }
         });
-        Some(AbortOnDrop(task))
+        Some(pipeline_kube::watch::AbortOnDrop(task))
     } else {
         None
     };
@@ -466,34 +489,10 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     );
     println!();
 
-    // The ceiling: one durable write per event, nothing else.
-    let baseline = raw_creates(
-        &cluster,
-        &cluster_pids,
-        args.requests,
-        args.concurrency,
-        false,
-    )
-    .await?;
-    eprintln!(
-        "  done: raw creates {:>8.0} creates/s",
-        baseline.creates as f64 / baseline.elapsed.as_secs_f64()
-    );
-    remove_baseline(&cluster).await?;
-    // What the watch the controller keeps (and any other watcher) costs the creates.
-    let watched = raw_creates(
-        &cluster,
-        &cluster_pids,
-        args.requests,
-        args.concurrency,
-        true,
-    )
-    .await?;
-    eprintln!(
-        "  done: raw creates, watched {:>8.0} creates/s",
-        watched.creates as f64 / watched.elapsed.as_secs_f64()
-    );
-    remove_baseline(&cluster).await?;
+    // The ceiling: one durable write per event, nothing else; then what the watch the
+    // controller keeps (and any other watcher) costs the creates.
+    let baseline = baseline_run(&cluster, &cluster_pids, args, false).await?;
+    let watched = baseline_run(&cluster, &cluster_pids, args, true).await?;
 
     let work = tempfile::Builder::new()
         .prefix("pipeline-bench-kube")
@@ -574,7 +573,7 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     }
     let after_rss = rss_kib(controller.pid());
 
-    let ceiling = baseline.creates as f64 / baseline.elapsed.as_secs_f64();
+    let ceiling = baseline.throughput();
     let mut out = String::new();
     writeln!(
         out,
@@ -595,7 +594,7 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
         ("raw Promotion creates (baseline)", &baseline),
         ("raw Promotion creates, one watch open", &watched),
     ] {
-        let throughput = run.creates as f64 / run.elapsed.as_secs_f64();
+        let throughput = run.throughput();
         writeln!(
             out,
             "| {name} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} ({:.2}) | {:.2} | – |",

@@ -1220,17 +1220,6 @@ async fn delivery_insights_reach_the_metrics() {
     assert_eq!(public.status(), 404);
 }
 
-async fn get_text(service: &Service, path: &str) -> String {
-    client()
-        .get(service.url(path))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The public and the internal listener cannot share an address.
 #[test]
 fn one_address_for_both_listeners_is_refused() {

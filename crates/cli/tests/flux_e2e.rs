@@ -512,6 +512,19 @@ fn providers(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     )
 }
 
+/// Waits (bounded by [`STEP`]) until an Alert exists in `namespace`; `what` names who
+/// should have applied it.
+async fn wait_alert(client: &kube::Client, namespace: &str, what: &str) {
+    wait(&format!("{what} in {namespace}"), STEP, || async {
+        let list = alerts(client, namespace)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        (!list.items.is_empty()).then_some(())
+    })
+    .await;
+}
+
 fn alerts(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Alert");
     Api::namespaced_with(
@@ -606,20 +619,7 @@ async fn world(wiring: Wiring, args: &[&str]) -> World {
         Wiring::GitOps { token } => {
             // The wiring: flux-config's output, committed to the fleet repository and applied by
             // Flux from there; only the Secrets holding the key are made by hand, as documented.
-            let wiring = clone.dir.join("pipelines-wiring");
-            let (code, stdout, stderr) = run_cli(
-                cluster.kubeconfig_path(),
-                &[
-                    "flux-config",
-                    "--public-url",
-                    &public_url,
-                    "--output-dir",
-                    wiring.to_str().unwrap(),
-                    "--source",
-                    "flux-system/fleet",
-                ],
-            );
-            assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
+            let wiring = flux_config(cluster.kubeconfig_path(), &public_url, &clone.dir);
             let mut secrets = Vec::new();
             for env in ["dev", "staging"] {
                 let folder = wiring.join(format!("clusters/management/podinfo-{env}"));
@@ -663,22 +663,8 @@ async fn world(wiring: Wiring, args: &[&str]) -> World {
             let management =
                 std::fs::read_to_string(wiring.join("management/management.yaml")).unwrap();
             cluster.apply_yaml(&management).await.unwrap();
-            let alerts = ApiResource::from_gvk_with_plural(
-                &GroupVersionKind::gvk("notification.toolkit.fluxcd.io", "v1beta3", "Alert"),
-                "alerts",
-            );
             for (namespace, _) in &secrets {
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(client.clone(), namespace, &alerts);
-                wait(
-                    &format!("Flux applying the Alert in {namespace}"),
-                    STEP,
-                    || async {
-                        let list = api.list(&ListParams::default()).await.ok()?;
-                        (!list.items.is_empty()).then_some(())
-                    },
-                )
-                .await;
+                wait_alert(&client, namespace, "Flux applying the Alert").await;
             }
             hops.hop("flux-config output committed; Flux applied the Providers and Alerts");
         }
@@ -738,16 +724,10 @@ async fn world(wiring: Wiring, args: &[&str]) -> World {
                 .await;
                 let token = secret.data.unwrap_or_default().remove("token").unwrap();
                 assert_eq!(token.0, HMAC_KEY.as_bytes());
-                wait(
-                    &format!("pipeline-controller applying the Alert in {namespace}"),
-                    STEP,
-                    || async {
-                        let list = alerts(&client, &namespace)
-                            .list(&ListParams::default())
-                            .await
-                            .ok()?;
-                        (!list.items.is_empty()).then_some(())
-                    },
+                wait_alert(
+                    &client,
+                    &namespace,
+                    "pipeline-controller applying the Alert",
                 )
                 .await;
             }
@@ -772,6 +752,26 @@ async fn world(wiring: Wiring, args: &[&str]) -> World {
         work,
         hops,
     }
+}
+
+/// Runs `flux-config` with `kubeconfig` into `<clone>/pipelines-wiring` (the fleet
+/// repository as the source of its Kustomizations); returns that folder.
+fn flux_config(kubeconfig: &Path, public_url: &str, clone: &Path) -> PathBuf {
+    let wiring = clone.join("pipelines-wiring");
+    let (code, stdout, stderr) = run_cli(
+        kubeconfig,
+        &[
+            "flux-config",
+            "--public-url",
+            public_url,
+            "--output-dir",
+            wiring.to_str().unwrap(),
+            "--source",
+            "flux-system/fleet",
+        ],
+    );
+    assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
+    wiring
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1244,20 +1244,7 @@ async fn a_leaf_cluster_gets_its_wiring_from_the_management_cluster_and_promotes
     let public_url = format!("http://{}", controller.address);
     hops.hop(&format!("pipeline-controller serving at {public_url}"));
 
-    let wiring = clone.dir.join("pipelines-wiring");
-    let (code, stdout, stderr) = run_cli(
-        management.kubeconfig_path(),
-        &[
-            "flux-config",
-            "--public-url",
-            &public_url,
-            "--output-dir",
-            wiring.to_str().unwrap(),
-            "--source",
-            "flux-system/fleet",
-        ],
-    );
-    assert_eq!(code, 0, "flux-config: {stdout}{stderr}");
+    let wiring = flux_config(management.kubeconfig_path(), &public_url, &clone.dir);
     let kustomization =
         std::fs::read_to_string(wiring.join("management/flux-system-leaf.yaml")).unwrap();
     assert!(
@@ -1286,16 +1273,10 @@ async fn a_leaf_cluster_gets_its_wiring_from_the_management_cluster_and_promotes
     management.apply_yaml(&kustomization).await.unwrap();
     for env in ["dev", "staging"] {
         let namespace = format!("podinfo-{env}");
-        wait(
-            &format!("the management cluster's Flux applying the Alert in the leaf's {namespace}"),
-            STEP,
-            || async {
-                let list = alerts(&leaf_client, &namespace)
-                    .list(&ListParams::default())
-                    .await
-                    .ok()?;
-                (!list.items.is_empty()).then_some(())
-            },
+        wait_alert(
+            &leaf_client,
+            &namespace,
+            "the management cluster's Flux applying the Alert in the leaf",
         )
         .await;
     }

@@ -18,7 +18,7 @@ use support::k8s::{
     Controller, assert_approved_then_succeeded, cluster, phase, post, post_ready, recorded_id,
     run_cli, wait_promotion,
 };
-use support::{KEY, Receiver, client, event};
+use support::{KEY, Receiver, client, event, get_text};
 
 #[tokio::test]
 async fn event_to_promotion_to_succeeded_dedupe_events_list_and_503() {
@@ -285,21 +285,10 @@ async fn wait_leader(controller: &Controller, what: &str) {
     }
 }
 
-async fn metrics_of(controller: &Controller) -> String {
-    client()
-        .get(controller.internal_url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Waits (20 s at most) until `/metrics` of `controller` holds `series`.
 async fn wait_metric(controller: &Controller, series: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !metrics_of(controller).await.contains(series) {
+    while !get_text(controller, "/metrics").await.contains(series) {
         assert!(Instant::now() < deadline, "{what}: no {series}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -339,7 +328,7 @@ async fn two_controllers_execute_once_fail_over_and_resume_after_restart() {
     let insight = "pipeline_controller_promotion_failure_ratio{";
     wait_metric(&a, insight, "the leader's insights").await;
     assert!(
-        !metrics_of(&b).await.contains(insight),
+        !get_text(&b, "/metrics").await.contains(insight),
         "a follower exported insights"
     );
 
@@ -481,7 +470,7 @@ async fn manual_approval_through_the_kubernetes_api() {
     let done = wait_promotion(&kube, &id, "Succeeded", |p| phase(p) == "Succeeded").await;
     assert_approved_then_succeeded(&done, "alice");
     // The decision is counted like one taken over HTTP: WaitingApproval -> Pending.
-    let metrics = metrics_of(&controller).await;
+    let metrics = get_text(&controller, "/metrics").await;
     assert!(
         metrics.contains(r#"pipeline_controller_promotions_total{phase="Pending"} 1"#),
         "{metrics}"

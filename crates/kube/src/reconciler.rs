@@ -274,8 +274,9 @@ impl Reconciler {
         let status = pipeline.status.clone().unwrap_or_default();
         let generation = pipeline.metadata.generation;
 
-        let health = match validate(pipeline) {
-            Ok(model) => match self.secret_problems(&model).await {
+        let validated = validate(pipeline);
+        let health = match &validated {
+            Ok(model) => match self.secret_problems(model).await {
                 Ok(problems) => Some(Health::of_secrets(&problems)),
                 Err(err) => {
                     // Cannot tell: keep what the conditions say until the API answers.
@@ -297,7 +298,7 @@ impl Reconciler {
         };
         let conditions_unchanged = same_conditions(&conditions, &status.conditions);
 
-        let model = validate(pipeline).ok();
+        let model = validated.ok();
         let mut environments = BTreeMap::new();
         for (index, env) in pipeline.spec.environments.iter().enumerate() {
             // What the watches see of each target (absent without watches).

@@ -149,13 +149,15 @@ impl KubePipelineSource {
     /// holding the kubeconfig Secrets of the clusters valid Pipelines target.
     pub fn secret_namespaces(&self) -> BTreeSet<String> {
         let mut namespaces = self.namespaces();
-        let valid: Vec<Pipeline> = self
+        let valid: Vec<Arc<Pipeline>> = self
             .store
             .state()
             .iter()
-            .filter_map(|object| validate(object).ok())
+            .filter_map(|object| self.model(object))
             .collect();
-        namespaces.extend(pipeline_core::deployment::cluster_namespaces(&valid));
+        namespaces.extend(pipeline_core::deployment::cluster_namespaces(
+            valid.iter().map(Arc::as_ref),
+        ));
         namespaces
     }
 }

@@ -248,6 +248,17 @@ pub async fn try_post_event(
     ))
 }
 
+pub async fn get_text(service: &Service, path: &str) -> String {
+    client()
+        .get(service.url(path))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub async fn get_json(service: &Service, path: &str) -> Value {
     client()
         .get(service.url(path))
