@@ -99,6 +99,8 @@ pub struct ExecutorSettings {
     pub concurrency: usize,
     /// Longest sleep between store scans when nothing wakes the executor.
     pub idle_poll: Duration,
+    /// While the intake records new promotions, attempts start at most this often.
+    pub busy_pace: Duration,
 }
 
 impl Default for ExecutorSettings {
@@ -107,6 +109,7 @@ impl Default for ExecutorSettings {
             retry: RetryPolicy::default(),
             concurrency: 4,
             idle_poll: Duration::from_secs(5),
+            busy_pace: crate::intake_load::BUSY_PACE,
         }
     }
 }
@@ -145,7 +148,8 @@ pub struct Executor {
     /// How many promotions this executor brought to a final phase, so the retention
     /// sweep can follow the pace of promotions rather than only a timer.
     finished: tokio::sync::watch::Sender<u64>,
-    /// While the intake records new promotions, at most one attempt runs.
+    /// While the intake records new promotions, at most one attempt runs, started at
+    /// most every `settings.busy_pace`.
     load: Arc<IntakeLoad>,
 }
 
@@ -176,7 +180,8 @@ impl Executor {
         }
     }
 
-    /// Yields to the intake reporting to `load`: one attempt at a time while it is busy.
+    /// Yields to the intake reporting to `load`: while it is busy, one attempt at a time
+    /// and at most one started per `busy_pace`.
     pub fn with_load(mut self, load: Arc<IntakeLoad>) -> Self {
         self.load = load;
         self
@@ -220,6 +225,8 @@ impl Executor {
         let mut sleep_for = Duration::ZERO;
         let mut scan = true;
         let mut outage = StoreOutage::default();
+        // When the last attempt started, to pace starts while the intake is busy.
+        let mut last_start: Option<tokio::time::Instant> = None;
         loop {
             if scan && !outage.waiting() {
                 match self.store.unfinished().await {
@@ -237,13 +244,17 @@ impl Executor {
                     }
                 }
             }
-            let limit = if self.load.busy() {
+            let busy = self.load.busy();
+            let limit = if !busy {
+                self.settings.concurrency
+            } else if last_start.is_none_or(|t| t.elapsed() >= self.settings.busy_pace) {
                 1
             } else {
-                self.settings.concurrency
+                0
             };
             while in_flight.len() < limit && !outage.waiting() {
                 let Some(id) = queue.pop_front() else { break };
+                last_start = Some(tokio::time::Instant::now());
                 let this = Arc::clone(&self);
                 let task = in_flight.spawn({
                     let id = id.clone();
@@ -255,8 +266,9 @@ impl Executor {
                 () = &mut shutdown => break,
                 () = self.wake.notified() => held.clear(),
                 () = tokio::time::sleep(outage.remaining().unwrap_or(sleep_for)) => {}
-                // Held back by a busy intake: look again once it may have gone quiet.
-                () = tokio::time::sleep(crate::intake_load::QUIET),
+                // Held back by a busy intake: look again once it may have gone quiet or
+                // the next paced start is due.
+                () = tokio::time::sleep(crate::intake_load::QUIET.min(self.settings.busy_pace)),
                     if !queue.is_empty()
                         && in_flight.len() >= limit
                         && limit < self.settings.concurrency => {}
@@ -714,6 +726,7 @@ mod tests {
                 },
                 concurrency: 4,
                 idle_poll: Duration::from_millis(50),
+                ..ExecutorSettings::default()
             },
             Arc::new(Notify::new()),
         ));
@@ -740,16 +753,30 @@ mod tests {
         assert_eq!(strategy.total.load(Ordering::SeqCst), 300 + 30);
     }
 
-    /// Tracks how many attempts run at once.
+    /// Tracks how many attempts run at once, and when each started.
     #[derive(Default)]
     struct Overlap {
         now: AtomicUsize,
         max: AtomicUsize,
+        starts: std::sync::Mutex<Vec<std::time::Instant>>,
+    }
+
+    impl Overlap {
+        /// The shortest gap between two consecutive starts.
+        fn closest_starts(&self) -> Duration {
+            let starts = self.starts.lock().unwrap();
+            starts
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .min()
+                .unwrap_or(Duration::MAX)
+        }
     }
 
     #[async_trait]
     impl PromotionStrategy for Overlap {
         async fn promote(&self, _: PromotionContext<'_>) -> Result<StrategyOutcome, StrategyError> {
+            self.starts.lock().unwrap().push(std::time::Instant::now());
             let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
             self.max.fetch_max(now, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -762,7 +789,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_busy_intake_gets_one_attempt_at_a_time_and_still_progress() {
+    async fn a_busy_intake_gets_paced_attempts_one_at_a_time_and_still_progress() {
         let spec = a_to_b();
         let store = Arc::new(MemoryStore::default());
         let drained = |store: Arc<MemoryStore>| async move {
@@ -778,6 +805,7 @@ mod tests {
         let settings = ExecutorSettings {
             concurrency: 4,
             idle_poll: Duration::from_millis(50),
+            busy_pace: Duration::from_millis(60),
             ..ExecutorSettings::default()
         };
         let executor = Arc::new(
@@ -795,13 +823,20 @@ mod tests {
             let _ = stopped.await;
         }));
 
-        // While a recording is in progress, the backlog drains one attempt at a time.
+        // While a recording is in progress, the backlog drains one attempt at a time,
+        // started no closer together than the pace.
         let recording = load.recording();
         add_a_to_b(&store, 0..12).await;
         wake.notify_one();
         drained(store.clone()).await;
         assert_eq!(strategy.max.load(Ordering::SeqCst), 1);
+        let closest = strategy.closest_starts();
+        assert!(
+            closest >= Duration::from_millis(40),
+            "starts {closest:?} apart"
+        );
         drop(recording);
+        strategy.starts.lock().unwrap().clear();
 
         // Once the intake is quiet, attempts run side by side again.
         tokio::time::sleep(crate::intake_load::QUIET * 2).await;
@@ -809,6 +844,7 @@ mod tests {
         wake.notify_one();
         drained(store.clone()).await;
         assert!(strategy.max.load(Ordering::SeqCst) > 1);
+        assert!(strategy.closest_starts() < Duration::from_millis(30));
 
         let _ = stop.send(());
         task.await.unwrap();

@@ -4,14 +4,20 @@
 //! Flux delivers an event once, with a timeout: an event the webhook does not answer in
 //! time is lost, while a recorded promotion waits safely in the store. Both compete for the
 //! same store (the API server in Kubernetes mode) and the same CPUs, so while new
-//! promotions are being recorded the executor keeps at most one attempt in flight, and
-//! runs at full concurrency again once the intake has been quiet for [`QUIET`].
+//! promotions are being recorded the executor keeps at most one attempt in flight and
+//! starts at most one per [`BUSY_PACE`] (a promotion's attempt costs several writes, a
+//! recording one), and runs at full concurrency again once the intake has been quiet for
+//! [`QUIET`]. A lone event is never slowed: its attempt starts at once.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long after the last recording the intake counts as busy.
 pub const QUIET: Duration = Duration::from_millis(50);
+
+/// While the intake is busy, the executor starts attempts at most this often, so a
+/// long burst still makes progress.
+pub const BUSY_PACE: Duration = Duration::from_millis(500);
 
 /// Shared by the intake (which reports recordings) and the executor (which asks).
 #[derive(Debug)]

@@ -22,7 +22,8 @@
 //! [`TestCluster::install_flux_crds`] (else the tools cache, see [`flux_crds_dir`]);
 //! `PIPELINE_TESTENV_KEEP=1` keeps each cluster's directory (certificates, kubeconfigs,
 //! logs) and prints its path; `PIPELINE_TESTENV_TIMEOUT_SECS` bounds each readiness wait
-//! (default 90).
+//! (default 90); `PIPELINE_TESTENV_PROFILING=1` serves the API server's `/debug/pprof`
+//! (to see where a benchmark's API server CPU goes).
 //!
 //! For tests of the deployment watch: [`TestCluster::install_flux_crds`] (Flux's real
 //! HelmRelease and Kustomization CRDs), [`TestCluster::install_gitops_cluster_crd`],
@@ -706,7 +707,10 @@ impl TestCluster {
             "--endpoint-reconciler-type=none".to_owned(),
             "--disable-admission-plugins=ServiceAccount".to_owned(),
             "--allow-privileged=true".to_owned(),
-            "--profiling=false".to_owned(),
+            format!(
+                "--profiling={}",
+                std::env::var("PIPELINE_TESTENV_PROFILING").is_ok_and(|v| v == "1")
+            ),
             "--enable-priority-and-fairness=false".to_owned(),
         ];
         let mut cmd = Command::new(&self.binaries.kube_apiserver);
