@@ -41,6 +41,7 @@ WORKDIR /src
 ARG GIT_COMMIT=unknown
 ENV PIPELINE_CONTROLLER_GIT_COMMIT=${GIT_COMMIT}
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY crates ./crates
 COPY scripts/build-release.sh ./scripts/build-release.sh
 # The registry and the target dir are BuildKit caches: rebuilds are incremental.

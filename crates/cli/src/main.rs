@@ -21,7 +21,8 @@ use clap::Parser;
 /// jemalloc rather than the system allocator: with glibc's per-thread arenas the
 /// controller's resident memory kept growing with the number of promotions handled
 /// (about 3 KiB each, with a live heap that stayed near 10 MiB), because freed memory was
-/// not given back; jemalloc returns it after a short decay.
+/// not given back; jemalloc returns it after a short decay (a second, by a background
+/// thread: `.cargo/config.toml` sets jemalloc's options at build time).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -22,8 +22,9 @@ use tokio::sync::Notify;
 use crate::convert;
 use crate::watch::AbortOnDrop;
 
-/// Table capacity below which deletions never shrink it.
-const SHRINK_ABOVE: usize = 1024;
+/// Table capacity below which deletions never shrink it (a few hundred entries: a
+/// burst's table is not kept for the quiet that follows).
+const SHRINK_ABOVE: usize = 256;
 
 /// What is kept of one Promotion.
 #[derive(Debug, Clone, PartialEq)]
