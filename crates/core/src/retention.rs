@@ -15,8 +15,9 @@ use crate::promotion::PromotionRecord;
 /// Deletes a sweep keeps in flight at once.
 const DELETES_IN_FLIGHT: usize = 8;
 
-/// Finished promotions are kept while younger than `max_age` and among the newest
-/// `keep_per_environment` of their pipeline and target environment. Unfinished ones
+/// Finished promotions are kept while they finished less than `max_age` ago and are
+/// among the newest recorded `keep_per_environment` of their pipeline and target
+/// environment. Unfinished ones
 /// (pending, running, waiting for approval) are always kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionPolicy {
@@ -47,8 +48,9 @@ impl RetentionPolicy {
         }
         let mut out = Vec::new();
         for group in finished.values_mut() {
-            // Newest first: the ones past the count are the oldest.
-            group.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
+            // Newest recorded first: the ones past the count are the oldest. Not by when
+            // they finished, which concurrent attempts (and approvals) reorder.
+            group.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
             for (rank, record) in group.iter().enumerate() {
                 let too_many = self.keep_per_environment.is_some_and(|keep| rank >= keep);
                 let too_old = self.max_age.is_some_and(|max| {
@@ -157,6 +159,28 @@ mod tests {
             keep_per_environment: None,
         };
         assert_eq!(age_only.sweep_after(&Sweep::default()), None);
+    }
+
+    #[test]
+    fn the_newest_recorded_are_kept_whatever_order_they_finished_in() {
+        let policy = RetentionPolicy {
+            max_age: None,
+            keep_per_environment: Some(2),
+        };
+        let mut records: Vec<PromotionRecord> = (1..=4)
+            .map(|i| record("staging", &i.to_string(), Phase::Succeeded, 10 - i))
+            .collect();
+        // The newest finished first, the oldest last.
+        for (i, r) in records.iter_mut().enumerate() {
+            r.updated_at = Utc::now() - chrono::Duration::minutes(i as i64);
+        }
+        let expired = policy.expired(&records, Utc::now());
+        let id = |rev: &str| {
+            crate::promotion::promotion_id(&PipelineRef::new("ns", "p"), "staging", rev)
+        };
+        let mut want = vec![id("1"), id("2")];
+        want.sort();
+        assert_eq!(expired, want);
     }
 
     #[test]
