@@ -34,7 +34,7 @@ pub async fn client(instead: &str) -> anyhow::Result<kube::Client> {
             pipeline_core::report::error_chain(&err)
         )
     })?;
-    kube::Client::try_from(config).map_err(|err| {
+    pipeline_kube::api_client::api_client(config).map_err(|err| {
         anyhow::anyhow!(
             "configuring the Kubernetes client: {}",
             pipeline_core::report::error_chain(&err)

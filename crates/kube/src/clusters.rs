@@ -40,7 +40,8 @@ pub async fn client_from_kubeconfig(kubeconfig: &SecretBytes) -> Result<Client, 
         .await
         .map_err(|e| format!("the kubeconfig is not usable: {e}"))?;
     config.connect_timeout = Some(CONNECT_TIMEOUT);
-    Client::try_from(config).map_err(|e| format!("cannot build a client from the kubeconfig: {e}"))
+    crate::api_client::api_client(config)
+        .map_err(|e| format!("cannot build a client from the kubeconfig: {e}"))
 }
 
 fn fingerprint(kubeconfig: &SecretBytes) -> String {

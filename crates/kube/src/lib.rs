@@ -12,6 +12,7 @@
 //!   cluster by the leader (`--flux-wiring direct`), addressed with [`public_url`].
 #![forbid(unsafe_code)]
 
+pub mod api_client;
 pub mod cache;
 pub mod client;
 pub mod clusters;
