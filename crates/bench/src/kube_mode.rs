@@ -489,18 +489,37 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     );
     println!();
 
+    let work = tempfile::Builder::new()
+        .prefix("pipeline-bench-kube")
+        .tempdir()?;
+    let control = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    // Earlier rounds of the comparison (`--rounds`); the last round is the full run below.
+    let mut rounds = Vec::new();
+    for round in 1..args.rounds {
+        let log = work.path().join(format!("controller-round-{round}.log"));
+        rounds.push(
+            comparison_round(
+                args,
+                &cluster,
+                &cluster_pids,
+                controller_bin,
+                key,
+                &control,
+                &log,
+            )
+            .await
+            .with_context(|| format!("round {round}; log:\n{}", read_tail(&log, 20)))?,
+        );
+    }
+
     // The ceiling: one durable write per event, nothing else; then what the watch the
     // controller keeps (and any other watcher) costs the creates.
     let baseline = baseline_run(&cluster, &cluster_pids, args, false).await?;
     let watched = baseline_run(&cluster, &cluster_pids, args, true).await?;
 
-    let work = tempfile::Builder::new()
-        .prefix("pipeline-bench-kube")
-        .tempdir()?;
     let log = work.path().join("controller.log");
-    let control = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()?;
     let receiver = Receiver::start().await?;
     let controller = start_controller(
         controller_bin,
@@ -630,6 +649,30 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
         )?;
     }
     println!("{out}");
+    if let Some((_, stats, _, _)) = rows.iter().find(|(s, ..)| *s == Scenario::New) {
+        rounds.push((ceiling, watched.throughput(), stats.throughput()));
+    }
+    if rounds.len() > 1 {
+        let of_raw: Vec<f64> = rounds.iter().map(|(raw, _, new)| new / raw).collect();
+        let of_watched: Vec<f64> = rounds.iter().map(|(_, w, new)| new / w).collect();
+        let list = |values: &[f64]| {
+            values
+                .iter()
+                .map(|v| format!("{v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "new events over {} rounds (each with its own baselines and a fresh controller): \
+             median {:.2}× of the raw create ceiling ({}), median {:.2}× of the watched one ({})",
+            rounds.len(),
+            median(of_raw.clone()),
+            list(&of_raw),
+            median(of_watched.clone()),
+            list(&of_watched)
+        );
+        println!();
+    }
     println!(
         "\"API requests / request\" counts every request the API server served during the run (the controller's request path and whatever its executor did meanwhile), divided by the requests sent."
     );
@@ -695,17 +738,8 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     Ok(())
 }
 
-/// A fresh controller on an empty namespace, then new events until `--history`
-/// promotions were made, printing the controller's RSS at each step (with the retention
-/// policy as configured: `--retention-per-environment`).
-async fn memory_growth(
-    args: &Args,
-    cluster: &TestCluster,
-    controller_bin: &Path,
-    key: &[u8],
-    control: &reqwest::Client,
-    work: &Path,
-) -> anyhow::Result<()> {
+/// Deletes the Promotions the scenarios made and waits until they are gone (bounded).
+async fn delete_scenario_promotions(cluster: &TestCluster) -> anyhow::Result<Api<Promotion>> {
     let api: Api<Promotion> = Api::namespaced(cluster.client(), "flux-system");
     api.delete_collection(&DeleteParams::default(), &ListParams::default())
         .await
@@ -723,6 +757,77 @@ async fn memory_growth(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    Ok(api)
+}
+
+/// One round of the new-event comparison: both baselines, then a fresh controller's new
+/// events; its Promotions are deleted afterwards. Returns (raw, watched, new) per second.
+async fn comparison_round(
+    args: &Args,
+    cluster: &TestCluster,
+    cluster_pids: &[u32],
+    controller_bin: &Path,
+    key: &[u8],
+    control: &reqwest::Client,
+    log: &Path,
+) -> anyhow::Result<(f64, f64, f64)> {
+    let raw = baseline_run(cluster, cluster_pids, args, false).await?;
+    let watched = baseline_run(cluster, cluster_pids, args, true).await?;
+    let receiver = Receiver::start().await?;
+    let controller = start_controller(
+        controller_bin,
+        cluster.kubeconfig_path(),
+        &receiver.url,
+        args.retention_per_environment,
+        log,
+        control,
+    )
+    .await?;
+    let clients = connections(args.concurrency)?;
+    warm_up(&controller, &clients).await?;
+    let tag = chrono::Utc::now().format("r%H%M%S").to_string();
+    let requests = requests(Scenario::New, key, args.requests, &tag);
+    let stats = load(&controller.url(WEBHOOK_PATH), &clients, requests, 202).await?;
+    ensure!(
+        stats.unexpected == 0,
+        "new events: expected 202, got {:?} and {} transport errors",
+        stats.statuses,
+        stats.errors
+    );
+    eprintln!("  done: new (round)  {:>8.0} req/s", stats.throughput());
+    drained(
+        &receiver,
+        args.requests,
+        Duration::from_secs(args.drain_timeout),
+    )
+    .await;
+    drop(controller);
+    delete_scenario_promotions(cluster).await?;
+    Ok((raw.throughput(), watched.throughput(), stats.throughput()))
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// A fresh controller on an empty namespace, then new events until `--history`
+/// promotions were made, printing the controller's RSS at each step (with the retention
+/// policy as configured: `--retention-per-environment`).
+async fn memory_growth(
+    args: &Args,
+    cluster: &TestCluster,
+    controller_bin: &Path,
+    key: &[u8],
+    control: &reqwest::Client,
+    work: &Path,
+) -> anyhow::Result<()> {
+    let api = delete_scenario_promotions(cluster).await?;
     let receiver = Receiver::start().await?;
     let log = work.join("controller-memory.log");
     let controller = start_controller(

@@ -89,6 +89,11 @@ struct Args {
     /// stays near this size plus what retention keeps (0: each step at once).
     #[arg(long, default_value_t = 500)]
     history_batch: usize,
+    /// Kubernetes mode: rounds of the new-event comparison (both baselines and a fresh
+    /// controller's new events each), so the ratio to the ceiling comes with its spread;
+    /// the scenarios' table is the last round's
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    rounds: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
