@@ -410,6 +410,29 @@ async fn start_controller(
     Ok(server)
 }
 
+/// A receiver for notifications, a ready controller (`--retention-per-environment` as
+/// asked) notifying it, and the bench's connections to that controller.
+async fn start_with_receiver(
+    args: &Args,
+    cluster: &TestCluster,
+    controller_bin: &Path,
+    log: &Path,
+    control: &reqwest::Client,
+) -> anyhow::Result<(Receiver, Server, Vec<reqwest::Client>)> {
+    let receiver = Receiver::start().await?;
+    let controller = start_controller(
+        controller_bin,
+        cluster.kubeconfig_path(),
+        &receiver.url,
+        args.retention_per_environment,
+        log,
+        control,
+    )
+    .await?;
+    let clients = connections(args.concurrency)?;
+    Ok((receiver, controller, clients))
+}
+
 /// Sends `n` new events (distinct revisions) with the bench's connections, for the
 /// memory phase; returns how many were accepted.
 async fn send_new(
@@ -520,18 +543,9 @@ pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyho
     let watched = baseline_run(&cluster, &cluster_pids, args, true).await?;
 
     let log = work.path().join("controller.log");
-    let receiver = Receiver::start().await?;
-    let controller = start_controller(
-        controller_bin,
-        cluster.kubeconfig_path(),
-        &receiver.url,
-        args.retention_per_environment,
-        &log,
-        &control,
-    )
-    .await?;
+    let (receiver, controller, clients) =
+        start_with_receiver(args, &cluster, controller_bin, &log, &control).await?;
     let idle_rss = rss_kib(controller.pid());
-    let clients = connections(args.concurrency)?;
     warm_up(&controller, &clients).await?;
 
     let run_tag = chrono::Utc::now().format("%H%M%S").to_string();
@@ -773,17 +787,8 @@ async fn comparison_round(
 ) -> anyhow::Result<(f64, f64, f64)> {
     let raw = baseline_run(cluster, cluster_pids, args, false).await?;
     let watched = baseline_run(cluster, cluster_pids, args, true).await?;
-    let receiver = Receiver::start().await?;
-    let controller = start_controller(
-        controller_bin,
-        cluster.kubeconfig_path(),
-        &receiver.url,
-        args.retention_per_environment,
-        log,
-        control,
-    )
-    .await?;
-    let clients = connections(args.concurrency)?;
+    let (receiver, controller, clients) =
+        start_with_receiver(args, cluster, controller_bin, log, control).await?;
     warm_up(&controller, &clients).await?;
     let tag = chrono::Utc::now().format("r%H%M%S").to_string();
     let requests = requests(Scenario::New, key, args.requests, &tag);
@@ -828,18 +833,9 @@ async fn memory_growth(
     work: &Path,
 ) -> anyhow::Result<()> {
     let api = delete_scenario_promotions(cluster).await?;
-    let receiver = Receiver::start().await?;
     let log = work.join("controller-memory.log");
-    let controller = start_controller(
-        controller_bin,
-        cluster.kubeconfig_path(),
-        &receiver.url,
-        args.retention_per_environment,
-        &log,
-        control,
-    )
-    .await?;
-    let clients = connections(args.concurrency)?;
+    let (receiver, controller, clients) =
+        start_with_receiver(args, cluster, controller_bin, &log, control).await?;
     warm_up(&controller, &clients).await?;
     println!();
     println!(
