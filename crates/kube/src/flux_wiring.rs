@@ -206,7 +206,7 @@ impl DirectWiring {
             .cache()
             .state()
             .iter()
-            .map(|p| PipelineRef::new(p.namespace().unwrap_or_default(), p.name_any()))
+            .map(|p| crate::sources::reference_of(p))
             .filter(|r| !valid.contains(r))
             .collect();
         let mut desired: BTreeMap<ClusterKey, Vec<Value>> = BTreeMap::new();

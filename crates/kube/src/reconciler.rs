@@ -172,7 +172,7 @@ impl Reconciler {
         self.secrets.prune(&self.pipelines.secret_namespaces());
         for pipeline in self.pipelines.cache().state() {
             if let Err(err) = self.update_pipeline(&pipeline, &waiting).await {
-                tracing::warn!(pipeline = %format!("{}/{}", pipeline.namespace().unwrap_or_default(), pipeline.name_any()), error = %describe(&err), "cannot update the Pipeline status");
+                tracing::warn!(pipeline = %crate::sources::reference_of(&pipeline), error = %describe(&err), "cannot update the Pipeline status");
             }
         }
     }

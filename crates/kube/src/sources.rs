@@ -87,7 +87,7 @@ impl KubePipelineSource {
 
     /// The validated model of `object`, from [`Self::models`] when its version was seen.
     fn model(&self, object: &PipelineObject) -> Option<Arc<Pipeline>> {
-        let reference = PipelineRef::new(object.namespace().unwrap_or_default(), object.name_any());
+        let reference = reference_of(object);
         let version = object.resource_version();
         if let Some(version) = &version
             && let Ok(models) = self.models.lock()
@@ -162,9 +162,14 @@ impl KubePipelineSource {
     }
 }
 
+/// Which pipeline a Pipeline object is.
+pub fn reference_of(object: &PipelineObject) -> PipelineRef {
+    PipelineRef::new(object.namespace().unwrap_or_default(), object.name_any())
+}
+
 /// The validated model of a Pipeline object, or every problem with it.
 pub fn validate(object: &PipelineObject) -> Result<Pipeline, Vec<FieldError>> {
-    let reference = PipelineRef::new(object.namespace().unwrap_or_default(), object.name_any());
+    let reference = reference_of(object);
     let value = serde_json::to_value(&object.spec).map_err(|e| {
         vec![FieldError {
             field: "spec".to_string(),
@@ -210,10 +215,8 @@ impl PipelineSource for KubePipelineSource {
         if let Ok(mut models) = self.models.lock()
             && models.len() > objects.len()
         {
-            let present: std::collections::HashSet<PipelineRef> = objects
-                .iter()
-                .map(|o| PipelineRef::new(o.namespace().unwrap_or_default(), o.name_any()))
-                .collect();
+            let present: std::collections::HashSet<PipelineRef> =
+                objects.iter().map(|o| reference_of(o)).collect();
             models.retain(|reference, _| present.contains(reference));
         }
         Ok(listed)
