@@ -248,26 +248,16 @@ pub async fn try_post_event(
     ))
 }
 
+async fn get(service: &Service, path: &str) -> reqwest::Response {
+    client().get(service.url(path)).send().await.unwrap()
+}
+
 pub async fn get_text(service: &Service, path: &str) -> String {
-    client()
-        .get(service.url(path))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    get(service, path).await.text().await.unwrap()
 }
 
 pub async fn get_json(service: &Service, path: &str) -> Value {
-    client()
-        .get(service.url(path))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get(service, path).await.json().await.unwrap()
 }
 
 /// Polls the record until `done` holds (bounded).
