@@ -73,6 +73,53 @@ async fn create_other_pipelines(
     Ok(())
 }
 
+/// Splits the CPUs this process may use in two halves: the first for the cluster (a
+/// `taskset` list, returned), the second for this process, its threads and whatever it
+/// starts later (the controller), set here with `taskset --all-tasks`.
+fn split_cpus() -> anyhow::Result<(String, String)> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let allowed = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .context("no Cpus_allowed_list in /proc/self/status")?;
+    let cpus = cpu_list(allowed.trim())?;
+    ensure!(
+        cpus.len() >= 2,
+        "--split-cpus needs at least 2 CPUs, this process may use {}",
+        cpus.len()
+    );
+    let (cluster, rest) = cpus.split_at(cpus.len() / 2);
+    let join = |c: &[usize]| c.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let (cluster, rest) = (join(cluster), join(rest));
+    let pinned = Command::new("taskset")
+        .args(["--all-tasks", "--cpu-list", "--pid", &rest])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux)")?;
+    ensure!(
+        pinned.success(),
+        "taskset could not pin the bench to CPUs {rest}: {pinned}"
+    );
+    Ok((cluster, rest))
+}
+
+/// The CPUs of a kernel CPU list such as `0-3,6`.
+fn cpu_list(text: &str) -> anyhow::Result<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let parse = |n: &str| {
+            n.trim()
+                .parse::<usize>()
+                .with_context(|| format!("CPU list {text:?}"))
+        };
+        cpus.extend(parse(first)?..=parse(last)?);
+    }
+    Ok(cpus)
+}
+
 /// Where the raw-create baseline puts its Promotions (no Pipeline there).
 const BASELINE_NAMESPACE: &str = "bench-baseline";
 
@@ -450,7 +497,14 @@ async fn send_new(
 }
 
 pub(crate) async fn run(args: &Args, controller_bin: &Path, key: &[u8]) -> anyhow::Result<()> {
-    let cluster = TestCluster::start_named("pipeline-bench")
+    let cluster_cpus = if args.split_cpus {
+        let (cluster, rest) = split_cpus()?;
+        eprintln!("  etcd + kube-apiserver on CPUs {cluster}; bench and controller on CPUs {rest}");
+        Some(cluster)
+    } else {
+        None
+    };
+    let cluster = TestCluster::start_on_cpus("pipeline-bench", cluster_cpus)
         .await
         .context("starting etcd + kube-apiserver (scripts/ensure-test-binaries.sh kube)")?;
     cluster.install_crds().await?;
@@ -914,3 +968,16 @@ async fn memory_growth(
 /// How long the memory phase waits at its end before reading RSS once more (the
 /// allocator gives freed memory back after a decay of about 10 s).
 const SETTLE: Duration = Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use super::cpu_list;
+
+    #[test]
+    fn a_kernel_cpu_list_expands_ranges_and_single_cpus() {
+        assert_eq!(cpu_list("0-1").unwrap(), vec![0, 1]);
+        assert_eq!(cpu_list("0-2,5,7-8").unwrap(), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(cpu_list("3").unwrap(), vec![3]);
+        assert!(cpu_list("0-x").is_err());
+    }
+}

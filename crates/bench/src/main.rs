@@ -94,6 +94,12 @@ struct Args {
     /// the scenarios' table is the last round's
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
     rounds: u32,
+    /// Kubernetes mode: etcd and kube-apiserver run on the first half of the CPUs this
+    /// process may use, the bench (load, baseline clients, receiver) and the controller
+    /// on the other half, as a control plane's nodes are apart from the controller's
+    /// in a real cluster. Without it, everything shares every CPU.
+    #[arg(long)]
+    split_cpus: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -23,7 +23,9 @@
 //! `PIPELINE_TESTENV_KEEP=1` keeps each cluster's directory (certificates, kubeconfigs,
 //! logs) and prints its path; `PIPELINE_TESTENV_TIMEOUT_SECS` bounds each readiness wait
 //! (default 90); `PIPELINE_TESTENV_PROFILING=1` serves the API server's `/debug/pprof`
-//! (to see where a benchmark's API server CPU goes).
+//! (to see where a benchmark's API server CPU goes); `PIPELINE_TESTENV_CPUS=0` (a
+//! `taskset` CPU list) runs etcd and kube-apiserver on those CPUs only (see
+//! [`TestCluster::start_on_cpus`]).
 //!
 //! For tests of the deployment watch: [`TestCluster::install_flux_crds`] (Flux's real
 //! HelmRelease and Kustomization CRDs), [`TestCluster::install_gitops_cluster_crd`],
@@ -121,6 +123,8 @@ pub struct TestCluster {
     dir_path: PathBuf,
     binaries: Binaries,
     pki: pki::Pki,
+    /// The CPUs etcd and kube-apiserver may run on (a `taskset` list), or all.
+    cpus: Option<String>,
     etcd: Option<Child>,
     apiserver: Option<Child>,
     etcd_client_port: u16,
@@ -150,6 +154,17 @@ impl TestCluster {
     /// Starts a cluster; `name` shows in its kubeconfig, directory and log output (use
     /// e.g. `management` and `leaf` when a test runs several).
     pub async fn start_named(name: &str) -> Result<Self, Error> {
+        let cpus = std::env::var("PIPELINE_TESTENV_CPUS")
+            .ok()
+            .filter(|v| !v.is_empty());
+        Self::start_on_cpus(name, cpus).await
+    }
+
+    /// Starts a cluster whose etcd and kube-apiserver run only on `cpus` (a `taskset` CPU
+    /// list such as `0` or `0-1`; `None`: anywhere). A benchmark uses it to keep the API
+    /// server's CPUs apart from its clients', as a control plane's nodes are in a real
+    /// cluster.
+    pub async fn start_on_cpus(name: &str, cpus: Option<String>) -> Result<Self, Error> {
         let binaries = Binaries::locate()?;
         let began = Instant::now();
         let mut dir = tempfile::Builder::new()
@@ -174,7 +189,15 @@ impl TestCluster {
             attempt += 1;
             let client_port = free_port()?;
             let peer_port = free_port()?;
-            match start_etcd(&binaries, &dir_path, client_port, peer_port).await {
+            match start_etcd(
+                &binaries,
+                cpus.as_deref(),
+                &dir_path,
+                client_port,
+                peer_port,
+            )
+            .await
+            {
                 Ok(child) => break (child, client_port),
                 Err(StartFailure::PortTaken(msg)) if attempt < 4 => {
                     eprintln!("pipeline-testenv[{name}]: {msg}; retrying on other ports");
@@ -191,6 +214,7 @@ impl TestCluster {
             dir_path,
             binaries,
             pki,
+            cpus,
             etcd: Some(etcd),
             apiserver: None,
             etcd_client_port,
@@ -713,7 +737,7 @@ impl TestCluster {
             ),
             "--enable-priority-and-fairness=false".to_owned(),
         ];
-        let mut cmd = Command::new(&self.binaries.kube_apiserver);
+        let mut cmd = command_on_cpus(&self.binaries.kube_apiserver, self.cpus.as_deref());
         cmd.args(&args);
         let child = spawn_logged(cmd, log, "kube-apiserver").map_err(StartFailure::Failed)?;
         self.apiserver = Some(child);
@@ -803,6 +827,19 @@ enum StartFailure {
     Failed(String),
 }
 
+/// `binary`, or `taskset --cpu-list <cpus> <binary>` (which execs it: the child's pid
+/// is the binary's).
+fn command_on_cpus(binary: &Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        None => Command::new(binary),
+        Some(cpus) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("--cpu-list").arg(cpus).arg(binary);
+            cmd
+        }
+    }
+}
+
 fn readiness_timeout() -> Duration {
     let secs = std::env::var("PIPELINE_TESTENV_TIMEOUT_SECS")
         .ok()
@@ -813,6 +850,7 @@ fn readiness_timeout() -> Duration {
 
 async fn start_etcd(
     binaries: &Binaries,
+    cpus: Option<&str>,
     dir: &Path,
     client_port: u16,
     peer_port: u16,
@@ -822,7 +860,7 @@ async fn start_etcd(
     let log = open_log(&log_path).map_err(StartFailure::Failed)?;
     let client_url = format!("http://127.0.0.1:{client_port}");
     let peer_url = format!("http://127.0.0.1:{peer_port}");
-    let mut cmd = Command::new(&binaries.etcd);
+    let mut cmd = command_on_cpus(&binaries.etcd, cpus);
     cmd.args([
         "--name=pipeline-testenv".to_owned(),
         format!("--data-dir={}", data.display()),
