@@ -22,6 +22,7 @@ use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use pipeline_bench::{
     Receiver, cpu_seconds, free_port, memory, metric_samples, pids_mentioning, read_tail, rss_kib,
+    status_kib,
 };
 use pipeline_core::{PipelineRef, PromotionRecord, Trigger};
 use pipeline_crds::Promotion;
@@ -899,13 +900,12 @@ async fn memory_growth(
         args.history, args.history_batch, args.retention_per_environment
     );
     println!(
-        "| promotions made | Promotion objects kept | records the controller lists | controller RSS (KiB) | peak RSS (VmHWM) |"
+        "| promotions made | Promotion objects kept | records the controller lists | controller RSS (KiB) | of which anonymous (KiB) | heap: live data (KiB) | heap: pages holding it (KiB) | peak RSS (VmHWM) |"
     );
-    println!("|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| 0 | 0 | 0 | {} | {} |",
-        rss_kib(controller.pid()),
-        memory(controller.pid()).1
+        "| 0 | 0 | 0 | {} |",
+        memory_columns(&controller, control).await?
     );
     let mut steps: Vec<usize> = [100, 250, 500, 1_000, 2_500, 5_000, 10_000, 20_000, 50_000]
         .into_iter()
@@ -951,18 +951,46 @@ async fn memory_growth(
             .await?
             .len();
         println!(
-            "| {made} | {kept} | {listed} | {} | {} |",
-            rss_kib(controller.pid()),
-            memory(controller.pid()).1
+            "| {made} | {kept} | {listed} | {} |",
+            memory_columns(&controller, control).await?
         );
     }
     tokio::time::sleep(SETTLE).await;
     println!(
-        "after {} s idle: controller RSS {} KiB",
+        "after {} s idle: | {} |",
         SETTLE.as_secs(),
-        rss_kib(controller.pid())
+        memory_columns(&controller, control).await?
     );
     Ok(())
+}
+
+/// The memory columns of one row: RSS, its anonymous part, the allocator's live data and
+/// active pages (from the controller's `/metrics`, in KiB) and the peak RSS.
+async fn memory_columns(controller: &Server, control: &reqwest::Client) -> anyhow::Result<String> {
+    let metrics = control
+        .get(controller.internal_url("/metrics"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let heap_kib = |kind: &str| {
+        metric_samples(&metrics, "pipeline_controller_heap_bytes")
+            .find(|(labels, _)| labels.get("kind") == Some(&kind))
+            .map_or_else(
+                || "?".to_owned(),
+                |(_, bytes)| format!("{:.0}", bytes / 1024.0),
+            )
+    };
+    let pid = controller.pid();
+    Ok(format!(
+        "{} | {} | {} | {} | {}",
+        rss_kib(pid),
+        status_kib(pid, "RssAnon"),
+        heap_kib("allocated"),
+        heap_kib("active"),
+        memory(pid).1
+    ))
 }
 
 /// How long the memory phase waits at its end before reading RSS once more (the

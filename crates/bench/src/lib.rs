@@ -111,8 +111,14 @@ pub fn cpu_model() -> String {
 
 /// Resident memory of `pid` in KiB (`VmRSS`), 0 when unknown.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A `/proc/<pid>/status` figure in KiB (`VmRSS`; `RssAnon`, the part that is not the
+/// binary's and libraries' file pages), 0 if unknown.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
     proc_status(pid)
-        .get("VmRSS")
+        .get(field)
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }

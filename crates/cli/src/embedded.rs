@@ -21,7 +21,7 @@ use crate::wiring::{
 };
 
 pub(crate) async fn serve(args: ServeArgs, manifests: &Path) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_collector(crate::heap::HeapStats));
     let catalog = Arc::new(ManifestCatalog::new(manifests).with_metrics(metrics.clone()));
     let store = Arc::new(
         RedbPromotionStore::open_with(

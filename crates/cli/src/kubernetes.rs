@@ -172,7 +172,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let store = KubePromotionStore::new(client.clone())
         .with_events(publisher.clone(), pipelines.clone())
         .with_cache(promotions.clone());
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new().with_collector(crate::heap::HeapStats));
     if let Some(address) = &k8s.events_addr {
         tracing::info!(events_addr = %address, "--events-addr: promotions are posted as events of each pipeline's app object in the pipeline's namespace; notification-controller forwards them only to the Alerts selecting that object");
     }

@@ -6,6 +6,7 @@ mod client;
 mod embedded;
 mod errors;
 mod flux_config;
+mod heap;
 mod keyfile;
 mod kubeconfig;
 mod kubernetes;

@@ -184,6 +184,16 @@ impl Metrics {
         }
     }
 
+    /// Adds metrics computed on each scrape (the process's heap, say: only the binary
+    /// knows its allocator).
+    pub fn with_collector(
+        mut self,
+        collector: impl prometheus_client::collector::Collector,
+    ) -> Self {
+        self.registry.register_collector(Box::new(collector));
+        self
+    }
+
     pub fn observe_request(&self, endpoint: &str, outcome: &str, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
