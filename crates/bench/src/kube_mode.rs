@@ -939,8 +939,9 @@ async fn memory_growth(
                 args.drain_timeout
             );
         }
-        // Let the last status writes and the watch settle.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        // Let the last status writes, retention's deletes and the allocator's return of
+        // freed pages (after about a second) finish, so every row is a quiet moment.
+        tokio::time::sleep(STEP_SETTLE).await;
         let kept = api.list_metadata(&ListParams::default()).await?.items.len();
         let listed = control
             .get(controller.internal_url("/api/v1/promotions"))
@@ -992,6 +993,9 @@ async fn memory_columns(controller: &Server, control: &reqwest::Client) -> anyho
         memory(pid).1
     ))
 }
+
+/// How long the memory phase waits after each step's last notification.
+const STEP_SETTLE: Duration = Duration::from_secs(5);
 
 /// How long the memory phase waits at its end before reading RSS once more (the
 /// allocator gives freed memory back after a decay of about 10 s).

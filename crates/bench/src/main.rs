@@ -86,8 +86,10 @@ struct Args {
     retention_per_environment: usize,
     /// Kubernetes mode, memory phase: new events are sent this many at a time, each batch
     /// notified before the next, so the history grows while the live set of Promotions
-    /// stays near this size plus what retention keeps (0: each step at once).
-    #[arg(long, default_value_t = 500)]
+    /// stays near this size plus what retention keeps (0: each step at once). The default
+    /// is the first step's size, so every step sees the same bursts and only the history
+    /// differs.
+    #[arg(long, default_value_t = 100)]
     history_batch: usize,
     /// Kubernetes mode: rounds of the new-event comparison (both baselines and a fresh
     /// controller's new events each), so the ratio to the ceiling comes with its spread;
