@@ -895,8 +895,8 @@ async fn memory_growth(
     println!();
     println!(
         "memory: a fresh controller, no Promotions; then new events until {} promotions were \
-         made, {} at a time (--history-batch; --retention-per-environment {}). RSS once every \
-         promotion of a step is notified:",
+         made, {} at a time (--history-batch; --retention-per-environment {}). Memory 5 s after \
+         every promotion of a step is notified (heap: jemalloc's statistics from /metrics):",
         args.history, args.history_batch, args.retention_per_environment
     );
     println!(
