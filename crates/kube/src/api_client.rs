@@ -1,8 +1,16 @@
 //! The controller's Kubernetes API client: kube-rs's client over HTTP/2 when the API
-//! server offers it (as client-go does), so every request and watch of a cluster shares
-//! one TLS connection instead of a pool that grows with the largest burst of concurrent
+//! server offers it (as client-go does), so the requests to a cluster share one TLS
+//! connection instead of a pool that grows with the largest burst of concurrent
 //! requests (52 connections after a burst of creates, retention deletes and status
 //! writes; each with its own buffers here and on the API server).
+//!
+//! Watches keep a connection of their own each (HTTP/1.1, as kube-rs's default client
+//! does): a watch holds its HTTP/2 stream for as long as it runs, and an API server
+//! allows a bounded number of streams per connection (kube-apiserver's
+//! `--http2-max-streams-per-connection`). With one Secret watch per namespace of
+//! Pipelines, 1,000 namespaces took every stream of a shared connection, and the
+//! requests queued behind them waited for good. (Go's HTTP/2 transport opens another
+//! connection at the limit; hyper's waits for a free stream.)
 //!
 //! Everything else is kube-rs's own stack: its TLS configuration (client certificates,
 //! CA, `tls-server-name`), connect/read/write timeouts, retries of 429/503/504 answers,
@@ -19,6 +27,7 @@ use kube::client::ConfigExt;
 use kube::client::retry::RetryPolicy;
 use kube::{Client, Config};
 use tower::retry::RetryLayer;
+use tower::steer::Steer;
 use tower::{BoxError, ServiceBuilder};
 
 /// How often an otherwise quiet connection is pinged, and how long a ping may go
@@ -39,29 +48,50 @@ pub fn api_client(config: Config) -> Result<Client, kube::Error> {
     http.enforce_http(false);
     http.set_nodelay(true);
     let tls = config.rustls_client_config()?;
-    let builder = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http();
-    let builder = match &config.tls_server_name {
-        Some(name) => {
-            let name = rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
+    let server_name = match &config.tls_server_name {
+        Some(name) => Some(
+            rustls::pki_types::ServerName::try_from(name.clone()).map_err(|e| {
                 kube::Error::Service(format!("invalid tls-server-name {name:?}: {e}").into())
-            })?;
-            builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-        }
-        None => builder,
+            })?,
+        ),
+        None => None,
     };
-    let mut connector = TimeoutConnector::new(builder.enable_all_versions().wrap_connector(http));
-    connector.set_connect_timeout(config.connect_timeout);
-    connector.set_read_timeout(config.read_timeout);
-    connector.set_write_timeout(config.write_timeout);
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .http2_keep_alive_interval(PING_INTERVAL)
-        .http2_keep_alive_timeout(PING_TIMEOUT)
-        .http2_keep_alive_while_idle(true)
-        .build(connector);
+    let https = || {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls.clone())
+            .https_or_http();
+        match &server_name {
+            Some(name) => builder.with_server_name_resolver(
+                hyper_rustls::FixedServerNameResolver::new(name.clone()),
+            ),
+            None => builder,
+        }
+    };
+    let timeouts = |mut connector: TimeoutConnector<_>| {
+        connector.set_connect_timeout(config.connect_timeout);
+        connector.set_read_timeout(config.read_timeout);
+        connector.set_write_timeout(config.write_timeout);
+        connector
+    };
+    let requests = timeouts(TimeoutConnector::new(
+        https().enable_all_versions().wrap_connector(http.clone()),
+    ));
+    let watches = timeouts(TimeoutConnector::new(
+        https().enable_http1().wrap_connector(http),
+    ));
+    let client = |connector| {
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_keep_alive_interval(PING_INTERVAL)
+            .http2_keep_alive_timeout(PING_TIMEOUT)
+            .http2_keep_alive_while_idle(true)
+            .build(connector)
+    };
+    let client = Steer::new(
+        [client(requests), client(watches)],
+        |request: &http::Request<kube::client::Body>, _: &[_]| usize::from(is_watch(request)),
+    );
     let service = ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(
@@ -74,4 +104,35 @@ pub fn api_client(config: Config) -> Result<Client, kube::Error> {
         .map_err(BoxError::from)
         .service(client);
     Ok(Client::new(service, config.default_namespace))
+}
+
+/// A WATCH request (`watch=true` or `watch=1` in the query), which holds its connection
+/// or stream until it ends.
+fn is_watch<B>(request: &http::Request<B>) -> bool {
+    request.uri().query().is_some_and(|query| {
+        query
+            .split('&')
+            .any(|pair| matches!(pair, "watch=true" | "watch=1"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_watch;
+
+    #[test]
+    fn watches_are_told_from_other_requests_by_their_query() {
+        let request = |uri: &str| http::Request::get(uri).body(()).unwrap();
+        assert!(is_watch(&request(
+            "/apis/pipelines.weave.works/v1alpha1/promotions?&watch=true&timeoutSeconds=290&allowWatchBookmarks=true&resourceVersion=12"
+        )));
+        assert!(is_watch(&request("/api/v1/namespaces/a/secrets?watch=1")));
+        assert!(!is_watch(&request(
+            "/api/v1/namespaces/a/secrets?limit=500"
+        )));
+        assert!(!is_watch(&request("/api/v1/namespaces/watch=true/secrets")));
+        assert!(!is_watch(&request(
+            "/api/v1/secrets?fieldSelector=watch%3Dtrue"
+        )));
+    }
 }

@@ -1,5 +1,6 @@
-//! The controller's API client against a real API server: HTTP/2, requests and a watch
-//! side by side on it, and a new connection after the API server restarts.
+//! The controller's API client against a real API server: requests over HTTP/2, watches
+//! on HTTP/1.1 connections of their own (so they never take the requests' streams),
+//! both side by side, and a new connection after the API server restarts.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -20,7 +21,11 @@ async fn client_of(cluster: &TestCluster) -> kube::Client {
 }
 
 async fn version_over(client: &kube::Client) -> Result<http::Version, kube::Error> {
-    let request = http::Request::get("/version")
+    version_of(client, "/version").await
+}
+
+async fn version_of(client: &kube::Client, uri: &str) -> Result<http::Version, kube::Error> {
+    let request = http::Request::get(uri)
         .body(Vec::new())
         .unwrap()
         .map(Into::into);
@@ -37,10 +42,27 @@ fn config_map(i: usize) -> ConfigMap {
 }
 
 #[tokio::test]
-async fn requests_and_a_watch_share_http2_and_survive_an_api_server_restart() {
+async fn requests_over_http2_and_watches_beside_them_survive_an_api_server_restart() {
     let mut cluster = TestCluster::start().await.unwrap();
     let client = client_of(&cluster).await;
     assert_eq!(version_over(&client).await.unwrap(), http::Version::HTTP_2);
+    assert_eq!(
+        version_of(&client, "/api/v1/namespaces/default/configmaps?limit=1")
+            .await
+            .unwrap(),
+        http::Version::HTTP_2
+    );
+    // A watch holds what carries it until it ends: its own HTTP/1.1 connection, not one
+    // of the limited streams of the requests' connection.
+    assert_eq!(
+        version_of(
+            &client,
+            "/api/v1/namespaces/default/configmaps?watch=true&timeoutSeconds=1"
+        )
+        .await
+        .unwrap(),
+        http::Version::HTTP_11
+    );
 
     // A watch and 64 concurrent creates on the same client: all created, all seen.
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
