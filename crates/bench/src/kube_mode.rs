@@ -21,8 +21,8 @@ use futures::StreamExt;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use pipeline_bench::{
-    Receiver, cpu_seconds, free_port, memory, metric_samples, pids_mentioning, read_tail, rss_kib,
-    status_kib,
+    Receiver, cpu_seconds, free_port, memory, metric_samples, pids_mentioning, proc_status,
+    read_tail, rss_kib, status_kib,
 };
 use pipeline_core::{PipelineRef, PromotionRecord, Trigger};
 use pipeline_crds::Promotion;
@@ -78,13 +78,10 @@ async fn create_other_pipelines(
 /// `taskset` list, returned), the second for this process, its threads and whatever it
 /// starts later (the controller), set here with `taskset --all-tasks`.
 fn split_cpus() -> anyhow::Result<(String, String)> {
-    let status =
-        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let allowed = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+    let allowed = proc_status(std::process::id())
+        .remove("Cpus_allowed_list")
         .context("no Cpus_allowed_list in /proc/self/status")?;
-    let cpus = cpu_list(allowed.trim())?;
+    let cpus = cpu_list(&allowed)?;
     ensure!(
         cpus.len() >= 2,
         "--split-cpus needs at least 2 CPUs, this process may use {}",
